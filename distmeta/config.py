@@ -1,0 +1,168 @@
+"""Typed configs: dataclasses, loadable from YAML, overridable with `key.sub=value`.
+
+Precedence, lowest first: the dataclass defaults, a named preset, `--config
+FILE.yaml`, then `key.sub=value` overrides on the command line. Unknown keys and
+values of the wrong type are errors that name the key and where it came from.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from distmeta.io import write_text
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
+
+
+def save(cfg, path) -> None:
+    write_text(path, to_yaml(cfg))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=3` -> {"a": {"b": 3}}; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r} has an empty key part")
+        value = {part: value}
+    return value
+
+
+def from_dict(cls, data: dict, *, where: str = "config", prefix: str = ""):
+    """Build dataclass `cls` from nested dicts, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {names}; {cls.__name__} has {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, where, prefix + name)
+    default = cls()
+    for name in fields:
+        if name not in kwargs:
+            kwargs[name] = getattr(default, name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where, key):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=where, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {key} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
+        items = [_coerce(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(f"{where}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def load(cls, path=None, overrides=(), preset: dict | None = None):
+    """Defaults < preset < YAML file < overrides, checked against `cls`."""
+    data = to_dict(cls())
+    if preset:
+        data = merge(data, preset)
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        from_dict(cls, loaded, where=str(path))  # names the file if a key is wrong
+        data = merge(data, loaded)
+    for text in overrides:
+        data = merge(data, parse_override(text))
+        from_dict(cls, data, where=f"override {text!r}")
+    return from_dict(cls, data)
+
+
+def parse_args(cls, argv=None, *, presets: dict | None = None, description: str | None = None):
+    """The job contract: `--config FILE.yaml`, `--preset NAME`, `--out DIR`, then `key.sub=value ...`.
+
+    `cls` must have an `out` field; `--out DIR` is shorthand for `out=DIR`.
+    """
+    presets = presets or {}
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="YAML file with config values")
+    parser.add_argument("--preset", choices=sorted(presets), help="named size preset (smoke: minutes on 2 CPU cores)")
+    parser.add_argument("--out", help="output directory (same as out=DIR)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    try:
+        return load(cls, args.config, overrides, presets.get(args.preset))
+    except ConfigError as err:
+        parser.error(str(err))

@@ -1,0 +1,295 @@
+"""The embedded default corpus: synthetic speakers expressing emotion, heard by synthetic listeners.
+
+Generative story, all from one seed:
+- 10 speakers, one F and one M per session (5 sessions), each with their own
+  F0, vocal-tract length, speaking rate, breathiness and expressiveness.
+- Each utterance has a latent emotion: one class drawn with IEMOCAP-like
+  frequencies, sometimes blended with a second (often a look-alike), and a
+  strength (speaker expressiveness x utterance intensity). Its audio realises
+  the emotion's acoustic correlates (DESIGN.md appendix) through `voice.py`.
+- 11 listeners: 5 external (`E1`..`E5`) who label all sessions and 6
+  self-reports (the actors of sessions 1-3, ids = speaker ids) who label only
+  their own session; every utterance gets at least 3 listeners. A listener
+  perceives the latent emotion through a personal model: a confusion matrix
+  with their own direction on the look-alike pairs and a habit of their own,
+  a class bias, a decisiveness (how consistently they resolve ambiguity their
+  way), a noise level, and a propensity to add a second label. Those models are saved in
+  `corpus.info["listeners"]` as ground truth.
+
+`oracle_gap` measures how much knowing one listener's model helps predict that
+listener's labels, compared with knowing only the average listener.
+"""
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from distmeta.data.corpus import Corpus, CorpusError, build_annotations
+from distmeta.data.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
+from distmeta.io import atomic_path
+from distmeta.labels import CLASSES, NUM_CLASSES
+from distmeta.metrics import multilabel_scores
+
+IDX = {c: i for i, c in enumerate(CLASSES)}
+# Primary-emotion frequencies, roughly IEMOCAP's: common frustration/neutral/anger/sadness/excited, rare fear/disgust/surprise.
+FREQUENCY = {"frustrated": 0.22, "angry": 0.11, "sad": 0.11, "disgust": 0.03, "excited": 0.12,
+             "fear": 0.03, "neutral": 0.22, "surprise": 0.04, "happy": 0.12}
+CONFUSABLE = [("angry", "frustrated"), ("happy", "excited"), ("neutral", "sad"), ("neutral", "frustrated"), ("fear", "surprise")]
+
+# Acoustic correlates relative to the speaker's neutral voice (DESIGN.md appendix); magnitudes are ours.
+CORRELATES = {
+    "neutral": Prosody(),
+    "angry": Prosody(f0_st=3, f0_range=1.5, rate=1.15, gain_db=8, tilt=1.5, open_quotient=-0.2, jitter=0.004),
+    "frustrated": Prosody(f0_st=1, f0_range=1.0, rate=1.0, gain_db=4, tilt=0.8, open_quotient=-0.12, jitter=0.003),
+    "happy": Prosody(f0_st=2.5, f0_range=1.4, rate=1.1, gain_db=3, tilt=0.6),
+    "excited": Prosody(f0_st=5, f0_range=1.9, rate=1.3, gain_db=7, tilt=0.8, open_quotient=-0.05),
+    "sad": Prosody(f0_st=-2, f0_range=0.6, rate=0.8, gain_db=-5, tilt=-1.5, open_quotient=0.15, aspiration=0.1, jitter=0.015),
+    "fear": Prosody(f0_st=5, f0_range=0.8, rate=1.2, gain_db=1, tilt=0.8, aspiration=0.1, jitter=0.03, shimmer=0.05),
+    "disgust": Prosody(f0_st=-2, f0_range=0.7, rate=0.85, creak=0.6, jitter=0.01),
+    "surprise": Prosody(f0_st=2, f0_range=1.6, gain_db=3, rising_end_st=6),
+}
+# External listeners' class biases (log-odds), shaped after the spread of the paper's Table A1.
+EXTERNAL_BIAS = {
+    "E1": {"frustrated": 1.0, "excited": 0.8, "neutral": -1.0, "happy": -0.5, "surprise": -1.0, "disgust": -1.5},
+    "E2": {"happy": 0.9, "angry": 0.7, "sad": 0.5, "frustrated": -0.6, "excited": -0.6},
+    "E3": {"neutral": 1.0, "frustrated": 0.2, "excited": -0.2, "angry": -0.4},
+    "E4": {"neutral": 1.4, "disgust": 1.2, "fear": 1.2, "excited": -2.0, "frustrated": -0.3},
+    "E5": {"frustrated": 0.6, "excited": 0.4, "happy": 0.5, "surprise": 0.8, "neutral": -0.5},
+}
+EXTERNAL_MULTI = {"E1": 0.02, "E2": 0.01, "E3": 0.02, "E4": 0.12, "E5": 0.04}
+EXTERNAL_COVERAGE = {"E1": 0.85, "E2": 0.75, "E3": 0.65, "E4": 0.55, "E5": 0.5}
+SELF_REPORT_SESSIONS = (1, 2, 3)
+PAIR_LEAK = (0.08, 0.2)  # how much of a look-alike pair leaks, before the listener's direction
+HABITS, HABIT_LEAK = 1, (0.2, 0.5)  # personal confusions per listener
+DECISIVENESS = (1.5, 2.5)  # exponent on the perceived distribution: how consistently a listener resolves ambiguity
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0
+    n_utterances: int = 2000
+    min_seconds: float = 1.0
+    max_seconds: float = 4.0
+    blend_prob: float = 0.25
+    workers: int = 0  # 0: one per CPU core
+
+
+# ---- the generative model --------------------------------------------------------
+
+
+def _speakers(rng) -> dict[str, Speaker]:
+    speakers = {}
+    for session in range(1, 6):
+        for sex in "FM":
+            female = sex == "F"
+            speakers[f"S{session}{sex}"] = Speaker(
+                f0=float(rng.normal(210, 20) if female else rng.normal(115, 12)),
+                vtl=float(rng.normal(1.17, 0.04) if female else rng.normal(1.0, 0.04)),
+                rate=float(rng.uniform(3.8, 5.5)),
+                expressiveness=float(rng.uniform(0.6, 1.3)),
+                breathiness=float(rng.uniform(0.0, 0.15) + (0.05 if female else 0.0)),
+            )
+    return speakers
+
+
+def _listener(rng, bias: dict, multi: float, noise: float, sessions) -> dict:
+    """A perception model: confusion matrix (true -> perceived), class bias, label propensity."""
+    confusion = np.eye(NUM_CLASSES)
+    for a, b in CONFUSABLE:
+        direction = rng.uniform(-1, 1)  # which way this listener resolves the look-alike pair
+        leak = rng.uniform(*PAIR_LEAK)
+        confusion[IDX[a], IDX[b]] += leak * (1 + direction)
+        confusion[IDX[b], IDX[a]] += leak * (1 - direction)
+    for _ in range(HABITS):  # idiosyncratic readings no other listener shares
+        a, b = rng.choice(NUM_CLASSES, 2, replace=False)
+        confusion[a, b] += rng.uniform(*HABIT_LEAK)
+    confusion /= confusion.sum(1, keepdims=True)
+    confusion = (1 - noise) * confusion + noise / NUM_CLASSES
+    log_bias = np.array([bias.get(c, 0.0) for c in CLASSES]) + rng.normal(0, 0.25, NUM_CLASSES)
+    return {"confusion": confusion.round(6).tolist(), "bias": log_bias.round(6).tolist(),
+            "decisiveness": float(rng.uniform(*DECISIVENESS)), "multi_label": float(multi), "noise": float(noise),
+            "sessions": list(sessions)}
+
+
+def _listeners(rng) -> dict[str, dict]:
+    listeners = {}
+    for name, bias in EXTERNAL_BIAS.items():
+        listeners[name] = _listener(rng, bias, EXTERNAL_MULTI[name], rng.uniform(0.05, 0.15), range(1, 6))
+    for session in SELF_REPORT_SESSIONS:
+        for sex in "FM":
+            bias = dict(zip(CLASSES, rng.normal(0, 0.7, NUM_CLASSES)))
+            listeners[f"S{session}{sex}"] = _listener(rng, bias, rng.uniform(0.0, 0.15), rng.uniform(0.05, 0.2), [session])
+    return listeners
+
+
+def evidence(utterances: pd.DataFrame) -> np.ndarray:
+    """What the audio conveys, [N, C]: the latent emotion mix, faded toward neutral for weak expression."""
+    latent = utterances[[f"latent_{c}" for c in CLASSES]].to_numpy()
+    strength = np.clip(utterances["strength"].to_numpy(), 0, 1)[:, None]
+    return strength * latent + (1 - strength) * np.eye(NUM_CLASSES)[IDX["neutral"]]
+
+
+def perceive(listener: dict, conveyed: np.ndarray) -> np.ndarray:
+    """The listener's distribution over their first label for each utterance, [N, C]."""
+    p = conveyed @ np.asarray(listener["confusion"]) * np.exp(np.asarray(listener["bias"]))
+    p = (p / p.sum(1, keepdims=True)) ** listener["decisiveness"]
+    return p / p.sum(1, keepdims=True)
+
+
+def _utterance_plan(rng, config: SyntheticConfig, speakers: dict) -> pd.DataFrame:
+    names = list(speakers)
+    freq = np.array([FREQUENCY[c] for c in CLASSES])
+    rows = []
+    for i in range(config.n_utterances):
+        speaker = names[i % len(names)]
+        primary = rng.choice(NUM_CLASSES, p=freq / freq.sum())
+        latent = np.zeros(NUM_CLASSES)
+        latent[primary] = 1.0
+        if rng.random() < config.blend_prob:
+            partners = [IDX[b if IDX[a] == primary else a] for a, b in CONFUSABLE if primary in (IDX[a], IDX[b])]
+            second = rng.choice(partners) if partners and rng.random() < 0.6 else rng.choice(NUM_CLASSES)
+            if second != primary:
+                weight = rng.uniform(0.2, 0.45)
+                latent *= 1 - weight
+                latent[second] = weight
+        rows.append({
+            "utterance": f"{speaker}_{i:05d}", "speaker": speaker, "session": int(speaker[1]),
+            "emotion": CLASSES[primary], "strength": speakers[speaker].expressiveness * rng.uniform(0.6, 1.2),
+            "target_seconds": rng.uniform(config.min_seconds, config.max_seconds),
+            "audio_seed": int(rng.integers(2**63)),
+            **{f"latent_{c}": latent[j] for j, c in enumerate(CLASSES)},
+        })
+    return pd.DataFrame(rows).set_index("utterance")
+
+
+def prosody_for(latent: np.ndarray, strength: float, rng) -> Prosody:
+    """Mix the emotions' deviations by the latent weights, scale by strength, add per-utterance variation."""
+    fields = asdict(Prosody())
+    mixed = {}
+    for key, neutral_value in fields.items():
+        deviation = sum(w * (getattr(CORRELATES[c], key) - neutral_value) for c, w in zip(CLASSES, latent) if w > 0)
+        mixed[key] = neutral_value + strength * deviation
+    mixed["f0_st"] += rng.normal(0, 1.0)
+    mixed["gain_db"] += rng.normal(0, 1.5)
+    mixed["rate"] *= rng.uniform(0.92, 1.08)
+    mixed["creak"] = float(np.clip(mixed["creak"], 0, 1))
+    return Prosody(**mixed)
+
+
+def _render(job) -> float:
+    path, speaker, latent, strength, seconds, seed = job
+    rng = np.random.default_rng(seed)
+    wav = synthesize(Speaker(**speaker), prosody_for(np.asarray(latent), strength, rng), seconds, rng)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return len(wav) / SAMPLE_RATE
+
+
+def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
+    conveyed = evidence(plan)
+    perceived = {name: perceive(model, conveyed) for name, model in listeners.items()}
+    externals = [n for n in listeners if n in EXTERNAL_COVERAGE]
+    records = []
+    for row, (utt, info) in enumerate(plan.iterrows()):
+        chosen = [n for n in externals if rng.random() < EXTERNAL_COVERAGE[n]]
+        self_reports = [n for n in listeners if n not in EXTERNAL_COVERAGE and info["session"] in listeners[n]["sessions"]]
+        chosen += [n for n in self_reports if rng.random() < 0.5]
+        for n in sorted(externals, key=lambda n: -EXTERNAL_COVERAGE[n]):  # top up to 3 listeners
+            if len(chosen) >= 3:
+                break
+            if n not in chosen:
+                chosen.append(n)
+        for name in chosen:
+            p = perceived[name][row]
+            first = rng.choice(NUM_CLASSES, p=p)
+            labels = {CLASSES[first]}
+            if rng.random() < listeners[name]["multi_label"]:
+                rest = p.copy()
+                rest[first] = 0
+                labels.add(CLASSES[rng.choice(NUM_CLASSES, p=rest / rest.sum())])
+            records.append((utt, name, labels, "; ".join(sorted(labels))))
+    return build_annotations(records)
+
+
+def config_hash(config: SyntheticConfig) -> str:
+    fields = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change the corpus
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
+
+
+def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000, config: SyntheticConfig | None = None,
+                          progress: bool = True) -> Corpus:
+    """Generate (or load, when `out_dir` already holds the same corpus) the synthetic listeners corpus.
+
+    `out_dir` defaults to `$DISTMETA_CACHE/synthetic-<hash of the config>` (~/.cache/distmeta).
+    """
+    config = config or SyntheticConfig(seed=seed, n_utterances=n_utterances)
+    if config.n_utterances < 10:
+        raise ValueError(f"n_utterances must be at least 10 (one per speaker), got {config.n_utterances}")
+    out_dir = Path(out_dir) if out_dir else default_cache_dir() / f"synthetic-{config_hash(config)}"
+    if (out_dir / "corpus.json").is_file():
+        try:
+            cached = Corpus.load(out_dir)
+            if cached.info.get("config_hash") == config_hash(config):
+                return cached
+        except CorpusError:
+            pass  # incomplete or foreign: regenerate
+    started = time.time()
+    rng = np.random.default_rng(config.seed)
+    speakers = _speakers(rng)
+    listeners = _listeners(rng)
+    plan = _utterance_plan(rng, config, speakers)
+    annotations = _annotate(rng, plan, listeners)
+    plan["path"] = [str((out_dir / "wav" / spk / f"{utt}.wav").resolve()) for utt, spk in zip(plan.index, plan["speaker"])]
+    jobs = [(path, asdict(speakers[spk]), plan.loc[utt, [f"latent_{c}" for c in CLASSES]].to_numpy(float), strength, sec, seed)
+            for utt, path, spk, strength, sec, seed in zip(plan.index, plan["path"], plan["speaker"], plan["strength"],
+                                                           plan["target_seconds"], plan["audio_seed"])]
+    workers = config.workers or os.cpu_count() or 1
+    durations = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, seconds in enumerate(pool.map(_render, jobs, chunksize=16), 1):
+            durations.append(seconds)
+            if progress and (i % 200 == 0 or i == len(jobs)):
+                elapsed = time.time() - started
+                eta = elapsed / i * (len(jobs) - i)
+                print(f"synthetic corpus: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
+    plan["duration"] = durations
+    utterances = plan.drop(columns=["audio_seed", "target_seconds"])
+    info = {"source": "synthetic", "config": asdict(config), "config_hash": config_hash(config),
+            "speakers": {k: asdict(v) for k, v in speakers.items()}, "listeners": listeners,
+            "external_annotators": list(EXTERNAL_BIAS), "generation_seconds": round(time.time() - started, 1)}
+    corpus = Corpus(utterances, annotations, name=f"synthetic-{config_hash(config)}", info=info)
+    corpus.validate(check_audio=False)
+    corpus.save(out_dir)
+    return corpus
+
+
+def oracle_gap(corpus: Corpus, annotators=None) -> pd.DataFrame:
+    """Per listener: macro-F1 on their own labels of an oracle that knows their perception model
+    ("personal") and of one that knows only the average listener ("aggregate")."""
+    listeners = corpus.info.get("listeners")
+    if not listeners:
+        raise ValueError(f"corpus {corpus.name!r} has no listener ground truth (only synthetic corpora do)")
+    conveyed = pd.DataFrame(evidence(corpus.utterances), index=corpus.utterances.index)
+    average = np.mean([perceive(m, conveyed.to_numpy()) for m in listeners.values()], axis=0)
+    average = pd.DataFrame(average, index=corpus.utterances.index)
+    rows = []
+    for name in annotators or list(listeners):
+        labels = corpus.labels(name)
+        personal = perceive(listeners[name], conveyed.loc[labels.index].to_numpy())
+        mine = multilabel_scores(personal, labels.to_numpy())
+        agg = multilabel_scores(average.loc[labels.index].to_numpy(), labels.to_numpy())
+        rows.append({"annotator": name, "items": len(labels), "personal_maF1": mine["maF1"],
+                     "aggregate_maF1": agg["maF1"], "gap_maF1": mine["maF1"] - agg["maF1"]})
+    return pd.DataFrame(rows).set_index("annotator")

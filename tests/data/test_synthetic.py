@@ -1,0 +1,100 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from distmeta.data import make_synthetic_corpus, oracle_gap
+from distmeta.data.synthetic import EXTERNAL_BIAS
+
+
+def _digest(corpus):
+    h = hashlib.sha256()
+    for path in corpus.utterances["path"]:
+        h.update(open(path, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_same_seed_same_corpus_other_seed_other_corpus(tmp_path):
+    a = make_synthetic_corpus(tmp_path / "a", seed=5, n_utterances=40, progress=False)
+    b = make_synthetic_corpus(tmp_path / "b", seed=5, n_utterances=40, progress=False)
+    c = make_synthetic_corpus(tmp_path / "c", seed=6, n_utterances=40, progress=False)
+    assert a.annotations.equals(b.annotations)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_cached_corpus_is_reused_not_regenerated(tmp_path):
+    first = make_synthetic_corpus(tmp_path, seed=1, n_utterances=20, progress=False)
+    stamp = [Path(p).stat().st_mtime_ns for p in first.utterances["path"]]
+    again = make_synthetic_corpus(tmp_path, seed=1, n_utterances=20, progress=False)
+    assert [Path(p).stat().st_mtime_ns for p in again.utterances["path"]] == stamp
+    assert again.annotations.equals(first.annotations)
+
+
+def test_structure_like_iemocap(small_corpus):
+    utts, ann = small_corpus.utterances, small_corpus.annotations
+    assert sorted(utts["speaker"].unique()) == [f"S{s}{g}" for s in range(1, 6) for g in "FM"]
+    assert small_corpus.sessions == [1, 2, 3, 4, 5]
+    assert ann.groupby("utterance").size().min() >= 3
+    externals = list(EXTERNAL_BIAS)
+    self_reports = [a for a in small_corpus.annotators if a not in externals]
+    assert len(externals) == 5 and len(self_reports) == 6
+    sessions = ann.merge(utts[["session"]], left_on="utterance", right_index=True).groupby("annotator")["session"]
+    for a in externals:
+        assert sessions.nunique()[a] == 5
+    for a in self_reports:
+        assert set(sessions.unique()[a]) == {int(a[1])}  # only their own session
+    for path in utts["path"].iloc[:20]:
+        info = sf.info(path)
+        assert info.samplerate == 16000 and 1.0 <= info.duration <= 4.6
+    for model in small_corpus.info["listeners"].values():
+        assert np.allclose(np.sum(model["confusion"], axis=1), 1)
+
+
+def _features(path):
+    """Level (dB), alpha ratio (dB of power above vs below 1 kHz) and median F0 (Hz) of the voiced frames."""
+    wav, rate = sf.read(path)
+    frames = np.lib.stride_tricks.sliding_window_view(wav, 640)[::320]
+    energy = np.sqrt((frames**2).mean(1))
+    voiced = frames[energy > 0.5 * energy.max()]
+    power = (np.abs(np.fft.rfft(voiced * np.hanning(640), axis=1)) ** 2).mean(0)
+    freqs = np.fft.rfftfreq(640, 1 / rate)
+    alpha = 10 * np.log10(power[freqs >= 1000].sum() / power[freqs < 1000].sum())
+    f0s = []
+    for frame in voiced:
+        ac = np.correlate(frame, frame, "full")[639:]
+        lo, hi = rate // 400, rate // 60
+        f0s.append(rate / (lo + np.argmax(ac[lo:hi])))
+    return 20 * np.log10(np.sqrt((wav**2).mean())), alpha, np.median(f0s)
+
+
+@pytest.mark.slow
+def test_audio_carries_the_acoustic_correlates(small_corpus):
+    utts = small_corpus.utterances
+    feats = pd.DataFrame([_features(p) for p in utts["path"]], index=utts.index, columns=["level", "alpha", "f0"])
+    female = feats["f0"][utts["speaker"].str.endswith("F") & (utts["emotion"] == "neutral")].mean()
+    male = feats["f0"][utts["speaker"].str.endswith("M") & (utts["emotion"] == "neutral")].mean()
+    assert female > 1.4 * male  # speakers' own F0 ranges
+    feats["f0"] = 12 * np.log2(feats["f0"])  # semitones
+    relative = feats - feats.groupby(utts["speaker"]).transform("mean")  # relative to each speaker
+    pure = utts[[c for c in utts.columns if c.startswith("latent_")]].max(axis=1) == 1
+    strong = pure & (utts["strength"] > 0.7)
+    means = relative[strong].groupby(utts["emotion"][strong]).mean()
+    angry, neutral, sad, excited = (means.loc[e] for e in ("angry", "neutral", "sad", "excited"))
+    assert angry["level"] > neutral["level"] + 3 > sad["level"] + 6  # intensity
+    assert angry["alpha"] > neutral["alpha"] + 1 > sad["alpha"] + 2  # high-frequency energy (flatter tilt)
+    assert excited["f0"] > neutral["f0"] + 3 > sad["f0"] + 3  # F0 level
+
+
+def test_listeners_differ_like_table_a1_and_it_matters(small_corpus):
+    dist = small_corpus.label_distribution(list(EXTERNAL_BIAS))
+    spread = dist.max(axis=1) - dist.min(axis=1)
+    assert spread["neutral"] > 25 and spread["frustrated"] > 10  # paper: 43 and 26 points
+    assert (dist.loc["# of annotations/data"] < 1.3).all()
+    gap = oracle_gap(small_corpus)
+    assert gap["gap_maF1"].mean() > 0.03
+    assert (gap["gap_maF1"] > 0).mean() >= 0.8

@@ -1,0 +1,57 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from distmeta import config as cfg
+
+
+@dataclass
+class Inner:
+    lr: float = 0.001
+    steps: int = 5
+    name: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    shots: tuple[int, ...] = (2, 4)
+    out: str = "runs/x"
+    tag: str | None = None
+
+
+def test_precedence_defaults_preset_file_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  steps: 7\n  lr: 0.5\n")
+    loaded = cfg.load(Outer, path, ["inner.lr=0.25", "shots=[8, 16]"], preset={"inner": {"steps": 1, "name": "b"}})
+    assert loaded == Outer(Inner(lr=0.25, steps=7, name="b"), shots=(8, 16))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    original = cfg.load(Outer, None, ["inner.steps=3", "tag=hello"])
+    cfg.save(original, tmp_path / "resolved.yaml")
+    assert cfg.load(Outer, tmp_path / "resolved.yaml") == original
+
+
+@pytest.mark.parametrize("override, message", [
+    ("inner.lrr=1", "inner.lrr"),
+    ("inner.steps=1.5", "inner.steps must be int"),
+    ("inner.name=c", "inner.name must be one of"),
+    ("inner", "key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load(Outer, None, [override])
+
+
+def test_bad_file_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner:\n  stepz: 3\n")
+    with pytest.raises(cfg.ConfigError, match="bad.yaml.*inner.stepz"):
+        cfg.load(Outer, path)
+
+
+def test_parse_args_out_shorthand():
+    loaded = cfg.parse_args(Outer, ["--out", "elsewhere", "inner.steps=2"])
+    assert loaded.out == "elsewhere" and loaded.inner.steps == 2
