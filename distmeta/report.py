@@ -9,7 +9,7 @@ from distmeta.io import atomic_path, write_text
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
-    header = [str(df.index.name or "")] + [str(c) for c in df.columns]
+    header = [str(df.index.name or "")] + [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in df.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, row in zip(df.index, df.itertuples(index=False)):  # itertuples keeps each column's dtype
         cells = [format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v) for v in row]

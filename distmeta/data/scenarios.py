@@ -40,7 +40,11 @@ class Task:
         return len(self.utterances)
 
     def sample(self, k: int, q: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Disjoint random indices: `k` support and `q` query items, reproducible for `seed`."""
+        """Disjoint random indices: `k` support and `q` query items, reproducible for `seed`.
+
+        The query set depends only on (seed, q), so a sweep over k scores every
+        shot count on the same queries.
+        """
         if k < 1 or q < 0:
             raise ValueError(f"need k >= 1 and q >= 0, got k={k}, q={q}")
         if k + q > len(self):
@@ -49,7 +53,7 @@ class Task:
                 f"K={k} support + Q={q} query = {k + q} needed"
             )
         order = np.random.default_rng(seed).permutation(len(self))
-        return order[:k], order[k:k + q]
+        return order[q:q + k], order[:q]
 
 
 def make_task(corpus: Corpus, annotator: str, utterances, pool: str) -> Task:

@@ -219,8 +219,12 @@ def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
     return build_annotations(records)
 
 
+GENERATOR_VERSION = 1  # bump when the generative model changes, so caches of the old one are not reused
+
+
 def config_hash(config: SyntheticConfig) -> str:
     fields = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change the corpus
+    fields["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

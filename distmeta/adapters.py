@@ -1,0 +1,149 @@
+"""Few-shot methods behind one interface: given an episode, return query probabilities.
+
+    adapter.predict(episode) -> np.ndarray [Q, C]
+
+An Episode holds one test annotator's K support utterances (with labels) and Q
+query utterances for one seed. The baselines of the paper (section 2.4):
+
+Random       uniform random probability vectors (Dirichlet(1)); needs no model
+Entire-Zero  SSL-E as is
+Entire-Few   SSL-E fine-tuned entirely on the support set
+Linear-Few   the Linear model (frozen upstream) with layer weights + classifier fine-tuned
+Multi-Few    the multi-task model's upstream with a new head from random init trained on the support
+Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the support, softmax
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distmeta.labels import NUM_CLASSES
+from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+from distmeta.models.ser import SERHead, SERModel, set_scope
+
+
+@dataclass
+class AdaptConfig:
+    steps: int = 50  # gradient steps on the one support batch
+    lr: float = 1e-4  # AdamW, fine-tuning baselines
+    weight_decay: float = 0.0
+    batch_size: int = 32  # query prediction batch
+
+
+@dataclass
+class Episode:
+    seed: int
+    support: list[str]
+    support_targets: np.ndarray
+    query: list[str]
+
+
+def _probs(model, bank, ids, batch_size: int) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        out = [torch.softmax(model(bank.batch(ids[i:i + batch_size])), -1) for i in range(0, len(ids), batch_size)]
+    return torch.cat(out).numpy()
+
+
+class RandomGuess:
+    name = "Random"
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        return np.random.default_rng(episode.seed).dirichlet(np.ones(NUM_CLASSES), size=len(episode.query))
+
+
+class ZeroShot:
+    def __init__(self, name: str, model, bank, config: AdaptConfig):
+        self.name, self.model, self.bank, self.config = name, model, bank, config
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        return _probs(self.model, self.bank, episode.query, self.config.batch_size)
+
+
+class FineTune:
+    """Copy the model, train `scope` on the support batch for `steps` AdamW steps, predict the queries.
+
+    With `new_head`, the head is replaced by a freshly initialised one (seeded by the episode) first.
+    """
+
+    def __init__(self, name: str, model: SERModel, scope: str, bank, config: AdaptConfig, new_head: bool = False):
+        self.name, self.model, self.scope, self.bank, self.config, self.new_head = name, model, scope, bank, config, new_head
+
+    def adapt(self, episode: Episode) -> SERModel:
+        model = self.model.clone()
+        if self.new_head:
+            torch.manual_seed(episode.seed)
+            model.head = SERHead(model.upstream.num_layers, model.upstream.dim)
+        set_scope(model, self.scope)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        targets = torch.as_tensor(episode.support_targets)
+        weights = class_balanced_weights(targets)
+        inputs = self.bank.batch(episode.support)
+        model.train()
+        for _ in range(self.config.steps):
+            loss = class_balanced_cross_entropy(model(inputs), targets, weights)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        return _probs(self.adapt(episode), self.bank, episode.query, self.config.batch_size)
+
+
+class Similarity:
+    """Entire-Sim: p(e|x) = softmax_e cos(f(x), c_e) over the emotions present in the support set.
+
+    A multi-label support item counts towards each of its classes; emotions with
+    no support item have no centre and get probability 0.
+    """
+
+    name = "Entire-Sim"
+
+    def __init__(self, model: SERModel, bank, config: AdaptConfig):
+        self.model, self.bank, self.config = model, bank, config
+
+    def _embed(self, ids) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            size = self.config.batch_size
+            return torch.cat([self.model.embed(self.bank.batch(ids[i:i + size])) for i in range(0, len(ids), size)])
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        support, query = self._embed(episode.support), self._embed(episode.query)
+        labels = torch.as_tensor(episode.support_targets) > 0.5
+        present = labels.any(0)
+        centres = (labels.T.float() @ support) / labels.sum(0).clamp(min=1)[:, None]
+        sim = torch.nn.functional.cosine_similarity(query[:, None, :], centres[None, :, :], dim=-1)
+        sim = sim.masked_fill(~present[None, :], float("-inf"))
+        return torch.softmax(sim, -1).numpy()
+
+
+def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config, config: AdaptConfig,
+                      max_seconds: float | None) -> dict:
+    """The requested baselines for one split, from pretrained checkpoints {"ssl_e"|"linear"|"multi": path}."""
+    from distmeta.features import AudioBank, HiddenBank
+    from distmeta.pretrain import load_pretrained
+
+    test = split.test_task(corpus)
+    audio = AudioBank(corpus, test.utterances, max_seconds)
+    adapters = {}
+    if "Random" in methods:
+        adapters["Random"] = RandomGuess()
+    if {"Entire-Zero", "Entire-Few", "Entire-Sim"} & set(methods):
+        ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
+        ssl_e_hidden = HiddenBank(ssl_e.upstream, audio)  # SSL-E is fixed for Zero and Sim: run its upstream once
+        adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_hidden, config)
+        adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", audio, config)
+        adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_hidden, config)
+    if {"Linear-Few", "Multi-Few"} & set(methods):
+        linear = load_pretrained("linear", upstream_config, checkpoints["linear"])
+        raw_hidden = HiddenBank(linear.upstream, audio)  # the frozen, untrained upstream: shared by both
+        adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_hidden, config)
+        if "Multi-Few" in methods:
+            multi = load_pretrained("multi", upstream_config, checkpoints["multi"], len(split.train_annotators))
+            shared = SERModel(multi.upstream)
+            adapters["Multi-Few"] = FineTune("Multi-Few", shared, "head", raw_hidden, config, new_head=True)
+    return {name: adapters[name] for name in methods}

@@ -1,0 +1,43 @@
+"""The one place distmeta patches torchaudio for s3prl 0.4.18.
+
+s3prl 0.4.18 was written for torchaudio < 2.9. At import time some of its
+modules call `torchaudio.set_audio_backend("sox_io")` and import
+`torchaudio.sox_effects`; torchaudio 2.11 has neither. We never use s3prl's
+audio loading or sox effects (distmeta reads audio with soundfile), so:
+
+- `set_audio_backend` becomes a no-op;
+- `torchaudio.sox_effects` becomes a module whose functions raise a clear error.
+
+Import `s3prl` only through `import_s3prl_hub()` so the shim is always in place.
+"""
+
+import importlib
+import sys
+import types
+
+import torchaudio
+
+
+def _unavailable(*args, **kwargs):
+    raise RuntimeError("torchaudio.sox_effects is not available in torchaudio >= 2.9; "
+                       "distmeta reads audio with soundfile (distmeta.data.load_audio)")
+
+
+def install() -> None:
+    if not hasattr(torchaudio, "set_audio_backend"):
+        torchaudio.set_audio_backend = lambda backend=None: None
+    if "torchaudio.sox_effects" not in sys.modules:
+        try:
+            importlib.import_module("torchaudio.sox_effects")  # present in older torchaudio
+        except ImportError:
+            stub = types.ModuleType("torchaudio.sox_effects")
+            stub.apply_effects_tensor = stub.apply_effects_file = _unavailable
+            sys.modules["torchaudio.sox_effects"] = stub
+            torchaudio.sox_effects = stub
+
+
+def import_s3prl_hub():
+    install()
+    import s3prl.hub
+
+    return s3prl.hub

@@ -1,0 +1,87 @@
+"""The SER model of DESIGN.md, small enough to read in one sitting.
+
+    waveform -> upstream (s3prl) -> hidden states [L, B, F, D]
+             -> softmax-weighted sum over L -> per-frame Linear(D, 256)
+             -> mean over valid frames -> Linear(256, C) -> logits
+
+Inputs are a dict: {"wavs": [B, T], "lengths": [B]} runs the upstream;
+{"hidden": [L, B, F, D], "frames": [B]} starts from precomputed hidden states
+(frozen-upstream scopes cache them). Adaptation scopes choose what trains:
+entire (everything), head (everything after the upstream), linear (layer
+weights + classifier).
+"""
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from distmeta.labels import NUM_CLASSES
+from distmeta.models.upstream import Upstream
+
+Scope = Literal["entire", "head", "linear"]
+PROJECTION_DIM = 256
+
+
+class SERHead(nn.Module):
+    def __init__(self, num_layers: int, dim: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.layer_weights = nn.Parameter(torch.zeros(num_layers))
+        self.projector = nn.Linear(dim, PROJECTION_DIM)
+        self.classifier = nn.Linear(PROJECTION_DIM, num_classes)
+
+    def embed(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Utterance embeddings [B, 256]: weighted layer sum, projection, mean over valid frames."""
+        weights = torch.softmax(self.layer_weights, dim=0)
+        mixed = torch.einsum("l,lbfd->bfd", weights, hidden)
+        projected = self.projector(mixed)
+        valid = (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < frames[:, None]).to(projected.dtype)
+        return (projected * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+
+    def forward(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(hidden, frames))
+
+
+class SERModel(nn.Module):
+    def __init__(self, upstream: Upstream, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.upstream = upstream
+        self.head = SERHead(upstream.num_layers, upstream.dim, num_classes)
+
+    def hidden(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "hidden" in inputs:
+            return inputs["hidden"], inputs["frames"]
+        return self.upstream(inputs["wavs"], inputs["lengths"])
+
+    def embed(self, inputs: dict) -> torch.Tensor:
+        return self.head.embed(*self.hidden(inputs))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.head(*self.hidden(inputs))
+
+    def clone(self) -> "SERModel":
+        """An independent copy. (copy.deepcopy is wrong here: s3prl's forward hooks would still
+        write the copy's hidden states into the original's buffer.)"""
+        twin = SERModel(Upstream(self.upstream.config), self.head.classifier.out_features)
+        twin.load_state_dict(self.state_dict())
+        for mine, theirs in zip(self.parameters(), twin.parameters()):
+            theirs.requires_grad_(mine.requires_grad)
+        return twin
+
+
+def set_scope(model: SERModel, scope: Scope) -> SERModel:
+    """Make exactly the scope's parameters trainable (requires_grad), freeze the rest."""
+    trainable = {
+        "entire": lambda name: True,
+        "head": lambda name: name.startswith("head."),
+        "linear": lambda name: name in ("head.layer_weights", "head.classifier.weight", "head.classifier.bias"),
+    }
+    if scope not in trainable:
+        raise ValueError(f"scope must be one of {list(trainable)}, got {scope!r}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[scope](name))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,111 @@
+"""Speech upstreams through s3prl's own loading code, plus a tiny one built locally.
+
+`UpstreamConfig.name` is any s3prl hub entry: a remote model (`wavlm_base`,
+`hubert`, `wav2vec2`, ... downloaded by s3prl only because the user named it),
+a feature extractor (`fbank`), or a local-checkpoint loader (`wavlm_local`,
+`hubert_local`, `wav2vec2_local`, with `path` the checkpoint). `tiny` builds a
+2-layer WavLM in s3prl's checkpoint format ({"cfg": ..., "model": state_dict})
+under the cache folder and loads it with `s3prl.hub.wavlm_local`: the default
+for jobs and tests, nothing downloaded.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distmeta.data.synthetic import default_cache_dir
+from distmeta.io import atomic_path
+from distmeta.models.s3prl_compat import import_s3prl_hub
+
+TINY_WAVLM = {
+    # layer_norm normalises each frame on its own; "default" (GroupNorm over time, as in the base
+    # models) makes an utterance's features depend on how much padding its batch has.
+    "extractor_mode": "layer_norm",
+    "encoder_layers": 2,
+    "encoder_embed_dim": 64,
+    "encoder_ffn_embed_dim": 128,
+    "encoder_attention_heads": 4,
+    "conv_feature_layers": "[(32,10,5)] + [(32,8,4)] + [(32,4,4)] + [(32,2,2)] * 2",  # 320x downsampling, as in base models
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "normalize": False,
+}
+
+
+@dataclass
+class UpstreamConfig:
+    name: str = "tiny"  # "tiny", or any s3prl hub name (wavlm_base, hubert, wav2vec2, fbank, wavlm_local, ...)
+    path: str = ""  # checkpoint for *_local names
+    seed: int = 0  # initialisation of the tiny upstream
+
+
+def build_tiny_checkpoint(path, seed: int = 0) -> Path:
+    """A randomly initialised tiny WavLM saved in s3prl's checkpoint format (plain-dict cfg + state dict)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    import_s3prl_hub()
+    from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
+
+    torch.manual_seed(seed)
+    model = WavLM(WavLMConfig(TINY_WAVLM))
+    with atomic_path(path) as tmp:
+        torch.save({"cfg": dict(TINY_WAVLM), "model": model.state_dict()}, tmp)
+    return path
+
+
+def tiny_checkpoint_path(seed: int = 0) -> Path:
+    digest = hashlib.sha256(json.dumps(TINY_WAVLM, sort_keys=True).encode()).hexdigest()[:8]
+    return default_cache_dir() / "upstreams" / f"tiny_wavlm_{digest}_seed{seed}.pt"
+
+
+class Upstream(nn.Module):
+    """Wraps an s3prl upstream: padded waveforms [B, T] + lengths -> hidden states [L, B, F, D] + frame lengths."""
+
+    def __init__(self, config: UpstreamConfig):
+        super().__init__()
+        hub = import_s3prl_hub()
+        name = config.name
+        if name == "tiny":
+            path = build_tiny_checkpoint(tiny_checkpoint_path(config.seed), config.seed)
+            self.model = hub.wavlm_local(str(path))
+        elif name.endswith("_local") or name.endswith("_custom"):
+            if not config.path or not Path(config.path).is_file():
+                raise FileNotFoundError(f"upstream {name!r} needs upstream.path to be a checkpoint file, got {config.path!r}")
+            self.model = getattr(hub, name)(config.path)
+        elif hasattr(hub, name):
+            self.model = getattr(hub, name)()
+        else:
+            options = sorted(n for n in dir(hub) if not n.startswith("_"))
+            raise ValueError(f"unknown upstream {name!r}; s3prl hub offers e.g. {options[:12]} ... ({len(options)} in all)")
+        self.name, self.config = name, config
+        self.downsample = int(self.model.get_downsample_rates("hidden_states"))
+        with torch.no_grad():
+            hidden = self.model([torch.zeros(16000)])["hidden_states"]
+        self.num_layers, self.dim = len(hidden), hidden[0].shape[-1]
+
+    def frame_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Frames the upstream produces for each utterance on its own.
+
+        Wav2vec2-style models: the convolution arithmetic of their feature extractor
+        (floor((n - kernel) / stride) + 1 per layer); others: n // downsample rate.
+        """
+        extractor = getattr(getattr(self.model, "model", None), "feature_extractor", None)
+        convs = [m for m in extractor.modules() if isinstance(m, nn.Conv1d)] if extractor is not None else []
+        if not convs:
+            return torch.div(lengths, self.downsample, rounding_mode="floor")
+        frames = lengths.clone()
+        for conv in convs:
+            frames = torch.div(frames - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+        return frames
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model([w[:n] for w, n in zip(wavs, lengths)])["hidden_states"]
+        hidden = torch.stack(hidden)  # [L, B, F, D]
+        return hidden, torch.clamp(self.frame_counts(lengths), 1, hidden.shape[2])

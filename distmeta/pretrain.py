@@ -1,0 +1,226 @@
+"""Pretraining before few-shot adaptation, as a Ray Train `TorchTrainer` job.
+
+kind      what trains                                          on what
+ssl_e     the whole SER model (SSL-E, paper 2.3.1)            training annotators' vote distributions
+linear    layer weights + classifier, upstream frozen         the same aggregated targets (Linear-Few)
+multi     one head per training annotator, upstream frozen    each annotator's own labels (Multi-Few)
+
+A tenth of the training utterances (by utterance, never by row) is held out
+for validation; the saved state is the epoch with the lowest validation
+class-balanced loss. Locally it is one CPU worker; `num_workers`/`use_gpu`
+scale it out (each worker takes its share of every epoch's batches; gradients
+are averaged by DDP).
+
+Library code never starts Ray: the job calls `ray.init` first.
+"""
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distmeta.data.scenarios import Split
+from distmeta.data.sources import DataConfig, load_corpus
+from distmeta.features import AudioBank, HiddenBank
+from distmeta.io import atomic_path, write_json
+from distmeta.labels import CLASSES
+from distmeta.models.ser import SERHead, SERModel, set_scope
+from distmeta.models.upstream import Upstream, UpstreamConfig
+from distmeta.train import fit
+
+Kind = Literal["ssl_e", "linear", "multi"]
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_seconds: float = 12.0  # audio length cap
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers (Ray sets torch's threads to it)
+
+
+class MultiHeadSER(nn.Module):
+    """Shared upstream, one SERHead per training annotator; inputs carry each row's head index in "task"."""
+
+    def __init__(self, upstream: Upstream, num_heads: int):
+        super().__init__()
+        self.upstream = upstream
+        self.heads = nn.ModuleList(SERHead(upstream.num_layers, upstream.dim) for _ in range(num_heads))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        hidden, frames = (inputs["hidden"], inputs["frames"]) if "hidden" in inputs else self.upstream(inputs["wavs"], inputs["lengths"])
+        task = inputs["task"]
+        logits = hidden.new_zeros(len(frames), self.heads[0].classifier.out_features)
+        for h in task.unique().tolist():  # each row through its own annotator's head only
+            rows = task == h
+            logits[rows] = self.heads[h](hidden[:, rows], frames[rows])
+        return logits
+
+
+def training_rows(corpus, split: Split, kind: Kind, val_fraction: float, seed: int):
+    """(utterance ids, targets, head index) for training and validation rows."""
+    if kind == "multi":
+        rows = [(u, t, h) for h, task in enumerate(split.train_tasks(corpus)) for u, t in zip(task.utterances, task.targets)]
+    else:
+        agg = split.aggregated_targets(corpus)
+        rows = [(u, t, 0) for u, t in zip(agg.index, agg.to_numpy(np.float32))]
+    utterances = sorted({u for u, _, _ in rows})
+    rng = np.random.default_rng(seed)
+    held_out = set(rng.choice(utterances, max(1, int(len(utterances) * val_fraction)), replace=False))
+    parts = {}
+    for name, keep in (("train", lambda u: u not in held_out), ("val", lambda u: u in held_out)):
+        chosen = [r for r in rows if keep(r[0])]
+        parts[name] = ([r[0] for r in chosen], np.stack([r[1] for r in chosen]).astype(np.float32),
+                       torch.tensor([r[2] for r in chosen]))
+    return parts
+
+
+def build_model(kind: Kind, upstream_config: UpstreamConfig, num_heads: int = 1) -> nn.Module:
+    upstream = Upstream(upstream_config)
+    if kind == "multi":
+        model = MultiHeadSER(upstream, num_heads)
+        for p in model.upstream.parameters():
+            p.requires_grad_(False)
+        return model
+    return set_scope(SERModel(upstream), "entire" if kind == "ssl_e" else "linear")
+
+
+def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Split, config: PretrainConfig) -> dict:
+    return json.loads(json.dumps({"kind": kind, "data": asdict(data), "upstream": asdict(upstream),
+                                  "split": asdict(split), "pretrain": asdict(config)}))
+
+
+def is_done(path: Path, settings: dict) -> bool:
+    sidecar = Path(path).with_suffix(".json")
+    return Path(path).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: trains each requested model in turn, skipping finished ones."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    requests = loop_config["requests"]
+    first = requests[0]["settings"]
+    config = PretrainConfig(**first["pretrain"])
+    corpus = load_corpus(DataConfig(**first["data"]), progress=False)
+    device = ray.train.torch.get_device()
+    audio = AudioBank(corpus, corpus.utterances.index, config.max_seconds)
+    frozen_hidden = None  # hidden states of the untrained upstream, shared by every linear/multi model
+    for number, request in enumerate(requests, 1):
+        settings, out_path = request["settings"], Path(request["out_path"])
+        if is_done(out_path, settings):
+            continue
+        kind, split = settings["kind"], Split(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["split"].items()})
+        torch.manual_seed(config.seed)
+        parts = training_rows(corpus, split, kind, config.val_fraction, config.seed)
+        model = build_model(kind, UpstreamConfig(**settings["upstream"]), len(split.train_annotators))
+        if kind != "ssl_e" and frozen_hidden is None:
+            frozen_hidden = HiddenBank(model.upstream, audio)
+        bank = audio if kind == "ssl_e" else frozen_hidden
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement
+        name = f"{kind} {split.scenario} test={split.test_annotator}"
+        if rank == 0:
+            print(f"[{number}/{len(requests)}] pretraining {name}: {len(parts['train'][0])} rows", flush=True)
+
+        def inputs_for(part):
+            ids, _, heads = parts[part]
+
+            def make(idx):
+                batch = {k: v.to(device) for k, v in bank.batch([ids[i] for i in idx]).items()}
+                batch["task"] = heads[idx].to(device)
+                return batch
+            return make
+
+        def report(epoch, metrics, is_best, state):
+            ray.train.report({**metrics, "model": name, "model_index": number})
+
+        result = fit(model, inputs_for("train"), parts["train"][1], parts["val"][1], inputs_for("val"),
+                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                     seed=config.seed, rank=rank, world_size=world, on_epoch=report,
+                     log=functools.partial(print, flush=True) if rank == 0 else None)
+        if rank == 0:
+            state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in result["best_state"].items()}
+            with atomic_path(out_path) as tmp:
+                save_file(state, str(tmp))
+            best = result["history"][result["best_epoch"] - 1]
+            write_json(out_path.with_suffix(".json"), {"settings": settings, "best": best, "classes": list(CLASSES)})
+
+
+def pretrain_many(requests, storage_path, name: str = "pretrain", max_failures: int = 2) -> list[Path]:
+    """Train every (kind, data, upstream, split, config, out_path) request in one Ray Train run.
+
+    Models already saved with the same settings are skipped, so a rerun, or a
+    worker restarted after a failure, picks up where it stopped. Saved files are
+    safetensors with a JSON sidecar (settings, best epoch and losses).
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    todo = [{"settings": _settings(*r[:5]), "out_path": str(Path(r[5]).resolve())} for r in requests]
+    paths = [Path(t["out_path"]) for t in todo]
+    todo = [t for t in todo if not is_done(Path(t["out_path"]), t["settings"])]
+    if not todo:
+        return paths
+    if len({json.dumps([t["settings"]["data"], t["settings"]["pretrain"]]) for t in todo}) != 1:
+        raise ValueError("one pretrain_many call trains models of one corpus and one PretrainConfig")
+    if not ray.is_initialized():
+        raise RuntimeError("pretrain_many() runs on Ray: call ray.init(...) in the job first")
+    config = PretrainConfig(**todo[0]["settings"]["pretrain"])
+    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"requests": todo},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    missing = [str(p) for p in paths if not p.is_file()]
+    if result.error or missing:
+        raise RuntimeError(f"pretraining failed ({result.error}); models not written: {missing}")
+    return paths
+
+
+def load_pretrained(kind: Kind, upstream: UpstreamConfig, path, num_heads: int = 1) -> nn.Module:
+    model = build_model(kind, upstream, num_heads)
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "ssl_e", "Linear-Few": "linear", "Multi-Few": "multi"}
+
+
+def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config: PretrainConfig, splits: dict,
+                      models_dir) -> dict:
+    """Pretrain `kinds` for every split of every scenario in one Ray Train run.
+
+    Returns {(scenario, test annotator): {kind: path}}; models live under
+    models_dir/<scenario>/<test annotator>/<kind>.safetensors.
+    """
+    checkpoints, requests = {}, []
+    for scenario, scenario_splits in splits.items():
+        for split in scenario_splits:
+            for kind in kinds:
+                path = Path(models_dir) / scenario / split.test_annotator / f"{kind}.safetensors"
+                checkpoints.setdefault((scenario, split.test_annotator), {})[kind] = path
+                requests.append((kind, data, upstream, split, config, path))
+    if requests:
+        pretrain_many(requests, Path(models_dir) / "ray", name="pretrain")
+    return checkpoints

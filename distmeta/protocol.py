@@ -1,0 +1,110 @@
+"""The meta-test protocol (paper section 3.3) and its tables.
+
+For every scenario, every test annotator of the rotation and every seed: sample
+K support and Q query items from that annotator's test pool, let each method
+adapt on the support set (one batch, `adapt.steps` steps) and score the queries.
+The shots sweep repeats this for each K in `sweep_shots` on the same queries.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from distmeta.adapters import AdaptConfig, Episode
+from distmeta.data.scenarios import Task
+from distmeta.metrics import multilabel_scores
+
+METRICS = ("maF1", "miF1", "UA")
+METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim")
+
+
+@dataclass
+class ProtocolConfig:
+    scenarios: tuple[str, ...] = ("seen", "unseen")
+    test_annotators: tuple[str, ...] = ()  # () = every annotator who labels all sessions
+    seeds: int = 3  # the paper uses 10
+    shots: int = 32
+    queries: int = 128
+    methods: tuple[str, ...] = METHODS
+    sweep_shots: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    sweep_methods: tuple[str, ...] = ("Linear-Few", "Multi-Few", "Entire-Sim")
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, log=print) -> list[dict]:
+    """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row."""
+    rows = []
+    plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in config.methods]
+    plan += [(seed, k, name) for seed in range(config.seeds) for k in config.sweep_shots if k != config.shots
+             for name in config.sweep_methods if name in config.methods]
+    started = time.time()
+    for done, (seed, shots, name) in enumerate(plan, 1):
+        support, query = task.sample(shots, config.queries, seed)
+        episode = Episode(seed, [task.utterances[i] for i in support], task.targets[support],
+                          [task.utterances[i] for i in query])
+        probs = adapters[name].predict(episode)
+        rows.append({"method": name, **labels, "annotator": task.annotator, "seed": seed, "shots": shots,
+                     **multilabel_scores(probs, task.targets[query])})
+        if log and (done % 10 == 0 or done == len(plan)):
+            elapsed = time.time() - started
+            log(f"  {task.annotator}: {done}/{len(plan)} episodes, {elapsed:.0f}s, ETA {elapsed / done * (len(plan) - done):.0f}s")
+    return rows
+
+
+def _mean_ci(values: pd.Series) -> str:
+    values = 100 * values.to_numpy(float)
+    if len(values) < 2:
+        return f"{values.mean():.1f}"
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():.1f} ± {half:.1f}"
+
+
+def table1(results: pd.DataFrame, shots: int) -> pd.DataFrame:
+    """Paper's Table 1 layout: methods x (scenario, upstream, metric), mean ± 95% CI over annotators x seeds, in %."""
+    main = results[results["shots"] == shots]
+    order = [m for m in METHODS if m in set(main["method"])] + sorted(set(main["method"]) - set(METHODS))
+    columns = {}
+    for (scenario, upstream), group in main.groupby(["scenario", "upstream"], sort=False):
+        for metric in METRICS:
+            cells = group.groupby("method")[metric].apply(_mean_ci)
+            columns[(scenario, upstream, metric)] = [cells.get(m, "") for m in order]
+    table = pd.DataFrame(columns, index=order)
+    table.index.name = "method"
+    return table
+
+
+def sweep_table(results: pd.DataFrame, methods) -> pd.DataFrame:
+    """Table A4 layout: shots x (scenario, method, metric), means in %."""
+    chosen = results[results["method"].isin(list(methods))]
+    table = chosen.groupby(["shots", "scenario", "method"])[list(METRICS)].mean().mul(100).unstack(["scenario", "method"])
+    return table.reorder_levels([1, 2, 0], axis=1).sort_index(axis=1)
+
+
+def plot_sweep(results: pd.DataFrame, methods, path) -> None:
+    """Figure 2: one panel per metric, score against shots, a line per method and scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distmeta.io import atomic_path
+
+    chosen = results[results["method"].isin(list(methods))]
+    means = chosen.groupby(["scenario", "method", "shots"])[list(METRICS)].mean().mul(100)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, metric in zip(axes, METRICS):
+        for (scenario, method), group in means.groupby(level=[0, 1]):
+            shots = group.index.get_level_values("shots")
+            ax.plot(shots, group[metric], marker="o", linestyle="-" if scenario == "seen" else "--", label=f"{method} ({scenario})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shots K")
+        ax.set_title(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,51 @@
+"""The evaluate job end to end on its smoke preset: real Ray Train pretraining, real MLflow."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+JOB = Path(__file__).parents[2] / "jobs" / "evaluate.py"
+COLUMNS = ["method", "scenario", "upstream", "annotator", "seed", "shots", "maF1", "miF1", "UA"]
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
+    import mlflow
+    import ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store goes under the test folder
+    job = load_job()
+    args = ["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", f"models_dir={tmp_path / 'models'}", "experiment=test"]
+    try:
+        assert job.main(args + ["--out", str(tmp_path / "a")]) == 0
+        assert job.main(args + ["--out", str(tmp_path / "b")]) == 0  # reuses the pretrained models
+    finally:
+        ray.shutdown()
+    a = pd.read_csv(tmp_path / "a" / "results.csv")
+    b = pd.read_csv(tmp_path / "b" / "results.csv")
+    assert list(a.columns) == COLUMNS
+    pd.testing.assert_frame_equal(a, b)  # same seed, same numbers
+    # 6 methods x 2 scenarios x 2 annotators x 1 seed at K=8, plus the sweep's K=2 for 3 methods
+    assert len(a) == 6 * 2 * 2 + 3 * 2 * 2
+    assert a[["maF1", "miF1", "UA"]].stack().between(0, 1).all()
+    assert set(a["shots"]) == {2, 8} and set(a["annotator"]) == {"E1", "E2"}
+    for name in ("table1.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md", "table_a2.md", "config.yaml"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert "Entire-Few" in (tmp_path / "a" / "table1.md").read_text()
+
+    runs = mlflow.search_runs(experiment_names=["test"])
+    assert len(runs) == 2 and (runs["status"] == "FINISHED").all()
+    assert set(runs["params.protocol.shots"]) == {"8"}
+    assert runs["metrics.unseen.Entire_Few.maF1"].notna().all()
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(runs["run_id"][0])}
+    assert {"results.csv", "table1.md", "shots_sweep.png"} <= artifacts

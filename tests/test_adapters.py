@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from distmeta.adapters import AdaptConfig, Episode, FineTune, RandomGuess, Similarity
+from distmeta.features import HiddenBank
+from distmeta.metrics import multilabel_scores
+from distmeta.models import SERModel, Upstream, UpstreamConfig
+
+
+def test_random_matches_its_analytic_expectation():
+    # Dirichlet(1) coordinates are Beta(1, C-1): each class is predicted with q = (1 - 1/C)^(C-1)
+    rng = np.random.default_rng(0)
+    targets = (rng.random((128, 9)) < np.linspace(0.02, 0.4, 9)).astype(float)
+    q = (8 / 9) ** 8
+    pi = targets.mean(0)
+    expected_ua = np.mean(q * pi + (1 - q) * (1 - pi))
+    expected_mi = 2 * q * pi.sum() / (q * 9 + pi.sum())
+    expected_ma = np.mean(2 * q * pi / (q + pi))
+    scores = [multilabel_scores(RandomGuess().predict(Episode(s, [], None, ["u"] * 128)), targets) for s in range(400)]
+    mean = {k: np.mean([s[k] for s in scores]) for k in ("maF1", "miF1", "UA")}
+    assert mean["UA"] == pytest.approx(expected_ua, abs=0.003)
+    assert mean["miF1"] == pytest.approx(expected_mi, abs=0.005)
+    assert mean["maF1"] == pytest.approx(expected_ma, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def setting(small_corpus):
+    from distmeta.data import rotation
+    from distmeta.features import AudioBank
+
+    torch.manual_seed(0)
+    model = SERModel(Upstream(UpstreamConfig()))
+    task = rotation(small_corpus, "seen")[0].test_task(small_corpus)
+    support, query = task.sample(8, 12, seed=1)
+    episode = Episode(1, [task.utterances[i] for i in support], task.targets[support], [task.utterances[i] for i in query])
+    audio = AudioBank(small_corpus, episode.support + episode.query)
+    return model, audio, HiddenBank(model.upstream, audio), episode
+
+
+def test_similarity_against_numpy(setting):
+    model, _, hidden, episode = setting
+    probs = Similarity(model, hidden, AdaptConfig()).predict(episode)
+    with torch.no_grad():
+        s = model.embed(hidden.batch(episode.support)).numpy()
+        q = model.embed(hidden.batch(episode.query)).numpy()
+    labels = episode.support_targets > 0.5
+    expected = np.zeros_like(probs)
+    present = [c for c in range(9) if labels[:, c].any()]
+    for i, x in enumerate(q):
+        sims = []
+        for c in present:
+            centre = s[labels[:, c]].mean(0)
+            sims.append(x @ centre / np.linalg.norm(x) / np.linalg.norm(centre))
+        e = np.exp(np.array(sims) - max(sims))
+        expected[i, present] = e / e.sum()
+    assert np.allclose(probs, expected, atol=1e-5)
+
+
+def test_fine_tune_fits_the_support_and_leaves_the_model_alone(setting):
+    model, audio, hidden, episode = setting
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = AdaptConfig(steps=30, lr=1e-2)
+    for scope, bank in (("entire", audio), ("linear", hidden)):
+        adapter = FineTune("x", model, scope, bank, config)
+        adapted = adapter.adapt(episode)
+        targets = torch.as_tensor(episode.support_targets)
+        with torch.no_grad():
+            start = torch.nn.functional.cross_entropy(model(bank.batch(episode.support)), targets / targets.sum(1, keepdim=True))
+            end = torch.nn.functional.cross_entropy(adapted(bank.batch(episode.support)), targets / targets.sum(1, keepdim=True))
+        assert end < start, scope
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_new_head_is_seeded_by_the_episode(setting):
+    model, _, hidden, episode = setting
+    adapter = FineTune("Multi-Few", model, "head", hidden, AdaptConfig(steps=2), new_head=True)
+    a, b = adapter.predict(episode), adapter.predict(episode)
+    assert np.array_equal(a, b)
+    other = Episode(2, episode.support, episode.support_targets, episode.query)
+    assert not np.allclose(adapter.predict(other), a)

@@ -1,0 +1,78 @@
+"""Pretraining through Ray Train equals the same training done serially in process."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distmeta.data import rotation
+from distmeta.data.sources import DataConfig
+from distmeta.features import AudioBank, HiddenBank
+from distmeta.models.upstream import UpstreamConfig
+from distmeta.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
+from distmeta.train import fit
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_training_rows_hold_out_whole_utterances(small_corpus):
+    split = rotation(small_corpus, "unseen")[0]
+    for kind in ("ssl_e", "multi"):
+        parts = training_rows(small_corpus, split, kind, 0.1, 0)
+        assert not set(parts["train"][0]) & set(parts["val"][0])
+        assert set(small_corpus.utterances.loc[parts["train"][0] + parts["val"][0], "session"]) == {1, 2, 3, 4}
+    multi = training_rows(small_corpus, split, "multi", 0.1, 0)
+    assert multi["train"][2].max().item() == len(split.train_annotators) - 1
+    agg = training_rows(small_corpus, split, "ssl_e", 0.1, 0)
+    assert np.allclose(agg["train"][1].sum(1), 1)  # vote distributions
+
+
+@pytest.mark.slow
+def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, ray_local):
+    data = DataConfig(path=str(tmp_path / "corpus"), seed=3, n_utterances=300)
+    small_corpus.save(data.path)  # the workers load the same corpus (a cache hit: same seed and size)
+    split = rotation(small_corpus, "unseen")[0]
+    config = PretrainConfig(epochs=2, seed=5)
+    requests = [(kind, data, UpstreamConfig(), split, config, tmp_path / f"{kind}.safetensors") for kind in ("ssl_e", "linear", "multi")]
+    paths = pretrain_many(requests, tmp_path / "ray")
+    sidecar = json.loads(paths[1].with_suffix(".json").read_text())
+    assert sidecar["settings"]["kind"] == "linear" and sidecar["best"]["epoch"] in (1, 2)
+
+    # the same linear training, serially in this process
+    torch.manual_seed(config.seed)
+    parts = training_rows(small_corpus, split, "linear", config.val_fraction, config.seed)
+    model = build_model("linear", UpstreamConfig())
+    bank = HiddenBank(model.upstream, AudioBank(small_corpus, small_corpus.utterances.index, config.max_seconds))
+    make = lambda part: lambda idx: bank.batch([parts[part][0][i] for i in idx])  # noqa: E731
+    serial = fit(model, make("train"), parts["train"][1], parts["val"][1], make("val"), epochs=config.epochs,
+                 batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, log=None)
+    distributed = load_file(str(paths[1]))
+    for name, value in serial["best_state"].items():
+        assert torch.allclose(distributed[name], value, atol=1e-5), name
+
+    stamp = [p.stat().st_mtime_ns for p in paths]
+    pretrain_many(requests, tmp_path / "ray")  # already done: nothing retrains
+    assert [p.stat().st_mtime_ns for p in paths] == stamp
+
+
+def test_multi_head_routes_each_row_to_its_annotators_head():
+    from distmeta.pretrain import MultiHeadSER
+    from distmeta.models.upstream import Upstream
+
+    torch.manual_seed(0)
+    model = MultiHeadSER(Upstream(UpstreamConfig()), 3)
+    hidden, frames = torch.randn(3, 4, 6, 64), torch.tensor([6, 5, 4, 6])
+    task = torch.tensor([2, 0, 2, 1])
+    logits = model({"hidden": hidden, "frames": frames, "task": task})
+    for i, h in enumerate(task.tolist()):
+        expected = model.heads[h](hidden[:, i:i + 1], frames[i:i + 1])[0]
+        assert torch.allclose(logits[i], expected, atol=1e-6)
