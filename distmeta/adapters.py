@@ -11,6 +11,7 @@ Entire-Few   SSL-E fine-tuned entirely on the support set
 Linear-Few   the Linear model (frozen upstream) with layer weights + classifier fine-tuned
 Multi-Few    the multi-task model's upstream with a new head from random init trained on the support
 Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the support, softmax
+Meta-PerSER  the meta-trained model, adapted with its learned per-layer per-step rates (LSLR)
 """
 
 from dataclasses import dataclass
@@ -121,10 +122,35 @@ class Similarity:
         return torch.softmax(sim, -1).numpy()
 
 
+class MetaPerSER:
+    """Adapt the meta-trained parameters with the learned LSLR rates for `steps` SGD steps; the
+    steps past the trained ones reuse the last trained rate."""
+
+    def __init__(self, name: str, model, rates: dict, bank, steps: int):
+        self.name, self.model, self.rates, self.bank, self.steps = name, model, rates, bank, steps
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        from distmeta.metatrain import adapted_probs
+
+        return adapted_probs(self.model, self.rates, self.bank, episode.support, episode.support_targets,
+                             episode.query, self.steps).numpy()
+
+
+def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds) -> MetaPerSER:
+    """A MetaPerSER adapter for the split's test task from a meta-trained state."""
+    from distmeta.metatrain import build_meta_model, make_bank, split_state
+
+    model_state, rates = split_state(state)
+    model = build_meta_model(upstream_config, None, type(meta_config)(**{**meta_config.__dict__, "ini": False}))
+    model.load_state_dict(model_state)
+    bank = make_bank(model, corpus, split.test_task(corpus).utterances, meta_config, max_seconds)
+    return MetaPerSER(name, model, rates, bank, meta_config.test_steps)
+
+
 def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config, config: AdaptConfig,
                       max_seconds: float | None) -> dict:
     """The requested baselines for one split, from pretrained checkpoints {"ssl_e"|"linear"|"multi": path}."""
-    from distmeta.features import AudioBank, HiddenBank
+    from distmeta.features import AudioBank, PooledBank
     from distmeta.pretrain import load_pretrained
 
     test = split.test_task(corpus)
@@ -134,16 +160,16 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
         adapters["Random"] = RandomGuess()
     if {"Entire-Zero", "Entire-Few", "Entire-Sim"} & set(methods):
         ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
-        ssl_e_hidden = HiddenBank(ssl_e.upstream, audio)  # SSL-E is fixed for Zero and Sim: run its upstream once
-        adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_hidden, config)
+        ssl_e_pooled = PooledBank(ssl_e.upstream, audio)  # SSL-E is fixed for Zero and Sim: run its upstream once
+        adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_pooled, config)
         adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", audio, config)
-        adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_hidden, config)
+        adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_pooled, config)
     if {"Linear-Few", "Multi-Few"} & set(methods):
         linear = load_pretrained("linear", upstream_config, checkpoints["linear"])
-        raw_hidden = HiddenBank(linear.upstream, audio)  # the frozen, untrained upstream: shared by both
-        adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_hidden, config)
+        raw_pooled = PooledBank(linear.upstream, audio)  # the frozen, untrained upstream's features: shared by both
+        adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_pooled, config)
         if "Multi-Few" in methods:
             multi = load_pretrained("multi", upstream_config, checkpoints["multi"], len(split.train_annotators))
             shared = SERModel(multi.upstream)
-            adapters["Multi-Few"] = FineTune("Multi-Few", shared, "head", raw_hidden, config, new_head=True)
+            adapters["Multi-Few"] = FineTune("Multi-Few", shared, "head", raw_pooled, config, new_head=True)
     return {name: adapters[name] for name in methods}

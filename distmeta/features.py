@@ -1,7 +1,7 @@
 """Model inputs for sets of utterances: waveforms loaded once, or hidden states computed once.
 
 A bank maps utterance ids to tensors and collates any list of ids into the
-input dict `SERModel` takes. `HiddenBank` serves frozen-upstream scopes: the
+input dict `SERModel` takes. `PooledBank` serves frozen-upstream scopes: the
 upstream runs once per utterance (no gradients), adaptation runs on the cache.
 """
 
@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from distmeta.data.audio import load_audio
 from distmeta.data.corpus import Corpus
+from distmeta.models.ser import SERHead
 
 
 class AudioBank:
@@ -25,28 +26,29 @@ class AudioBank:
         return {"wavs": pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
 
 
-class HiddenBank:
-    """Per-utterance hidden states [L, F, D] of a frozen upstream."""
+class PooledBank:
+    """Per-utterance, per-layer means over valid frames [L, D] of a frozen upstream.
 
-    def __init__(self, upstream, audio: AudioBank, batch_size: int = 32, dtype=torch.float32):
+    For scopes that leave the upstream fixed this is all the SER head needs
+    (see models/ser.py), so the upstream runs once per utterance, without gradients.
+    """
+
+    def __init__(self, upstream, audio: AudioBank, batch_size: int = 32):
         self.items = {}
-        ids = list(audio.items)
-        # Longest first keeps padding (wasted compute) small within each batch.
-        ids.sort(key=lambda u: -len(audio.items[u]))
+        ids = sorted(audio.items, key=lambda u: -len(audio.items[u]))  # similar lengths batch together: little padding
         was_training = upstream.training
         upstream.eval()
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start:start + batch_size]
                 hidden, frames = upstream(**audio.batch(chunk))
+                pooled = SERHead.pool(hidden, frames)  # [L, B, D]
                 for i, u in enumerate(chunk):
-                    self.items[u] = hidden[:, i, : frames[i]].to(dtype).clone()
+                    self.items[u] = pooled[:, i].clone()
         upstream.train(was_training)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def batch(self, ids) -> dict:
-        hidden = [self.items[u].transpose(0, 1) for u in ids]  # [F, L, D] for padding over F
-        padded = pad_sequence(hidden, batch_first=True).permute(2, 0, 1, 3)  # [L, B, F, D]
-        return {"hidden": padded.float(), "frames": torch.tensor([h.shape[0] for h in hidden])}
+        return {"pooled": torch.stack([self.items[u] for u in ids], dim=1)}

@@ -27,7 +27,7 @@ from torch import nn
 
 from distmeta.data.scenarios import Split
 from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.features import AudioBank, HiddenBank
+from distmeta.features import AudioBank, PooledBank
 from distmeta.io import atomic_path, write_json
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
@@ -60,12 +60,12 @@ class MultiHeadSER(nn.Module):
         self.heads = nn.ModuleList(SERHead(upstream.num_layers, upstream.dim) for _ in range(num_heads))
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        hidden, frames = (inputs["hidden"], inputs["frames"]) if "hidden" in inputs else self.upstream(inputs["wavs"], inputs["lengths"])
+        pooled = inputs["pooled"] if "pooled" in inputs else SERHead.pool(*self.upstream(inputs["wavs"], inputs["lengths"]))
         task = inputs["task"]
-        logits = hidden.new_zeros(len(frames), self.heads[0].classifier.out_features)
+        logits = pooled.new_zeros(pooled.shape[1], self.heads[0].classifier.out_features)
         for h in task.unique().tolist():  # each row through its own annotator's head only
             rows = task == h
-            logits[rows] = self.heads[h](hidden[:, rows], frames[rows])
+            logits[rows] = self.heads[h].classifier(self.heads[h].embed_pooled(pooled[:, rows]))
         return logits
 
 
@@ -120,7 +120,7 @@ def _train_loop(loop_config: dict) -> None:
     corpus = load_corpus(DataConfig(**first["data"]), progress=False)
     device = ray.train.torch.get_device()
     audio = AudioBank(corpus, corpus.utterances.index, config.max_seconds)
-    frozen_hidden = None  # hidden states of the untrained upstream, shared by every linear/multi model
+    frozen_pooled = None  # pooled features of the untrained upstream, shared by every linear/multi model
     for number, request in enumerate(requests, 1):
         settings, out_path = request["settings"], Path(request["out_path"])
         if is_done(out_path, settings):
@@ -129,9 +129,9 @@ def _train_loop(loop_config: dict) -> None:
         torch.manual_seed(config.seed)
         parts = training_rows(corpus, split, kind, config.val_fraction, config.seed)
         model = build_model(kind, UpstreamConfig(**settings["upstream"]), len(split.train_annotators))
-        if kind != "ssl_e" and frozen_hidden is None:
-            frozen_hidden = HiddenBank(model.upstream, audio)
-        bank = audio if kind == "ssl_e" else frozen_hidden
+        if kind != "ssl_e" and frozen_pooled is None:
+            frozen_pooled = PooledBank(model.upstream, audio)
+        bank = audio if kind == "ssl_e" else frozen_pooled
         model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement
         name = f"{kind} {split.scenario} test={split.test_annotator}"
         if rank == 0:

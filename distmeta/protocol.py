@@ -18,7 +18,7 @@ from distmeta.data.scenarios import Task
 from distmeta.metrics import multilabel_scores
 
 METRICS = ("maF1", "miF1", "UA")
-METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim")
+METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ProtocolConfig:
     queries: int = 128
     methods: tuple[str, ...] = METHODS
     sweep_shots: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
-    sweep_methods: tuple[str, ...] = ("Linear-Few", "Multi-Few", "Entire-Sim")
+    sweep_methods: tuple[str, ...] = ("Meta-PerSER", "Linear-Few", "Multi-Few", "Entire-Sim")
+    table2: tuple[str, ...] = ("none", "INI", "INI+CSMT", "INI+DA", "INI+LSLR", "INI+CSMT+DA+LSLR")  # on unseen data
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
@@ -108,3 +109,15 @@ def plot_sweep(results: pd.DataFrame, methods, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def table2(results: pd.DataFrame, variants) -> pd.DataFrame:
+    """Paper's Table 2 layout: one row per ablation variant (unseen scenario), component marks, mean ± 95% CI (%)."""
+    rows = []
+    for variant in variants:
+        group = results[(results["method"] == f"Meta[{variant}]") & (results["scenario"] == "unseen")]
+        if group.empty:
+            continue
+        marks = {c: ("✓" if c in variant.split("+") else "") for c in ("INI", "CSMT", "DA", "LSLR")}
+        rows.append({"variant": variant, **marks, **{m: _mean_ci(group[m]) for m in METRICS}})
+    return pd.DataFrame(rows).set_index("variant") if rows else pd.DataFrame()

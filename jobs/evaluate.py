@@ -1,32 +1,36 @@
-"""Meta-test protocol for the listener-personalization baselines: Table 1, the shots sweep, Tables A1/A2.
+"""Meta-test protocol for listener personalization: Table 1, Table 2, the shots sweep, Tables A1/A2.
 
     python jobs/evaluate.py                       # synthetic corpus, tiny upstream, local Ray, local MLflow
     python jobs/evaluate.py --preset smoke        # the same in about two minutes
     python jobs/evaluate.py data.source=iemocap data.path=/data/IEMOCAP_full_release upstream.name=wavlm_base
 
 Pretrains what it needs (SSL-E, Linear, Multi per scenario and test annotator)
-as one Ray Train run, reusing models already in `models_dir`; then runs the
-protocol and writes under `out`: results.csv, table1.md, shots_sweep.{md,csv,png},
-table_a1.md / table_a2.md and config.yaml. Everything is logged to MLflow.
+as one Ray Train run, meta-trains Meta-PerSER (and the Table 2 variants, unseen
+scenario) serially in process, reusing models already in `models_dir`; then
+runs the protocol and writes under `out`: results.csv, table1.md, table2.md,
+shots_sweep.{md,csv,png}, table_a1.md / table_a2.md and config.yaml.
+Everything is logged to MLflow.
 """
 
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from distmeta import config as cfg
 from distmeta import tracking
-from distmeta.adapters import baseline_adapters
+from distmeta.adapters import baseline_adapters, meta_adapter
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.io import atomic_path
+from distmeta.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
-from distmeta.protocol import ProtocolConfig, plot_sweep, run_episodes, sweep_table, table1
-from distmeta.report import markdown_table, save_table
+from distmeta.protocol import ProtocolConfig, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.report import save_table
 
 
 @dataclass
@@ -34,6 +38,7 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     out: str = "runs/evaluate"
     models_dir: str = "runs/models"  # pretrained models, shared between jobs and reused when settings match
@@ -45,8 +50,9 @@ PRESETS = {
     "smoke": {
         "data": {"n_utterances": 300},
         "pretrain": {"epochs": 1},
+        "meta": {"outer_steps": 4, "val_every": 2, "val_seeds": 1, "shots": 8, "val_queries": 8, "test_steps": 5},
         "protocol": {"test_annotators": ["E1", "E2"], "seeds": 1, "shots": 8, "queries": 16,
-                     "sweep_shots": [2, 8], "adapt": {"steps": 5}},
+                     "sweep_shots": [2, 8], "table2": ["none", "INI+CSMT+DA+LSLR"], "adapt": {"steps": 5}},
         "out": "runs/evaluate-smoke",
         "models_dir": "runs/models-smoke",
     },
@@ -64,21 +70,49 @@ def setup(config: EvaluateConfig):
 
 
 def pretrain_models(config: EvaluateConfig, splits) -> dict:
-    kinds = sorted({KIND_OF_METHOD[m] for m in config.protocol.methods if m in KIND_OF_METHOD})
+    kinds = sorted({KIND_OF_METHOD[m] for m in config.protocol.methods if m in KIND_OF_METHOD}
+                   | ({"ssl_e"} if "Meta-PerSER" in config.protocol.methods or config.protocol.table2 else set()))
     if "multi" in kinds and "linear" not in kinds:
         kinds.append("linear")  # Multi-Few adapts on the Linear model's frozen-upstream features
     return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir)
+
+
+def meta_variants(config: EvaluateConfig, scenario: str) -> dict:
+    """{method name: MetaConfig}: Meta-PerSER itself, plus the Table 2 variants on unseen data."""
+    variants = {"Meta-PerSER": config.meta} if "Meta-PerSER" in config.protocol.methods else {}
+    if scenario == "unseen":
+        for name in config.protocol.table2:
+            if name not in ABLATIONS:
+                raise SystemExit(f"protocol.table2: unknown variant {name!r}; choose from {list(ABLATIONS)}")
+            variants[f"Meta[{name}]"] = MetaConfig(**{**asdict(config.meta), **ABLATIONS[name]})
+    return variants
+
+
+def meta_adapters(config: EvaluateConfig, corpus, scenario, split, checkpoints) -> dict:
+    adapters = {}
+    for method, meta_config in meta_variants(config, scenario).items():
+        tag = "-".join(f"{k}{int(getattr(meta_config, k))}" for k in ("ini", "csmt", "da", "lslr"))
+        path = Path(config.models_dir) / scenario / split.test_annotator / f"meta-{tag}.safetensors"
+        print(f"meta-training {method} ({scenario}, test {split.test_annotator})", flush=True)
+        state = meta_train_cached(path, corpus, split, config.upstream, checkpoints["ssl_e"], meta_config,
+                                  asdict(config.data), config.pretrain.max_seconds)
+        adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds)
+    return adapters
 
 
 def evaluate(config: EvaluateConfig, corpus, splits, checkpoints) -> pd.DataFrame:
     rows = []
     for scenario, scenario_splits in splits.items():
         for split in scenario_splits:
+            found = checkpoints[(scenario, split.test_annotator)]
+            metas = meta_adapters(config, corpus, scenario, split, found)
             print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
-            adapters = baseline_adapters(config.protocol.methods, corpus, split, checkpoints[(scenario, split.test_annotator)],
-                                         config.upstream, config.protocol.adapt, config.pretrain.max_seconds)
+            baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
+            adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
+                                            config.pretrain.max_seconds), **metas}
             labels = {"scenario": scenario, "upstream": config.upstream.name}
-            rows += run_episodes(adapters, split.test_task(corpus), config.protocol, labels)
+            methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
+            rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels)
     return pd.DataFrame(rows)
 
 
@@ -86,10 +120,14 @@ def save(config: EvaluateConfig, corpus, splits, results: pd.DataFrame) -> dict:
     out = Path(config.out)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
-    main = table1(results, config.protocol.shots)
+    main = table1(results[~results["method"].str.startswith("Meta[")], config.protocol.shots)
     paths = {"results": out / "results.csv",
              "table1": save_table(main, out, "table1", f"Table 1: K={config.protocol.shots}, Q={config.protocol.queries}, "
                                   f"mean ± 95% CI over test annotators x seeds (%)")}
+    ablation = table2(results[results["shots"] == config.protocol.shots], config.protocol.table2)
+    if not ablation.empty:
+        paths["table2"] = save_table(ablation, out, "table2", "Table 2: components added one by one, unseen scenario, "
+                                     "mean ± 95% CI (%)")
     sweep_methods = [m for m in config.protocol.sweep_methods if m in config.protocol.methods]
     if sweep_methods and len(set(results["shots"])) > 1:
         paths["sweep"] = save_table(sweep_table(results, sweep_methods), out, "shots_sweep", "Shots sweep (Table A4 layout), mean (%)")
@@ -98,8 +136,7 @@ def save(config: EvaluateConfig, corpus, splits, results: pd.DataFrame) -> dict:
     for scenario, name in (("seen", "table_a1"), ("unseen", "table_a2")):
         if scenario in splits:
             tests = [s.test_annotator for s in splits[scenario]]
-            pool = splits[scenario][0].test_task(corpus).utterances if scenario == "unseen" else None
-            pool = None if pool is None else corpus.utterances.index[corpus.utterances["session"].isin(splits[scenario][0].test_sessions)]
+            pool = corpus.utterances.index[corpus.utterances["session"].isin(splits[scenario][0].test_sessions)]
             dist = corpus.label_distribution(tests, pool)
             dist.index.name = "class"
             paths[name] = save_table(dist, out, name, f"Label distribution of the test annotators, {scenario} scenario (%)", ".2f")
@@ -117,12 +154,15 @@ def main(argv=None) -> int:
         paths = save(config, corpus, splits, results)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):
             for metric in ("maF1", "miF1", "UA"):
-                mlflow.log_metric(f"{scenario}.{method}.{metric}".replace("-", "_"), float(group[metric].mean()))
+                name = f"{scenario}.{method}.{metric}"
+                mlflow.log_metric(re.sub(r"[^A-Za-z0-9_.]", "_", name), float(group[metric].mean()))
         for path in paths.values():
             mlflow.log_artifact(str(path))
         mlflow.log_artifact(str(Path(config.out) / "config.yaml"))
         mlflow.log_metric("wall_seconds", time.time() - started)
-    print("\n" + markdown_table(table1(results, config.protocol.shots)))
+    print("\n" + Path(paths["table1"]).read_text())
+    if "table2" in paths:
+        print(Path(paths["table2"]).read_text())
     print(f"wall time {time.time() - started:.0f}s; written to {Path(config.out).resolve()}")
     return 0
 

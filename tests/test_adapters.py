@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distmeta.adapters import AdaptConfig, Episode, FineTune, RandomGuess, Similarity
-from distmeta.features import HiddenBank
+from distmeta.features import PooledBank
 from distmeta.metrics import multilabel_scores
 from distmeta.models import SERModel, Upstream, UpstreamConfig
 
@@ -35,7 +35,7 @@ def setting(small_corpus):
     support, query = task.sample(8, 12, seed=1)
     episode = Episode(1, [task.utterances[i] for i in support], task.targets[support], [task.utterances[i] for i in query])
     audio = AudioBank(small_corpus, episode.support + episode.query)
-    return model, audio, HiddenBank(model.upstream, audio), episode
+    return model, audio, PooledBank(model.upstream, audio), episode
 
 
 def test_similarity_against_numpy(setting):

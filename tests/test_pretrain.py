@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from distmeta.data import rotation
 from distmeta.data.sources import DataConfig
-from distmeta.features import AudioBank, HiddenBank
+from distmeta.features import AudioBank, PooledBank
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
 from distmeta.train import fit
@@ -51,7 +51,7 @@ def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, 
     torch.manual_seed(config.seed)
     parts = training_rows(small_corpus, split, "linear", config.val_fraction, config.seed)
     model = build_model("linear", UpstreamConfig())
-    bank = HiddenBank(model.upstream, AudioBank(small_corpus, small_corpus.utterances.index, config.max_seconds))
+    bank = PooledBank(model.upstream, AudioBank(small_corpus, small_corpus.utterances.index, config.max_seconds))
     make = lambda part: lambda idx: bank.batch([parts[part][0][i] for i in idx])  # noqa: E731
     serial = fit(model, make("train"), parts["train"][1], parts["val"][1], make("val"), epochs=config.epochs,
                  batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, log=None)
@@ -72,7 +72,8 @@ def test_multi_head_routes_each_row_to_its_annotators_head():
     model = MultiHeadSER(Upstream(UpstreamConfig()), 3)
     hidden, frames = torch.randn(3, 4, 6, 64), torch.tensor([6, 5, 4, 6])
     task = torch.tensor([2, 0, 2, 1])
-    logits = model({"hidden": hidden, "frames": frames, "task": task})
+    pooled = torch.stack([hidden[:, i, :n].mean(1) for i, n in enumerate(frames.tolist())], dim=1)
+    logits = model({"pooled": pooled, "task": task})
     for i, h in enumerate(task.tolist()):
         expected = model.heads[h](hidden[:, i:i + 1], frames[i:i + 1])[0]
         assert torch.allclose(logits[i], expected, atol=1e-6)

@@ -5,8 +5,11 @@
              -> mean over valid frames -> Linear(256, C) -> logits
 
 Inputs are a dict: {"wavs": [B, T], "lengths": [B]} runs the upstream;
-{"hidden": [L, B, F, D], "frames": [B]} starts from precomputed hidden states
-(frozen-upstream scopes cache them). Adaptation scopes choose what trains:
+{"hidden": [L, B, F, D], "frames": [B]} starts from hidden states; {"pooled":
+[L, B, D]} from each layer's mean over valid frames. The projection is affine
+and the weighted sum and the mean are averages, so pooling first is exactly
+the same function, ~F times cheaper: frozen-upstream scopes cache pooled
+features (`features.PooledBank`). Adaptation scopes choose what trains:
 entire (everything), head (everything after the upstream), linear (layer
 weights + classifier).
 """
@@ -30,13 +33,18 @@ class SERHead(nn.Module):
         self.projector = nn.Linear(dim, PROJECTION_DIM)
         self.classifier = nn.Linear(PROJECTION_DIM, num_classes)
 
+    @staticmethod
+    def pool(hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Each layer's mean over the valid frames: [L, B, F, D] -> [L, B, D]."""
+        valid = (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < frames[:, None]).to(hidden.dtype)
+        return torch.einsum("lbfd,bf->lbd", hidden, valid) / valid.sum(1)[None, :, None]
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Utterance embeddings [B, 256] from pooled layers: weighted layer sum, then the projection."""
+        return self.projector(torch.einsum("l,lbd->bd", torch.softmax(self.layer_weights, dim=0), pooled))
+
     def embed(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Utterance embeddings [B, 256]: weighted layer sum, projection, mean over valid frames."""
-        weights = torch.softmax(self.layer_weights, dim=0)
-        mixed = torch.einsum("l,lbfd->bfd", weights, hidden)
-        projected = self.projector(mixed)
-        valid = (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < frames[:, None]).to(projected.dtype)
-        return (projected * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        return self.embed_pooled(self.pool(hidden, frames))
 
     def forward(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(hidden, frames))
@@ -48,16 +56,18 @@ class SERModel(nn.Module):
         self.upstream = upstream
         self.head = SERHead(upstream.num_layers, upstream.dim, num_classes)
 
-    def hidden(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled(self, inputs: dict) -> torch.Tensor:
+        if "pooled" in inputs:
+            return inputs["pooled"]
         if "hidden" in inputs:
-            return inputs["hidden"], inputs["frames"]
-        return self.upstream(inputs["wavs"], inputs["lengths"])
+            return self.head.pool(inputs["hidden"], inputs["frames"])
+        return self.head.pool(*self.upstream(inputs["wavs"], inputs["lengths"]))
 
     def embed(self, inputs: dict) -> torch.Tensor:
-        return self.head.embed(*self.hidden(inputs))
+        return self.head.embed_pooled(self.pooled(inputs))
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        return self.head(*self.hidden(inputs))
+        return self.head.classifier(self.embed(inputs))
 
     def clone(self) -> "SERModel":
         """An independent copy. (copy.deepcopy is wrong here: s3prl's forward hooks would still

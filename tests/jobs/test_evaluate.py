@@ -35,11 +35,13 @@ def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
     b = pd.read_csv(tmp_path / "b" / "results.csv")
     assert list(a.columns) == COLUMNS
     pd.testing.assert_frame_equal(a, b)  # same seed, same numbers
-    # 6 methods x 2 scenarios x 2 annotators x 1 seed at K=8, plus the sweep's K=2 for 3 methods
-    assert len(a) == 6 * 2 * 2 + 3 * 2 * 2
+    # 7 methods x 2 scenarios x 2 annotators x 1 seed at K=8, the 2 Table 2 variants (unseen only),
+    # plus the sweep's K=2 for 4 methods
+    assert len(a) == 7 * 2 * 2 + 2 * 2 + 4 * 2 * 2
+    assert {"Meta-PerSER", "Meta[none]", "Meta[INI+CSMT+DA+LSLR]"} <= set(a["method"])
     assert a[["maF1", "miF1", "UA"]].stack().between(0, 1).all()
     assert set(a["shots"]) == {2, 8} and set(a["annotator"]) == {"E1", "E2"}
-    for name in ("table1.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md", "table_a2.md", "config.yaml"):
+    for name in ("table1.md", "table2.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md", "table_a2.md", "config.yaml"):
         assert (tmp_path / "a" / name).is_file(), name
     assert "Entire-Few" in (tmp_path / "a" / "table1.md").read_text()
 

@@ -1,0 +1,236 @@
+"""Meta-PerSER meta-training: MAML with CSMT, derivative-order annealing and LSLR (paper 2.3).
+
+    learner = MetaLearner(model, config)          # the meta-parameters, the LSLR rates, AdamW
+    grads = task_meta_gradient(learner.model, bank, task, config, learner.rates(), step, second_order)
+    learner.outer_step([grads, ...])              # average over tasks, one AdamW step
+
+`task_meta_gradient` is everything one training annotator contributes to one
+outer step; the serial trainer below loops over annotators in process and is the
+reference the distributed (Ray) trainer is tested against.
+
+Switches (Table 2): `ini` starts from SSL-E (else from the untrained upstream and
+a fresh head); `csmt` uses the same K items for the inner and outer loss (else K
+support + K query); `da` is first order for the first `da_first_order_fraction`
+of the outer steps, then second order (without DA: second order throughout);
+`lslr` trains the per-parameter per-step rates (else they stay at `inner_lr`).
+Model selection (supplementary C): every `val_every` steps the validation
+annotator is meta-tested (K support, adapt `test_steps`, class-balanced loss on
+Q queries, averaged over `val_seeds`); the lowest loss wins.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from distmeta.meta import adapt, meta_gradients
+from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+
+
+@dataclass
+class MetaConfig:
+    scope: str = "head"  # head: the SSL-E upstream is frozen and its features cached; entire: everything adapts
+    ini: bool = True
+    csmt: bool = True
+    da: bool = True
+    da_first_order_fraction: float = 0.3
+    lslr: bool = True
+    inner_lr: float = 1e-3
+    inner_steps: int = 5
+    outer_lr: float = 9e-5
+    outer_steps: int = 200
+    shots: int = 32  # K, the paper's meta-training batch
+    tasks_per_step: int = 0  # 0: every training annotator in every outer step
+    multi_step_loss: bool = False  # MAML++ multi-step loss, uniform weights
+    test_steps: int = 50  # adaptation steps at validation and meta-test
+    val_every: int = 20
+    val_seeds: int = 3
+    val_queries: int = 64
+    seed: int = 0
+
+
+def loss_fn(logits, targets):
+    """Class-balanced loss with class weights from the batch itself (its N items are the training items)."""
+    return class_balanced_cross_entropy(logits, targets, class_weights_of(targets))
+
+
+def class_weights_of(targets):
+    return class_balanced_weights(targets.detach()).to(targets.device)
+
+
+def sample_batches(task, config: MetaConfig, step: int, task_index: int):
+    """Indices of the inner and outer items for one task in one outer step (None outer = CSMT)."""
+    seed = int(np.random.SeedSequence([config.seed, step, task_index]).generate_state(1)[0])
+    if config.csmt:
+        return task.sample(config.shots, 0, seed=seed)[0], None
+    return task.sample(config.shots, config.shots, seed=seed)
+
+
+def task_meta_gradient(model, bank, task, config: MetaConfig, rates: dict, step: int, task_index: int,
+                       second_order: bool) -> tuple[float, dict]:
+    inner_idx, outer_idx = sample_batches(task, config, step, task_index)
+    batch = lambda idx: (bank.batch([task.utterances[i] for i in idx]), torch.as_tensor(task.targets[idx]))  # noqa: E731
+    weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
+    loss, grads = meta_gradients(model, loss_fn, batch(inner_idx), None if outer_idx is None else batch(outer_idx),
+                                 lrs=rates, steps=config.inner_steps, second_order=second_order, step_weights=weights)
+    return loss.item(), grads
+
+
+class MetaLearner:
+    """The meta-parameters (the model's trainable parameters), the LSLR rates and the outer optimiser."""
+
+    def __init__(self, model, config: MetaConfig):
+        self.model, self.config = model, config
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.lrs = {n: torch.nn.Parameter(torch.full((config.inner_steps,), config.inner_lr)) for n in self.params}
+        trained = list(self.params.values()) + (list(self.lrs.values()) if config.lslr else [])
+        self.optimizer = torch.optim.AdamW(trained, lr=config.outer_lr)
+
+    def rates(self) -> dict:
+        return {n: lr.detach().clone() for n, lr in self.lrs.items()}
+
+    def second_order(self, step: int) -> bool:
+        if not self.config.da:
+            return True
+        return step >= int(self.config.da_first_order_fraction * self.config.outer_steps)
+
+    def outer_step(self, task_grads: list[dict]) -> None:
+        """Average the tasks' meta-gradients and take one AdamW step."""
+        for name, param in self.params.items():
+            param.grad = torch.stack([g[name] for g in task_grads]).mean(0)
+        for name, lr in self.lrs.items():
+            lr.grad = torch.stack([g["lr/" + name] for g in task_grads]).mean(0) if self.config.lslr else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self) -> dict:
+        """Everything a meta-trained model is: the full model state plus `lr/<name>` rate vectors."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update({f"lr/{n}": lr.detach().clone() for n, lr in self.lrs.items()})
+        return state
+
+
+def adapted_probs(model, rates: dict, bank, support_ids, support_targets, query_ids, steps: int) -> torch.Tensor:
+    """Meta-test one episode: `steps` inner steps with the learned rates, then query probabilities."""
+    targets = torch.as_tensor(support_targets)
+    trajectory = adapt(model, loss_fn, (bank.batch(support_ids), targets), lrs=rates, steps=steps)
+    fast = {n: p.detach() for n, p in trajectory[-1].items()}
+    with torch.no_grad():
+        return torch.softmax(functional_call(model, fast, (bank.batch(query_ids),)), -1)
+
+
+def validation_loss(model, rates, bank, task, config: MetaConfig) -> float:
+    """Supplementary C: meta-test the validation annotator; class-balanced loss on its queries."""
+    losses = []
+    for seed in range(config.val_seeds):
+        support, query = task.sample(config.shots, config.val_queries, seed=10_000 + seed)
+        ids = [task.utterances[i] for i in support]
+        probs = adapted_probs(model, rates, bank, ids, task.targets[support], [task.utterances[i] for i in query],
+                              config.test_steps)
+        q_targets = torch.as_tensor(task.targets[query])
+        weights = class_balanced_weights(torch.as_tensor(task.targets[support]))
+        losses.append(class_balanced_cross_entropy(torch.log(probs.clamp_min(1e-12)), q_targets, weights).item())
+    return float(np.mean(losses))
+
+
+def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, on_step=None) -> dict:
+    """The reference meta-trainer: every outer step, each (sampled) training task in turn, in process."""
+    config = learner.config
+    rng = np.random.default_rng(config.seed)
+    best = {"val_loss": float("inf"), "state": learner.state(), "step": 0}
+    history, started = [], time.time()
+    for step in range(config.outer_steps):
+        chosen = range(len(tasks))
+        if config.tasks_per_step and config.tasks_per_step < len(tasks):
+            chosen = sorted(rng.choice(len(tasks), config.tasks_per_step, replace=False))
+        second = learner.second_order(step)
+        results = [task_meta_gradient(learner.model, bank, tasks[i], config, learner.rates(), step, i, second) for i in chosen]
+        learner.outer_step([g for _, g in results])
+        record = {"step": step + 1, "outer_loss": float(np.mean([loss for loss, _ in results])), "second_order": second}
+        if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
+            record["val_loss"] = validation_loss(learner.model, learner.rates(), bank, val_task, config)
+            if record["val_loss"] < best["val_loss"]:
+                best = {"val_loss": record["val_loss"], "state": learner.state(), "step": step + 1}
+            if log:
+                elapsed = time.time() - started
+                log(f"meta step {step + 1}/{config.outer_steps}: outer loss {record['outer_loss']:.4f}, val loss "
+                    f"{record['val_loss']:.4f}{' (best)' if best['step'] == step + 1 else ''}, "
+                    f"{'2nd' if second else '1st'} order, {elapsed:.0f}s, ETA {elapsed / (step + 1) * (config.outer_steps - step - 1):.0f}s")
+        history.append(record)
+        if on_step:
+            on_step(record)
+    return {"best_state": best["state"], "best_step": best["step"], "best_val_loss": best["val_loss"],
+            "history": history, "config": asdict(config)}
+
+
+def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig):
+    """The model meta-training starts from: SSL-E (INI) or the untrained upstream with a fresh head."""
+    from safetensors.torch import load_file
+
+    from distmeta.models.ser import SERModel, set_scope
+    from distmeta.models.upstream import Upstream
+
+    torch.manual_seed(config.seed)
+    model = SERModel(Upstream(upstream_config))
+    if config.ini:
+        model.load_state_dict(load_file(str(ssl_e_path)))
+    return set_scope(model, config.scope)
+
+
+def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds):
+    from distmeta.features import AudioBank, PooledBank
+
+    audio = AudioBank(corpus, utterances, max_seconds)
+    return audio if config.scope == "entire" else PooledBank(model.upstream, audio)
+
+
+def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print) -> dict:
+    """Serially meta-train Meta-PerSER for one split of the rotation."""
+    model = build_meta_model(upstream_config, ssl_e_path, config)
+    tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
+    pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
+    bank = make_bank(model, corpus, pool, config, max_seconds)
+    return train_serial(MetaLearner(model, config), bank, tasks, val_task, log=log)
+
+
+def split_state(state: dict) -> tuple[dict, dict]:
+    """(model state, LSLR rates) from a meta-trained state."""
+    model = {k: v for k, v in state.items() if not k.startswith("lr/")}
+    return model, {k[3:]: v for k, v in state.items() if k.startswith("lr/")}
+
+
+# Table 2: the components added one by one (paper section 4.3).
+ABLATIONS = {
+    "none": dict(ini=False, csmt=False, da=False, lslr=False),
+    "INI": dict(ini=True, csmt=False, da=False, lslr=False),
+    "INI+CSMT": dict(ini=True, csmt=True, da=False, lslr=False),
+    "INI+DA": dict(ini=True, csmt=False, da=True, lslr=False),
+    "INI+LSLR": dict(ini=True, csmt=False, da=False, lslr=True),
+    "INI+CSMT+DA+LSLR": dict(ini=True, csmt=True, da=True, lslr=True),
+}
+
+
+def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: MetaConfig, data_settings: dict,
+                      max_seconds=None, log=print) -> dict:
+    """meta_train_split, saved to `path` (safetensors + JSON sidecar); reused when the settings match."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from distmeta.io import atomic_path, write_json
+
+    path = Path(path)
+    settings = json.loads(json.dumps({"meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
+                                      "data": data_settings, "ssl_e": str(ssl_e_path)}))
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings:
+        return load_file(str(path))
+    result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in result["best_state"].items()}, str(tmp))
+    write_json(sidecar, {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
+                         "history": result["history"]})
+    return result["best_state"]

@@ -1,0 +1,138 @@
+"""meta_gradients against independent computations: finite differences and closed forms."""
+
+import pytest
+import torch
+from torch import nn
+
+from distmeta.meta import adapt, meta_gradients
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def ce(logits, targets):
+    return -(targets * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+@pytest.fixture
+def setting():
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.softmax(torch.randn(6, 2, dtype=torch.float64), -1)
+    x2, y2 = torch.randn(5, 3, dtype=torch.float64), torch.softmax(torch.randn(5, 2, dtype=torch.float64), -1)
+    lrs = {n: torch.tensor([0.3, 0.2, 0.25], dtype=torch.float64) for n, _ in model.named_parameters()}
+    return model, (x, y), (x2, y2), lrs
+
+
+def _meta_loss(model, inner, outer, lrs, steps):
+    """The outer loss as a plain function of the parameters and rates (second order by construction)."""
+    return meta_gradients(model, ce, inner, outer, lrs=lrs, steps=steps, second_order=True)[0].item()
+
+
+@pytest.mark.parametrize("csmt", [True, False])
+def test_second_order_matches_finite_differences(setting, csmt):
+    model, inner, outer, lrs = setting
+    outer = None if csmt else outer
+    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True)
+    eps = 1e-6
+    for name, param in model.named_parameters():
+        flat = param.data.view(-1)
+        for i in range(0, flat.numel(), 3):
+            old = flat[i].item()
+            flat[i] = old + eps
+            up = _meta_loss(model, inner, outer, lrs, 3)
+            flat[i] = old - eps
+            down = _meta_loss(model, inner, outer, lrs, 3)
+            flat[i] = old
+            assert grads[name].view(-1)[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    for name in lrs:  # LSLR gradients, one rate per step
+        for step in range(3):
+            shifted = {n: v.clone() for n, v in lrs.items()}
+            shifted[name][step] += eps
+            up = _meta_loss(model, inner, outer, shifted, 3)
+            shifted[name][step] -= 2 * eps
+            down = _meta_loss(model, inner, outer, shifted, 3)
+            assert grads["lr/" + name][step].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+class Quadratic(nn.Module):
+    """L(theta) = 1/2 theta^T A theta - b^T theta; the 'model' returns theta, the loss does the rest."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = nn.Parameter(theta)
+
+    def forward(self, inputs):
+        return self.theta
+
+
+def test_quadratic_closed_form():
+    torch.manual_seed(1)
+    m = torch.randn(4, 4, dtype=torch.float64)
+    A, b = m @ m.T + torch.eye(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    loss = lambda theta, _: 0.5 * theta @ A @ theta - b @ theta  # noqa: E731
+    theta = torch.randn(4, dtype=torch.float64)
+    a = 0.05
+    model = Quadratic(theta.clone())
+    lrs = {"theta": torch.tensor([a], dtype=torch.float64)}
+    theta1 = theta - a * (A @ theta - b)
+    grad_at_1 = A @ theta1 - b
+    _, second = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=True)
+    assert torch.allclose(second["theta"], (torch.eye(4, dtype=torch.float64) - a * A).T @ grad_at_1)
+    _, first = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=False)
+    assert torch.allclose(first["theta"], grad_at_1)
+    # d L(theta1) / d a = grad L(theta1) . d theta1 / d a = -grad L(theta1) . grad L(theta)
+    expected_lr = -grad_at_1 @ (A @ theta - b)
+    assert torch.allclose(second["lr/theta"], expected_lr.reshape(1))
+    assert torch.allclose(first["lr/theta"], expected_lr.reshape(1))
+
+
+def test_first_order_is_the_outer_gradient_at_the_adapted_parameters(setting):
+    model, inner, outer, lrs = setting
+    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=False)
+    # independent: plain SGD on copies with the same rates, then the outer gradient there
+    twin = MLP().double()
+    twin.load_state_dict(model.state_dict())
+    for step in range(3):
+        twin.zero_grad()
+        ce(twin(inner[0]), inner[1]).backward()
+        with torch.no_grad():
+            for name, p in twin.named_parameters():
+                p -= lrs[name][step] * p.grad
+    twin.zero_grad()
+    ce(twin(outer[0]), outer[1]).backward()
+    for name, p in twin.named_parameters():
+        assert torch.allclose(grads[name], p.grad)
+
+
+def test_frozen_parameters_stay_fixed_and_rates_extend(setting):
+    model, inner, outer, lrs = setting
+    model.a.weight.requires_grad_(False)
+    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=5, second_order=True)
+    assert "a.weight" not in grads and "lr/a.weight" not in grads
+    trajectory = adapt(model, ce, inner, lrs=lrs, steps=5)
+    assert all("a.weight" not in p for p in trajectory)
+    # steps 3 and 4 reuse the last rate: the same as a 5-entry vector ending in that rate twice
+    longer = {n: torch.cat([v, v[-1:].repeat(2)]) for n, v in lrs.items()}
+    again = adapt(model, ce, inner, lrs=longer, steps=5)
+    assert all(torch.equal(trajectory[-1][n], again[-1][n]) for n in trajectory[-1])
+    with pytest.raises(KeyError, match="no learning rates"):
+        meta_gradients(model, ce, inner, lrs={}, steps=1, second_order=False)
+
+
+def test_multi_step_loss_is_the_weighted_sum(setting):
+    model, inner, outer, lrs = setting
+    weights = [0.2, 0.3, 0.5]
+    loss, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True, step_weights=weights)
+    parts = [meta_gradients(model, ce, inner, outer, lrs=lrs, steps=k, second_order=True) for k in (1, 2, 3)]
+    assert loss.item() == pytest.approx(sum(w * p[0].item() for w, p in zip(weights, parts)))
+    for name in grads:
+        if not name.startswith("lr/"):
+            assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
