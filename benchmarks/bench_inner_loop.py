@@ -60,7 +60,7 @@ def main():
 
     # Meta-test adaptation of many seeds at once (scope head): vmap over seeds vs a Python loop.
     set_scope(model, "head")
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     rates = {n: torch.full((1,), 1e-3, device=device) for n in params}
     seeds_inputs = pooled[None].expand(args.seeds, *pooled.shape) + 0.01 * torch.randn(args.seeds, *pooled.shape, device=device)
     test_steps = 50
@@ -75,7 +75,7 @@ def main():
     step_grad = vmap(grad(one_seed_loss), in_dims=(0, 0))
 
     def batched():
-        p = {n: v[None].expand(args.seeds, *v.shape).clone() for n, v in params.items()}
+        p = {n: v.detach()[None].expand(args.seeds, *v.shape).clone() for n, v in params.items()}
         for _ in range(test_steps):
             g = step_grad(p, seeds_inputs)
             p = {n: p[n] - 1e-3 * g[n] for n in p}
@@ -83,7 +83,7 @@ def main():
 
     looped, together = loop(), batched()
     for s in range(args.seeds):  # the two must agree before their speeds mean anything
-        assert all(torch.allclose(looped[s][n], together[n][s], atol=1e-5) for n in params), "vmap != loop"
+        assert all(torch.allclose(looped[s][n].detach(), together[n][s], atol=1e-5) for n in params), "vmap != loop"
     t_loop, t_vmap = timed(loop, args.repeats), timed(batched, args.repeats)
     print(f"\nadapting {args.seeds} seeds x {test_steps} steps (scope head): loop {t_loop * 1000:.0f} ms, "
           f"vmap {t_vmap * 1000:.0f} ms, speed-up {t_loop / t_vmap:.1f}x")

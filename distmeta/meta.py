@@ -19,6 +19,7 @@
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _rate(lr: torch.Tensor, step: int) -> torch.Tensor:
@@ -43,6 +44,14 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None)
 
 
 def meta_gradients(model, loss_fn, inner_batch, outer_batch=None, *, lrs, steps, second_order, step_weights=None):
+    if second_order:
+        # Fused attention kernels (flash, memory-efficient) have no double backward; the math one does.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, True, step_weights)
+    return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, False, step_weights)
+
+
+def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second_order, step_weights):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(lrs))
     if missing:

@@ -56,6 +56,12 @@ PRESETS = {
         "out": "runs/evaluate-smoke",
         "models_dir": "runs/models-smoke",
     },
+    # The paper's protocol and rates: the whole model adapts (meant for real upstreams on GPUs).
+    "paper": {
+        "meta": {"scope": "entire", "inner_lr": 1e-3, "outer_lr": 9e-5, "outer_steps": 2000, "val_every": 100},
+        "protocol": {"seeds": 10},
+        "out": "runs/evaluate-paper",
+    },
 }
 
 

@@ -136,3 +136,18 @@ def test_multi_step_loss_is_the_weighted_sum(setting):
     for name in grads:
         if not name.startswith("lr/"):
             assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
+
+
+def test_second_order_through_the_real_upstream_on_cpu():
+    # WavLM's attention uses scaled_dot_product_attention, whose fused CPU kernel has no double backward
+    from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
+
+    torch.manual_seed(0)
+    model = set_scope(SERModel(Upstream(UpstreamConfig())), "entire")
+    inputs = {"wavs": torch.randn(2, 8000) * 0.1, "lengths": torch.tensor([8000, 6000])}
+    targets = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0] + [0.0] * 7])
+    lrs = {n: torch.tensor([1e-3]) for n, p in model.named_parameters() if p.requires_grad}
+    _, second = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=True)
+    _, first = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=False)
+    name = "head.classifier.weight"
+    assert second[name].abs().sum() > 0 and not torch.equal(second[name], first[name])
