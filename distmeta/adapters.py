@@ -14,7 +14,7 @@ Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the
 Meta-PerSER  the meta-trained model, adapted with its learned per-layer per-step rates (LSLR)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -141,7 +141,7 @@ def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_co
     from distmeta.metatrain import build_meta_model, make_bank, split_state
 
     model_state, rates = split_state(state)
-    model = build_meta_model(upstream_config, None, type(meta_config)(**{**meta_config.__dict__, "ini": False}))
+    model = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
     model.load_state_dict(model_state)
     bank = make_bank(model, corpus, split.test_task(corpus).utterances, meta_config, max_seconds)
     return MetaPerSER(name, model, rates, bank, meta_config.test_steps)

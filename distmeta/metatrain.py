@@ -223,16 +223,16 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     from safetensors.torch import load_file, save_file
 
     from distmeta.io import atomic_path, write_json
+    from distmeta.pretrain import is_done
 
     path = Path(path)
     settings = json.loads(json.dumps({"meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
                                       "data": data_settings, "ssl_e": str(ssl_e_path)}))
-    sidecar = path.with_suffix(".json")
-    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings:
+    if is_done(path, settings):
         return load_file(str(path))
     result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in result["best_state"].items()}, str(tmp))
-    write_json(sidecar, {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
+    write_json(path.with_suffix(".json"), {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
                          "history": result["history"]})
     return result["best_state"]
