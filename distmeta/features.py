@@ -13,20 +13,32 @@ from distmeta.data.corpus import Corpus
 from distmeta.models.ser import SERHead
 
 
-class AudioBank:
-    def __init__(self, corpus: Corpus, utterances, max_seconds: float | None = None):
-        paths = corpus.utterances["path"]
-        self.items = {u: load_audio(paths[u], max_seconds=max_seconds) for u in dict.fromkeys(utterances)}
+class Bank:
+    """utterance id -> tensor(s); `batch(ids)` collates the model's input dict."""
+
+    items: dict
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def subset(self, ids) -> "Bank":
+        """The same kind of bank holding only `ids` (what one Ray task actor needs)."""
+        part = object.__new__(type(self))
+        part.items = {u: self.items[u] for u in dict.fromkeys(ids)}
+        return part
+
+
+class AudioBank(Bank):
+    def __init__(self, corpus: Corpus, utterances, max_seconds: float | None = None):
+        paths = corpus.utterances["path"]
+        self.items = {u: load_audio(paths[u], max_seconds=max_seconds) for u in dict.fromkeys(utterances)}
 
     def batch(self, ids) -> dict:
         wavs = [self.items[u] for u in ids]
         return {"wavs": pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
 
 
-class PooledBank:
+class PooledBank(Bank):
     """Per-utterance, per-layer means over valid frames [L, D] of a frozen upstream.
 
     For scopes that leave the upstream fixed this is all the SER head needs
@@ -46,9 +58,6 @@ class PooledBank:
                 for i, u in enumerate(chunk):
                     self.items[u] = pooled[:, i].clone()
         upstream.train(was_training)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def batch(self, ids) -> dict:
         return {"pooled": torch.stack([self.items[u] for u in ids], dim=1)}

@@ -62,9 +62,13 @@ def class_weights_of(targets):
     return class_balanced_weights(targets.detach()).to(targets.device)
 
 
+def task_seed(config: MetaConfig, step: int, task_index: int) -> int:
+    return int(np.random.SeedSequence([config.seed, step, task_index]).generate_state(1)[0])
+
+
 def sample_batches(task, config: MetaConfig, step: int, task_index: int):
     """Indices of the inner and outer items for one task in one outer step (None outer = CSMT)."""
-    seed = int(np.random.SeedSequence([config.seed, step, task_index]).generate_state(1)[0])
+    seed = task_seed(config, step, task_index)
     if config.csmt:
         return task.sample(config.shots, 0, seed=seed)[0], None
     return task.sample(config.shots, config.shots, seed=seed)
@@ -72,12 +76,25 @@ def sample_batches(task, config: MetaConfig, step: int, task_index: int):
 
 def task_meta_gradient(model, bank, task, config: MetaConfig, rates: dict, step: int, task_index: int,
                        second_order: bool) -> tuple[float, dict]:
+    """One training annotator's contribution to one outer step: (outer loss, meta-gradients).
+
+    Depends only on its arguments: the items come from (seed, step, task_index) and torch's
+    random state (dropout) is seeded the same way, so any process computes the same result.
+    """
+    device = next(model.parameters()).device
     inner_idx, outer_idx = sample_batches(task, config, step, task_index)
-    batch = lambda idx: (bank.batch([task.utterances[i] for i in idx]), torch.as_tensor(task.targets[idx]))  # noqa: E731
+
+    def batch(idx):
+        inputs = {k: v.to(device) for k, v in bank.batch([task.utterances[i] for i in idx]).items()}
+        return inputs, torch.as_tensor(task.targets[idx]).to(device)
+
     weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
-    loss, grads = meta_gradients(model, loss_fn, batch(inner_idx), None if outer_idx is None else batch(outer_idx),
-                                 lrs=rates, steps=config.inner_steps, second_order=second_order, step_weights=weights)
-    return loss.item(), grads
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(task_seed(config, step, task_index))
+        loss, grads = meta_gradients(model, loss_fn, batch(inner_idx), None if outer_idx is None else batch(outer_idx),
+                                     lrs={n: r.to(device) for n, r in rates.items()}, steps=config.inner_steps,
+                                     second_order=second_order, step_weights=weights)
+    return loss.item(), {n: g.cpu() for n, g in grads.items()}
 
 
 class MetaLearner:
@@ -107,10 +124,23 @@ class MetaLearner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state(self) -> dict:
-        """Everything a meta-trained model is: the full model state plus `lr/<name>` rate vectors."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def trainable(self) -> dict:
+        """What meta-training changes: `<name>` for each meta-parameter, `lr/<name>` for its rates."""
+        state = {n: p.detach().clone() for n, p in self.params.items()}
         state.update({f"lr/{n}": lr.detach().clone() for n, lr in self.lrs.items()})
+        return state
+
+    def load_trainable(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state[name])
+                self.lrs[name].copy_(state[f"lr/{name}"])
+
+    def state(self, trainable: dict | None = None) -> dict:
+        """A meta-trained model: the full model state plus `lr/<name>` rates (of `trainable`, default now)."""
+        trainable = trainable if trainable is not None else self.trainable()
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update(trainable)
         return state
 
 
@@ -129,42 +159,125 @@ def validation_loss(model, rates, bank, task, config: MetaConfig) -> float:
     for seed in range(config.val_seeds):
         support, query = task.sample(config.shots, config.val_queries, seed=10_000 + seed)
         ids = [task.utterances[i] for i in support]
-        probs = adapted_probs(model, rates, bank, ids, task.targets[support], [task.utterances[i] for i in query],
-                              config.test_steps)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            probs = adapted_probs(model, rates, bank, ids, task.targets[support], [task.utterances[i] for i in query],
+                                  config.test_steps)
         q_targets = torch.as_tensor(task.targets[query])
         weights = class_balanced_weights(torch.as_tensor(task.targets[support]))
         losses.append(class_balanced_cross_entropy(torch.log(probs.clamp_min(1e-12)), q_targets, weights).item())
     return float(np.mean(losses))
 
 
-def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, on_step=None) -> dict:
-    """The reference meta-trainer: every outer step, each (sampled) training task in turn, in process."""
+class SerialGradients:
+    """Meta-gradients of the chosen tasks, one after another in this process (the reference)."""
+
+    def __init__(self, bank, tasks: list):
+        self.bank, self.tasks = bank, tasks
+
+    def __call__(self, learner: MetaLearner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:
+        return [task_meta_gradient(learner.model, self.bank, self.tasks[i], learner.config, learner.rates(), step, i,
+                                   second_order) for i in chosen]
+
+
+def chosen_tasks(rng: np.random.Generator, n_tasks: int, config: MetaConfig) -> list[int]:
+    if config.tasks_per_step and config.tasks_per_step < n_tasks:
+        return sorted(int(i) for i in rng.choice(n_tasks, config.tasks_per_step, replace=False))
+    return list(range(n_tasks))
+
+
+def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Generator, best: dict, history: list) -> None:
+    """Everything needed to continue after `step` outer steps, in one safetensors file written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from distmeta.io import atomic_path
+
+    optimizer = learner.optimizer.state_dict()
+    tensors = {f"now/{k}": v for k, v in learner.trainable().items()}
+    tensors.update({f"best/{k}": v for k, v in best["state"].items()})
+    for index, slots in optimizer["state"].items():
+        tensors.update({f"opt/{index}/{slot}": torch.as_tensor(value) for slot, value in slots.items()})
+    meta = {"step": step, "rng": rng.bit_generator.state, "best_step": best["step"], "best_val_loss": best["val_loss"],
+            "history": history, "param_groups": optimizer["param_groups"], "config": asdict(learner.config)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"distmeta": json.dumps(meta)})
+
+
+def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator) -> tuple[int, dict, list]:
+    """Restore a checkpoint into `learner` and `rng`; returns (step, best, history)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["distmeta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved, now = meta["config"], asdict(learner.config)
+    if saved != now:
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        raise ValueError(f"checkpoint {path} was written with different meta settings ({', '.join(changed)}); "
+                         "resume with the same config or start a new output folder")
+    learner.load_trainable({k[4:]: v for k, v in tensors.items() if k.startswith("now/")})
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, index, slot = key.split("/", 2)
+            state.setdefault(int(index), {})[slot] = value
+    learner.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng.bit_generator.state = meta["rng"]
+    best = {"state": {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}, "step": meta["best_step"],
+            "val_loss": meta["best_val_loss"]}
+    return meta["step"], best, meta["history"]
+
+
+def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, checkpoint=None, checkpoint_every: int = 0,
+          resume: bool = False, log=print, on_step=None) -> dict:
+    """The outer loop every meta-trainer shares; `gradients(learner, step, chosen, second_order)` supplies
+    [(outer loss, meta-gradients)] for the chosen tasks (SerialGradients, or Ray actors).
+
+    With `checkpoint` (a file path) the state is saved atomically every `checkpoint_every` steps and
+    at the end; with `resume`, an existing checkpoint is continued from, and the result equals an
+    uninterrupted run's.
+    """
+    from pathlib import Path
+
     config = learner.config
     rng = np.random.default_rng(config.seed)
-    best = {"val_loss": float("inf"), "state": learner.state(), "step": 0}
-    history, started = [], time.time()
-    for step in range(config.outer_steps):
-        chosen = range(len(tasks))
-        if config.tasks_per_step and config.tasks_per_step < len(tasks):
-            chosen = sorted(rng.choice(len(tasks), config.tasks_per_step, replace=False))
+    best = {"val_loss": float("inf"), "state": learner.trainable(), "step": 0}
+    history, start = [], 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start, best, history = load_checkpoint(checkpoint, learner, rng)
+        if log:
+            log(f"resuming meta-training from {checkpoint} after step {start}")
+    started, last_val = time.time(), None
+    for step in range(start, config.outer_steps):
         second = learner.second_order(step)
-        results = [task_meta_gradient(learner.model, bank, tasks[i], config, learner.rates(), step, i, second) for i in chosen]
+        results = gradients(learner, step, chosen_tasks(rng, n_tasks, config), second)
         learner.outer_step([g for _, g in results])
         record = {"step": step + 1, "outer_loss": float(np.mean([loss for loss, _ in results])), "second_order": second}
         if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
-            record["val_loss"] = validation_loss(learner.model, learner.rates(), bank, val_task, config)
+            record["val_loss"] = last_val = validation_loss(learner.model, learner.rates(), bank, val_task, config)
             if record["val_loss"] < best["val_loss"]:
-                best = {"val_loss": record["val_loss"], "state": learner.state(), "step": step + 1}
-            if log:
-                elapsed = time.time() - started
-                log(f"meta step {step + 1}/{config.outer_steps}: outer loss {record['outer_loss']:.4f}, val loss "
-                    f"{record['val_loss']:.4f}{' (best)' if best['step'] == step + 1 else ''}, "
-                    f"{'2nd' if second else '1st'} order, {elapsed:.0f}s, ETA {elapsed / (step + 1) * (config.outer_steps - step - 1):.0f}s")
+                best = {"val_loss": record["val_loss"], "state": learner.trainable(), "step": step + 1}
         history.append(record)
+        if checkpoint is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == config.outer_steps):
+            save_checkpoint(checkpoint, learner, step + 1, rng, best, history)
+        if log:
+            done, elapsed = step + 1 - start, time.time() - started
+            val = "" if last_val is None else f", val loss {last_val:.4f} (best {best['val_loss']:.4f} at {best['step']})"
+            log(f"meta step {step + 1}/{config.outer_steps}: outer loss {record['outer_loss']:.4f}{val}, "
+                f"{'2nd' if second else '1st'} order, {elapsed:.0f}s, ETA {elapsed / done * (config.outer_steps - step - 1):.0f}s")
         if on_step:
             on_step(record)
-    return {"best_state": best["state"], "best_step": best["step"], "best_val_loss": best["val_loss"],
+    return {"best_state": learner.state(best["state"]), "best_step": best["step"], "best_val_loss": best["val_loss"],
             "history": history, "config": asdict(config)}
+
+
+def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, on_step=None, **checkpointing) -> dict:
+    """The reference meta-trainer: every outer step, each (sampled) training task in turn, in process."""
+    return train(learner, SerialGradients(bank, tasks), len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
 
 
 def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig):
@@ -188,13 +301,20 @@ def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds):
     return audio if config.scope == "entire" else PooledBank(model.upstream, audio)
 
 
-def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print) -> dict:
-    """Serially meta-train Meta-PerSER for one split of the rotation."""
+def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,
+                     actors=None, on_step=None, **checkpointing) -> dict:
+    """Meta-train Meta-PerSER for one split of the rotation: serially in process, or on `actors`
+    (a `distmeta.distributed.ActorPool`: one Ray actor per training annotator)."""
     model = build_meta_model(upstream_config, ssl_e_path, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
     pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
     bank = make_bank(model, corpus, pool, config, max_seconds)
-    return train_serial(MetaLearner(model, config), bank, tasks, val_task, log=log)
+    learner = MetaLearner(model, config)
+    if actors is None:
+        gradients = SerialGradients(bank, tasks)
+    else:
+        gradients = actors.setup(upstream_config, model, config, tasks, bank)
+    return train(learner, gradients, len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
 
 
 def split_state(state: dict) -> tuple[dict, dict]:
@@ -215,8 +335,9 @@ ABLATIONS = {
 
 
 def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: MetaConfig, data_settings: dict,
-                      max_seconds=None, log=print) -> dict:
-    """meta_train_split, saved to `path` (safetensors + JSON sidecar); reused when the settings match."""
+                      max_seconds=None, log=print, **training) -> dict:
+    """meta_train_split (`training`: its actors, checkpointing and on_step), saved to `path`
+    (safetensors + JSON sidecar); reused when the settings match."""
     import json
     from pathlib import Path
 
@@ -230,7 +351,7 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
                                       "data": data_settings, "ssl_e": str(ssl_e_path)}))
     if is_done(path, settings):
         return load_file(str(path))
-    result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log)
+    result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log, **training)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in result["best_state"].items()}, str(tmp))
     write_json(path.with_suffix(".json"), {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],

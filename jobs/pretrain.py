@@ -5,7 +5,7 @@
     python jobs/pretrain.py upstream.name=wavlm_base pretrain.num_workers=4 pretrain.use_gpu=true ray_address=auto
 
 Models land under `models_dir/<scenario>/<test annotator>/<kind>.safetensors`
-(JSON sidecar: settings, best epoch and losses); `jobs/evaluate.py` with the
+(JSON sidecar: settings, best epoch and losses); `jobs/meta_train.py` with the
 same settings reuses them.
 """
 

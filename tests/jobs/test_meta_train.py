@@ -1,4 +1,4 @@
-"""The evaluate job end to end on its smoke preset: real Ray Train pretraining, real MLflow."""
+"""The main job end to end on its smoke preset: real Ray Train pretraining, Ray task actors, real MLflow."""
 
 import importlib.util
 from pathlib import Path
@@ -6,12 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-JOB = Path(__file__).parents[2] / "jobs" / "evaluate.py"
+JOB = Path(__file__).parents[2] / "jobs" / "meta_train.py"
 COLUMNS = ["method", "scenario", "upstream", "annotator", "seed", "shots", "maF1", "miF1", "UA"]
 
 
 def load_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", JOB)
+    spec = importlib.util.spec_from_file_location("meta_train_job", JOB)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -29,6 +29,7 @@ def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
     try:
         assert job.main(args + ["--out", str(tmp_path / "a")]) == 0
         assert job.main(args + ["--out", str(tmp_path / "b")]) == 0  # reuses the pretrained models
+        assert job.main(["--resume", str(tmp_path / "a")]) == 0  # same config and folder; everything is reused
     finally:
         ray.shutdown()
     a = pd.read_csv(tmp_path / "a" / "results.csv")
@@ -45,9 +46,25 @@ def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
         assert (tmp_path / "a" / name).is_file(), name
     assert "Entire-Few" in (tmp_path / "a" / "table1.md").read_text()
 
-    runs = mlflow.search_runs(experiment_names=["test"])
-    assert len(runs) == 2 and (runs["status"] == "FINISHED").all()
+    resumed = pd.read_csv(tmp_path / "a" / "results.csv")
+    pd.testing.assert_frame_equal(a, resumed)
+    assert "resume: true" in (tmp_path / "a" / "config.yaml").read_text()
+    checkpoint = tmp_path / "a" / "checkpoints" / "unseen" / "E1" / "meta-ini1-csmt1-da1-lslr1.safetensors"
+    assert checkpoint.is_file()
+
+    everything = mlflow.search_runs(experiment_names=["test"])
+    runs = everything[everything["tags.mlflow.parentRunId"].isna()]
+    assert len(runs) == 3 and (everything["status"] == "FINISHED").all()
+    # the first run meta-trained (2 scenarios x 2 annotators, plus 2 Table 2 variants x 2 unseen annotators;
+    # "INI+CSMT+DA+LSLR" is Meta-PerSER itself): each a nested run with per-step losses
+    first = runs.sort_values("start_time")["run_id"].iloc[0]
+    nested = everything[everything["tags.mlflow.parentRunId"] == first]
+    assert len(nested) == 2 * 2 + 2 * 2
+    trained = nested[nested["metrics.outer_loss"].notna()]
+    assert len(trained) == 2 * 2 + 2  # the repeated Meta-PerSER variant is reused, not trained again
+    history = mlflow.MlflowClient().get_metric_history(trained["run_id"].iloc[0], "outer_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
     assert set(runs["params.protocol.shots"]) == {"8"}
     assert runs["metrics.unseen.Entire_Few.maF1"].notna().all()
-    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(runs["run_id"][0])}
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(first)}
     assert {"results.csv", "table1.md", "shots_sweep.png"} <= artifacts

@@ -1,17 +1,23 @@
-"""Meta-test protocol for listener personalization: Table 1, Table 2, the shots sweep, Tables A1/A2.
+"""The main job: listener personalization end to end, from pretraining to Table 1.
 
-    python jobs/evaluate.py                       # synthetic corpus, tiny upstream, local Ray, local MLflow
-    python jobs/evaluate.py --preset smoke        # the same in about two minutes
-    python jobs/evaluate.py data.source=iemocap data.path=/data/IEMOCAP_full_release upstream.name=wavlm_base
+    python jobs/meta_train.py                     # synthetic corpus, tiny upstream, local Ray, local MLflow
+    python jobs/meta_train.py --preset smoke      # the same in a few minutes
+    python jobs/meta_train.py --resume runs/meta_train      # continue an interrupted run
+    ray job submit --working-dir . -- python jobs/meta_train.py data.source=iemocap data.path=/data/IEMOCAP_full_release
 
-Pretrains what it needs (SSL-E, Linear, Multi per scenario and test annotator)
-as one Ray Train run, meta-trains Meta-PerSER (and the Table 2 variants, unseen
-scenario) serially in process, reusing models already in `models_dir`; then
-runs the protocol and writes under `out`: results.csv, table1.md, table2.md,
-shots_sweep.{md,csv,png}, table_a1.md / table_a2.md and config.yaml.
-Everything is logged to MLflow.
+1. setup:      the corpus, the rotation of test / validation / training annotators.
+2. pretrain:   SSL-E, Linear and Multi per split, as one Ray Train run (models already in
+               `models_dir` with the same settings are reused).
+3. meta-train: Meta-PerSER per split (and the Table 2 variants, unseen scenario) on Ray
+               task actors, one per training annotator; checkpoints every
+               `checkpoint_every` outer steps under `out/checkpoints`.
+4. meta-test:  the protocol for every method; results.csv, table1.md, table2.md,
+               shots_sweep.{md,csv,png}, table_a1.md / table_a2.md, config.yaml under `out`.
+Everything is logged to MLflow: the job is one run, each meta-training a nested run
+with its per-step outer and validation losses.
 """
 
+import os
 import re
 import sys
 import time
@@ -25,6 +31,7 @@ from distmeta import tracking
 from distmeta.adapters import baseline_adapters, meta_adapter
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
+from distmeta.distributed import ActorConfig, ActorPool
 from distmeta.io import atomic_path
 from distmeta.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import UpstreamConfig
@@ -34,16 +41,20 @@ from distmeta.report import save_table
 
 
 @dataclass
-class EvaluateConfig:
+class MetaTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    distributed: bool = True  # false: the serial in-process trainer (the reference; same numbers)
+    checkpoint_every: int = 10  # outer steps between checkpoints
+    resume: bool = False  # continue from the checkpoints under out/checkpoints (`--resume DIR`)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    out: str = "runs/evaluate"
-    models_dir: str = "runs/models"  # pretrained models, shared between jobs and reused when settings match
-    experiment: str = "distmeta-evaluate"
-    ray_address: str = "local"  # "auto" joins a running cluster
+    out: str = "runs/meta_train"
+    models_dir: str = "runs/models"  # pretrained and meta-trained models, reused when settings match
+    experiment: str = "distmeta-meta-train"
+    ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
 
 PRESETS = {
@@ -53,29 +64,29 @@ PRESETS = {
         "meta": {"outer_steps": 4, "val_every": 2, "val_seeds": 1, "shots": 8, "val_queries": 8, "test_steps": 5},
         "protocol": {"test_annotators": ["E1", "E2"], "seeds": 1, "shots": 8, "queries": 16,
                      "sweep_shots": [2, 8], "table2": ["none", "INI+CSMT+DA+LSLR"], "adapt": {"steps": 5}},
-        "out": "runs/evaluate-smoke",
+        "out": "runs/meta_train-smoke",
         "models_dir": "runs/models-smoke",
     },
     # The paper's protocol and rates: the whole model adapts (meant for real upstreams on GPUs).
     "paper": {
         "meta": {"scope": "entire", "inner_lr": 1e-3, "outer_lr": 9e-5, "outer_steps": 2000, "val_every": 100},
         "protocol": {"seeds": 10},
-        "out": "runs/evaluate-paper",
+        "out": "runs/meta_train-paper",
     },
 }
 
 
-def setup(config: EvaluateConfig):
+def setup(config: MetaTrainConfig):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     corpus = load_corpus(config.data)
     splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
     return corpus, splits
 
 
-def pretrain_models(config: EvaluateConfig, splits) -> dict:
+def pretrain_models(config: MetaTrainConfig, splits) -> dict:
     kinds = sorted({KIND_OF_METHOD[m] for m in config.protocol.methods if m in KIND_OF_METHOD}
                    | ({"ssl_e"} if "Meta-PerSER" in config.protocol.methods or config.protocol.table2 else set()))
     if "multi" in kinds and "linear" not in kinds:
@@ -83,7 +94,7 @@ def pretrain_models(config: EvaluateConfig, splits) -> dict:
     return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir)
 
 
-def meta_variants(config: EvaluateConfig, scenario: str) -> dict:
+def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
     """{method name: MetaConfig}: Meta-PerSER itself, plus the Table 2 variants on unseen data."""
     variants = {"Meta-PerSER": config.meta} if "Meta-PerSER" in config.protocol.methods else {}
     if scenario == "unseen":
@@ -94,24 +105,37 @@ def meta_variants(config: EvaluateConfig, scenario: str) -> dict:
     return variants
 
 
-def meta_adapters(config: EvaluateConfig, corpus, scenario, split, checkpoints) -> dict:
+def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, actors) -> dict:
+    """Meta-train (or reuse) every Meta-PerSER variant for one split; each is a nested MLflow run."""
+    import mlflow
+
     adapters = {}
     for method, meta_config in meta_variants(config, scenario).items():
         tag = "-".join(f"{k}{int(getattr(meta_config, k))}" for k in ("ini", "csmt", "da", "lslr"))
-        path = Path(config.models_dir) / scenario / split.test_annotator / f"meta-{tag}.safetensors"
-        print(f"meta-training {method} ({scenario}, test {split.test_annotator})", flush=True)
-        state = meta_train_cached(path, corpus, split, config.upstream, checkpoints["ssl_e"], meta_config,
-                                  asdict(config.data), config.pretrain.max_seconds)
+        name = f"{scenario}/{split.test_annotator}/meta-{tag}"
+        print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
+        with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True):
+            mlflow.log_params({**tracking.flatten(asdict(meta_config), "meta."), "scenario": scenario,
+                               "test_annotator": split.test_annotator, "method": method})
+
+            def log_step(record):
+                mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step"}, step=record["step"])
+
+            state = meta_train_cached(Path(config.models_dir) / f"{name}.safetensors", corpus, split, config.upstream,
+                                      checkpoints["ssl_e"], meta_config, asdict(config.data), config.pretrain.max_seconds,
+                                      actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / f"{name}.safetensors",
+                                      checkpoint_every=config.checkpoint_every, resume=config.resume)
         adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds)
     return adapters
 
 
-def evaluate(config: EvaluateConfig, corpus, splits, checkpoints) -> pd.DataFrame:
+def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints) -> pd.DataFrame:
     rows = []
+    actors = ActorPool(config.actors) if config.distributed else None
     for scenario, scenario_splits in splits.items():
         for split in scenario_splits:
             found = checkpoints[(scenario, split.test_annotator)]
-            metas = meta_adapters(config, corpus, scenario, split, found)
+            metas = meta_train(config, corpus, scenario, split, found, actors)
             print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
             baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
             adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
@@ -119,10 +143,12 @@ def evaluate(config: EvaluateConfig, corpus, splits, checkpoints) -> pd.DataFram
             labels = {"scenario": scenario, "upstream": config.upstream.name}
             methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
             rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels)
+    if actors is not None:
+        actors.shutdown()
     return pd.DataFrame(rows)
 
 
-def save(config: EvaluateConfig, corpus, splits, results: pd.DataFrame) -> dict:
+def save(config: MetaTrainConfig, corpus, splits, results: pd.DataFrame) -> dict:
     out = Path(config.out)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
@@ -149,11 +175,25 @@ def save(config: EvaluateConfig, corpus, splits, results: pd.DataFrame) -> dict:
     return paths
 
 
+def resume_args(argv: list[str]) -> list[str]:
+    """`--resume DIR` = the run's own config and folder, continuing from its checkpoints."""
+    if "--resume" not in argv:
+        return argv
+    at = argv.index("--resume")
+    if at + 1 >= len(argv):
+        raise SystemExit("--resume needs the output folder of the run to continue")
+    folder = Path(argv[at + 1])
+    if not (folder / "config.yaml").is_file():
+        raise SystemExit(f"--resume {folder}: no config.yaml there (is it the --out folder of a meta_train run?)")
+    return ["--config", str(folder / "config.yaml"), "--out", str(folder)] + argv[:at] + argv[at + 2:] + ["resume=true"]
+
+
 def main(argv=None) -> int:
-    config = cfg.parse_args(EvaluateConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    argv = resume_args(list(sys.argv[1:] if argv is None else argv))
+    config = cfg.parse_args(MetaTrainConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
-    with tracking.run(config.experiment, f"evaluate-{config.upstream.name}", asdict(config)) as mlflow:
+    with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:
         corpus, splits = setup(config)
         checkpoints = pretrain_models(config, splits)
         results = evaluate(config, corpus, splits, checkpoints)

@@ -1,0 +1,125 @@
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from distmeta.data import rotation
+from distmeta.distributed import ActorConfig, ActorPool, FlatLayout
+from distmeta.metatrain import MetaConfig, meta_train_split
+from distmeta.models import UpstreamConfig
+
+CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1, val_queries=8, test_steps=3,
+                    inner_steps=2, inner_lr=0.05, outer_lr=1e-2, da_first_order_fraction=0.5, tasks_per_step=3)
+
+
+def test_flat_layout_round_trip_keeps_names_shapes_and_values():
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(4), "lr/w": torch.rand(5)}
+    layout = FlatLayout.of(tensors)
+    flat = layout.flatten(tensors)
+    assert flat.dtype == np.float32 and flat.shape == (12 + 4 + 5,)
+    back = layout.unflatten(flat)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(KeyError, match="b"):
+        layout.flatten({"w": tensors["w"], "lr/w": tensors["lr/w"]})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def split(small_corpus):
+    return rotation(small_corpus, "unseen")[0]
+
+
+@pytest.fixture(scope="module")
+def serial(small_corpus, split):
+    return meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None)
+
+
+def assert_same_training(a, b, atol=1e-5):  # float noise: actors run torch with other thread counts
+    assert a["best_step"] == b["best_step"]
+    assert np.allclose([h["outer_loss"] for h in a["history"]], [h["outer_loss"] for h in b["history"]], atol=atol)
+    assert [h["second_order"] for h in a["history"]] == [h["second_order"] for h in b["history"]]
+    for key in a["best_state"]:
+        assert torch.allclose(a["best_state"][key], b["best_state"][key], atol=atol), (key, (a["best_state"][key] - b["best_state"][key]).abs().max())
+
+
+@pytest.mark.slow
+def test_distributed_meta_training_equals_the_serial_trainer(ray_local, small_corpus, split, serial):
+    pool = ActorPool(ActorConfig(), log=None)
+    distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
+    assert len(pool.actors) == len(split.train_annotators)
+    assert len({m["loss"] for m in pool.last_metrics.values()}) > 1  # different tasks, different losses
+    assert [h["second_order"] for h in serial["history"]] == [False] * 3 + [True] * 3  # DA switched mid-run
+    assert_same_training(distributed, serial)
+    # the same pool serves a second training (another variant) without new actors
+    pids = pool.pids()
+    again = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
+    assert pool.pids() == pids
+    assert_same_training(again, serial)
+    pool.shutdown()
+
+
+@pytest.mark.slow
+def test_entire_scope_with_audio_on_actors_equals_serial(ray_local, small_corpus, split):
+    config = MetaConfig(ini=False, scope="entire", outer_steps=2, shots=4, val_every=2, val_seeds=1, val_queries=4,
+                        test_steps=1, inner_steps=1, inner_lr=0.01, outer_lr=1e-3, tasks_per_step=2, da=False)
+    reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None)
+    pool = ActorPool(ActorConfig(), log=None)
+    distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None, actors=pool)
+    pool.shutdown()
+    assert_same_training(distributed, reference)
+
+
+@pytest.mark.slow
+def test_a_killed_actor_is_replaced_and_its_step_recomputed(ray_local, small_corpus, split, serial):
+    messages, killed = [], []
+    pool = ActorPool(ActorConfig(), log=messages.append)
+
+    def kill_one(record):
+        if record["step"] == 2:  # SIGKILL the process of the actor the next step needs first
+            pid = pool.pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    config = MetaConfig(**{**CONFIG.__dict__, "tasks_per_step": 0})  # every actor works in every step
+    reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None)
+    result = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None, actors=pool, on_step=kill_one)
+    assert killed and killed[0] not in pool.pids()
+    assert any("died in outer step 3" in m for m in messages), messages
+    assert_same_training(result, reference)
+    pool.shutdown()
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(ray_local, small_corpus, split, serial, tmp_path):
+    checkpoint = tmp_path / "meta.ckpt.safetensors"
+
+    def interrupt(record):
+        if record["step"] == 5:  # after the checkpoint at step 4, before the one at 6
+            raise KeyboardInterrupt
+
+    pool = ActorPool(ActorConfig(), log=None)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool,
+                         checkpoint=checkpoint, checkpoint_every=2, on_step=interrupt)
+    assert checkpoint.exists()
+    lines = []
+    resumed = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=lines.append, actors=pool,
+                               checkpoint=checkpoint, checkpoint_every=2, resume=True)
+    pool.shutdown()
+    assert "after step 4" in lines[0]
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 7))
+    assert_same_training(resumed, serial)
+    # a checkpoint written with other settings is refused, naming what differs
+    with pytest.raises(ValueError, match="outer_lr"):
+        meta_train_split(small_corpus, split, UpstreamConfig(), None, MetaConfig(**{**CONFIG.__dict__, "outer_lr": 0.5}),
+                         log=None, checkpoint=checkpoint, resume=True)
