@@ -40,7 +40,6 @@ class FlatLayout:
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         sizes = [int(np.prod(shape)) for shape in self.shapes.values()]
         self.offsets = dict(zip(self.shapes, np.cumsum([0] + sizes[:-1]).tolist()))
-        self.size = sum(sizes)
 
     @classmethod
     def of(cls, tensors: dict) -> "FlatLayout":
@@ -67,12 +66,11 @@ class TaskActor:
 
     def setup(self, upstream_config, model_state, config, task, task_index, bank, layout) -> str:
         from distmeta.metatrain import build_meta_model
+        from distmeta.models.ser import set_scope
 
         if self.model is None or self.upstream_key != repr(upstream_config):  # the upstream is built once per actor
             self.model = build_meta_model(upstream_config, None, replace(config, ini=False)).to(self.device)
             self.upstream_key = repr(upstream_config)
-        from distmeta.models.ser import set_scope
-
         self.model.load_state_dict(model_state)
         set_scope(self.model, config.scope)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
