@@ -15,7 +15,8 @@ of the outer steps, then second order (without DA: second order throughout);
 `lslr` trains the per-parameter per-step rates (else they stay at `inner_lr`).
 Model selection (supplementary C): every `val_every` steps the validation
 annotator is meta-tested (K support, adapt `test_steps`, class-balanced loss on
-Q queries, averaged over `val_seeds`); the lowest loss wins.
+Q queries, averaged over `val_seeds`); the lowest loss wins. Its macro/micro-F1 are
+recorded too (`val_maF1`, `val_miF1`).
 """
 
 import time
@@ -48,6 +49,7 @@ class MetaConfig:
     multi_step_loss: bool = False  # MAML++ multi-step loss, uniform weights
     test_steps: int = 50  # adaptation steps at validation and meta-test
     val_every: int = 10
+    val_shots: int = 0  # K of the validation annotator's support set; 0 = `shots` (set it when sweeping shots)
     val_seeds: int = 3
     val_queries: int = 64
     seed: int = 0
@@ -153,11 +155,14 @@ def adapted_probs(model, rates: dict, bank, support_ids, support_targets, query_
         return torch.softmax(functional_call(model, fast, (bank.batch(query_ids),)), -1)
 
 
-def validation_loss(model, rates, bank, task, config: MetaConfig) -> float:
-    """Supplementary C: meta-test the validation annotator; class-balanced loss on its queries."""
-    losses = []
+def validation_metrics(model, rates, bank, task, config: MetaConfig) -> dict:
+    """Supplementary C: meta-test the validation annotator, averaged over `val_seeds` episodes:
+    class-balanced loss on its queries (the selection criterion) and their macro/micro-F1."""
+    from distmeta.metrics import multilabel_scores
+
+    shots, scores = config.val_shots or config.shots, []
     for seed in range(config.val_seeds):
-        support, query = task.sample(config.shots, config.val_queries, seed=10_000 + seed)
+        support, query = task.sample(shots, config.val_queries, seed=10_000 + seed)
         ids = [task.utterances[i] for i in support]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -165,8 +170,10 @@ def validation_loss(model, rates, bank, task, config: MetaConfig) -> float:
                                   config.test_steps)
         q_targets = torch.as_tensor(task.targets[query])
         weights = class_balanced_weights(torch.as_tensor(task.targets[support]))
-        losses.append(class_balanced_cross_entropy(torch.log(probs.clamp_min(1e-12)), q_targets, weights).item())
-    return float(np.mean(losses))
+        loss = class_balanced_cross_entropy(torch.log(probs.clamp_min(1e-12)), q_targets, weights).item()
+        f1 = multilabel_scores(probs, q_targets)
+        scores.append({"val_loss": loss, "val_maF1": f1["maF1"], "val_miF1": f1["miF1"]})
+    return {name: float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
 
 class SerialGradients:
@@ -258,7 +265,8 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
         learner.outer_step([g for _, g in results])
         record = {"step": step + 1, "outer_loss": float(np.mean([loss for loss, _ in results])), "second_order": second}
         if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
-            record["val_loss"] = last_val = validation_loss(learner.model, learner.rates(), bank, val_task, config)
+            record.update(validation_metrics(learner.model, learner.rates(), bank, val_task, config))
+            last_val = record["val_loss"]
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "state": learner.trainable(), "step": step + 1}
         history.append(record)

@@ -1,0 +1,198 @@
+"""Hyperparameter sweeps with Ray Tune over the meta-trainer (`jobs/tune.py` is the recipe).
+
+A search space is a YAML file under `tune_spaces/`: each key is a config path,
+the same as a command-line override (`meta.inner_lr`), each value a
+distribution or a constant:
+
+    meta.inner_lr: {loguniform: [1.0e-4, 3.0e-2]}
+    meta.shots: {choice: [8, 16, 32]}
+    meta.da_first_order_fraction: {uniform: [0.0, 0.6]}
+    meta.inner_steps: {randint: [2, 8]}        # 2..7, Python's range convention
+    meta.tasks_per_step: 4                     # a constant
+
+A trial is one meta-training of one split (the distributed trainer unless the
+base config says `distributed: false`); after every validation it reports the
+validation annotator's `val_loss` (the model-selection criterion), `val_maF1`,
+`val_miF1` and the outer loss, which ASHA uses to stop weak trials early.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import yaml
+
+from distmeta import config as cfg
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+METRIC, MODE = "val_loss", "min"
+
+
+@dataclass
+class SweepConfig:
+    space: str = "tune_spaces/meta_perser.yaml"
+    num_samples: int = 8  # trials
+    max_concurrent: int = 2  # trials running at once (each also holds its actors' resources)
+    search: Literal["random", "optuna"] = "random"
+    asha: bool = True  # stop trials whose validation loss trails the others' at the same outer step
+    grace_period: int = 10  # outer steps every trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    trial_cpus: float = 1.0  # the trial's own process (outer loop, validation); its actors come on top
+    scenario: str = "unseen"
+    test_annotator: str = ""  # the rotation split whose validation annotator scores trials ("" = the first)
+    seed: int = 0  # the search's random state
+
+
+def load_space(path, config_cls) -> dict:
+    """Ray Tune domains from a space YAML; every key must be a field of `config_cls` (checked with
+    the bounds and the values' types), errors name the file and the key."""
+    from ray import tune
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise cfg.ConfigError(f"cannot read search space {path}: {err}") from err
+    if not isinstance(raw, dict) or not raw:
+        raise cfg.ConfigError(f"{path}: a search space is a mapping of config keys to distributions, got {raw!r}")
+    space = {}
+    for key, spec in raw.items():
+        where = f"{path}: {key}"
+        if isinstance(spec, dict):
+            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise cfg.ConfigError(f"{where}: give one of {', '.join(DISTRIBUTIONS)} (e.g. {{loguniform: [1e-4, 1e-2]}}), got {spec!r}")
+            (kind, args), = spec.items()
+            values = _check_args(kind, args, where)
+        else:
+            kind, values = "constant", [spec]
+        for value in values:  # type and key checks through the config class itself
+            try:
+                cfg.load(config_cls, overrides=[f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+            except cfg.ConfigError as err:
+                raise cfg.ConfigError(f"{where}: {err}") from None
+        space[key] = {"loguniform": lambda: tune.loguniform(*values), "uniform": lambda: tune.uniform(*values),
+                      "randint": lambda: tune.randint(*values), "choice": lambda: tune.choice(values),
+                      "constant": lambda: values[0]}[kind]()
+    return space
+
+
+def _check_args(kind: str, args, where: str) -> list:
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise cfg.ConfigError(f"{where}: choice needs a non-empty list of values, got {args!r}")
+        return args
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+        raise cfg.ConfigError(f"{where}: {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if not low < high:
+        raise cfg.ConfigError(f"{where}: {kind} needs low < high, got [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise cfg.ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise cfg.ConfigError(f"{where}: randint needs integer bounds, got {args!r}")
+    return [low, high]
+
+
+def check_shots(space: dict, meta, tasks) -> None:
+    """Fail before any trial starts if the largest K the space can draw exceeds a training task."""
+    from ray.tune.search.sample import Categorical, Integer
+
+    shots = space.get("meta.shots", meta.shots)
+    largest = max(shots.categories) if isinstance(shots, Categorical) else shots.upper - 1 if isinstance(shots, Integer) else shots
+    csmt = space.get("meta.csmt", meta.csmt)
+    needed = largest * (1 if csmt is True else 2)  # without CSMT (or when it is swept) K support + K query
+    small = [f"{t.annotator} ({len(t)})" for t in tasks if len(t) < needed]
+    if small:
+        raise cfg.ConfigError(f"the space draws meta.shots up to {largest} ({needed} items per task), but training "
+                              f"task(s) {', '.join(small)} have fewer; lower meta.shots in the space")
+
+
+def with_params(base: dict, params: dict) -> dict:
+    """The base config (a plain dict) with a trial's `{"a.b": value}` params applied."""
+    merged = base
+    for key, value in params.items():
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        merged = cfg.merge(merged, value)
+    return merged
+
+
+def trial_resources(trial_cpus: float, actors, n_actors: int):
+    """One placement group per trial: a bundle for the trial process, one per task actor (when
+    actors reserve anything), so concurrent trials never take each other's CPUs or GPUs."""
+    from ray import tune
+
+    actor = {k: v for k, v in (("CPU", actors.num_cpus), ("GPU", actors.num_gpus)) if v > 0}
+    return tune.PlacementGroupFactory([{"CPU": trial_cpus}] + ([actor] * n_actors if actor else []), strategy="PACK")
+
+
+def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: str) -> None:
+    """A Ray Tune trainable: meta-train `split` with the base config + `params`, reporting after
+    every validation. Task actors started here live in the trial's placement group."""
+    from ray import tune
+
+    from distmeta.distributed import ActorConfig, ActorPool
+    from distmeta.metatrain import MetaConfig, meta_train_split
+    from distmeta.models.upstream import UpstreamConfig
+
+    merged = with_params(base, params)
+    meta = cfg.from_dict(MetaConfig, merged["meta"], where="trial", prefix="meta.")
+    upstream = cfg.from_dict(UpstreamConfig, merged["upstream"], where="trial", prefix="upstream.")
+    actors = ActorPool(cfg.from_dict(ActorConfig, merged["actors"], where="trial", prefix="actors.")) if merged["distributed"] else None
+
+    def report(record: dict) -> None:
+        if "val_loss" in record:
+            tune.report({k: float(v) for k, v in record.items()})
+
+    try:
+        meta_train_split(corpus, split, upstream, ssl_e, meta, merged["pretrain"]["max_seconds"], log=None,
+                         actors=actors, on_step=report)
+    finally:
+        if actors is not None:
+            actors.shutdown()
+
+
+def trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id", Path(result.path).name))
+
+
+def sweep_table(results, space: dict, outer_steps: int) -> pd.DataFrame:
+    """One row per trial: its params, best validation loss (and that step's F1s), steps run, early stop."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or METRIC not in history:
+            rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, "error": str(result.error)})
+            continue
+        best = history.loc[history[METRIC].idxmin()]
+        steps = int(history["step"].max())
+        rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, "best val_loss": float(best[METRIC]),
+                     "val_maF1": float(best["val_maF1"]), "val_miF1": float(best["val_miF1"]), "best step": int(best["step"]),
+                     "steps run": steps, "stopped early": steps < outer_steps})
+    return pd.DataFrame(rows).sort_values("best val_loss", na_position="last").reset_index(drop=True)
+
+
+def plot_trials(results, path) -> None:
+    """Validation loss against outer step, one line per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distmeta.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for result in results:
+        history = result.metrics_dataframe
+        if history is not None and METRIC in history:
+            ax.plot(history["step"], history[METRIC], marker=".", label=trial_id(result))
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("validation loss (class-balanced CE)")
+    ax.set_title("Sweep trials (ASHA-stopped lines end early)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+

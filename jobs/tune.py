@@ -1,0 +1,162 @@
+"""Sweep Meta-PerSER's hyperparameters with Ray Tune; every trial an MLflow run; export the best config.
+
+    python jobs/tune.py                                   # tune_spaces/meta_perser.yaml on the synthetic corpus, minutes
+    python jobs/tune.py --preset smoke                    # 2 short trials
+    python jobs/tune.py --space tune_spaces/meta_perser.yaml sweep.num_samples=32 sweep.search=optuna
+    python jobs/meta_train.py --config runs/tune/best_config.yaml   # the winner, end to end
+
+1. setup:   the corpus, the split whose validation annotator scores trials (its test
+            annotator is never looked at), SSL-E for that split (reused from `base.models_dir`).
+2. sweep:   a Tuner over `distmeta.sweep.meta_trial` (the distributed meta-trainer, its task
+            actors inside the trial's placement group), ASHA on the validation loss
+            reported after every validation (`base.meta.val_every`, 1 here = every outer step),
+            random or Optuna search; each trial is an MLflow run nested under the sweep's run.
+3. save:    sweep.{md,csv} (trial, params, best validation loss, steps run, early stop),
+            sweep.png (validation loss per step per trial) and best_config.yaml: the best
+            trial's complete `jobs/meta_train.py` config.
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling job whose config trials start from
+
+from meta_train import PRESETS as META_TRAIN_PRESETS  # noqa: E402
+from meta_train import MetaTrainConfig  # noqa: E402
+
+from distmeta import config as cfg  # noqa: E402
+from distmeta import tracking  # noqa: E402
+from distmeta.data.scenarios import rotation  # noqa: E402
+from distmeta.data.sources import load_corpus  # noqa: E402
+from distmeta.pretrain import pretrain_rotation  # noqa: E402
+from distmeta.report import save_table  # noqa: E402
+from distmeta.sweep import METRIC, MODE, SweepConfig, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params  # noqa: E402
+
+
+def default_base() -> MetaTrainConfig:
+    base = MetaTrainConfig()
+    base.meta.val_every = 1  # a validation report every outer step for ASHA
+    base.meta.val_shots = base.protocol.shots  # trials sweeping meta.shots are scored at the meta-test K
+    return base
+
+
+@dataclass
+class TuneJobConfig:
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    base: MetaTrainConfig = field(default_factory=default_base)  # what every trial starts from; best_config.yaml is one
+    out: str = "runs/tune"
+    experiment: str = "distmeta-tune"
+
+
+PRESETS = {
+    "smoke": {
+        "sweep": {"space": "tune_spaces/meta_perser_smoke.yaml", "num_samples": 2, "grace_period": 2},
+        "base": cfg.merge(META_TRAIN_PRESETS["smoke"], {"meta": {"val_every": 1, "val_shots": 8}}),
+        "out": "runs/tune-smoke",
+    },
+}
+
+
+def space_path(name: str) -> Path:
+    """A space file as given, else relative to the project (so `tune_spaces/...` works from any folder)."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(__file__).resolve().parents[1] / path
+
+
+def setup(config: TuneJobConfig):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.base.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    space = load_space(space_path(config.sweep.space), MetaTrainConfig)
+    corpus = load_corpus(config.base.data)
+    splits = rotation(corpus, config.sweep.scenario, [config.sweep.test_annotator] if config.sweep.test_annotator else None)
+    split = splits[0]
+    check_shots(space, config.base.meta, split.train_tasks(corpus))
+    checkpoints = pretrain_rotation(["ssl_e"], config.base.data, config.base.upstream, config.base.pretrain,
+                                    {config.sweep.scenario: [split]}, config.base.models_dir)
+    return space, corpus, split, checkpoints[(config.sweep.scenario, split.test_annotator)]["ssl_e"]
+
+
+def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_id: str):
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    base, options = config.base, config.sweep
+    if options.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=options.seed), options.max_concurrent)
+    else:
+        searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
+    scheduler = (ASHAScheduler(time_attr="step", max_t=base.meta.outer_steps, grace_period=options.grace_period,
+                               reduction_factor=options.reduction_factor) if options.asha else FIFOScheduler())
+    base_dict = cfg.to_dict(base)
+    if base.upstream.path:  # trials run in their own folders: hand them absolute paths
+        base_dict["upstream"]["path"] = str(Path(base.upstream.path).resolve())
+    trainable = tune.with_resources(
+        tune.with_parameters(meta_trial, base=base_dict, corpus=corpus, split=split, ssl_e=str(Path(ssl_e).resolve())),
+        trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=options.num_samples),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=str((Path(config.out) / "ray").resolve()), verbose=1,
+            callbacks=[MLflowLoggerCallback(tracking_uri=tracking.tracking_uri(), experiment_name=config.experiment,
+                                            tags={"mlflow.parentRunId": parent_run_id})]))
+    return tuner.fit()
+
+
+def save(config: TuneJobConfig, space: dict, results) -> dict:
+    out = Path(config.out)
+    table = sweep_table(results, space, config.base.meta.outer_steps)
+    paths = {"sweep": save_table(table, out, "sweep", f"Sweep: {len(table)} trials, {METRIC} of the validation annotator "
+                                 f"(lower is better), best over the steps each trial ran", ".4g")}
+    plot_trials(results, out / "sweep.png")
+    paths["plot"] = out / "sweep.png"
+    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    best_config = cfg.from_dict(MetaTrainConfig, with_params(cfg.to_dict(config.base), {k: best.config[k] for k in space}),
+                                where="best trial")
+    cfg.save(best_config, out / "best_config.yaml")
+    paths["best_config"] = out / "best_config.yaml"
+    return paths
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--space" in argv:  # shorthand for sweep.space=FILE
+        at = argv.index("--space")
+        argv = argv[:at] + argv[at + 2:] + [f"sweep.space={argv[at + 1]}"]
+    config = cfg.parse_args(TuneJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    started = time.time()
+    cfg.save(config, Path(config.out) / "config.yaml")
+    with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config)) as mlflow:
+        space, corpus, split, ssl_e = setup(config)
+        print(f"sweeping {sorted(space)} on {config.sweep.scenario} split {split.test_annotator} "
+              f"(validation annotator {split.val_annotator}); {config.sweep.num_samples} trials", flush=True)
+        results = sweep(config, space, corpus, split, ssl_e, mlflow.active_run().info.run_id)
+        if len(results.errors) == len(results):
+            raise SystemExit(f"every trial failed; the first: {results.errors[0]}")
+        paths = save(config, space, results)
+        for path in paths.values():
+            mlflow.log_artifact(str(path))
+        mlflow.log_metric("wall_seconds", time.time() - started)
+    print("\n" + Path(paths["sweep"]).read_text())
+    print(f"best config: {paths['best_config']}  (python jobs/meta_train.py --config {paths['best_config']})")
+    print(f"wall time {time.time() - started:.0f}s; written to {Path(config.out).resolve()}")
+    if results.errors:
+        print(f"{len(results.errors)} of {len(results)} trials failed (the `error` column of sweep.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

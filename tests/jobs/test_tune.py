@@ -1,0 +1,100 @@
+"""The sweep job end to end: real Ray Tune trials over the meta-trainer, real MLflow, the best config fed back."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+JOBS = Path(__file__).parents[2] / "jobs"
+SPACE = Path(__file__).parents[2] / "tune_spaces" / "meta_perser_smoke.yaml"  # the smoke preset's
+
+
+def load_job(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child_runs(experiment):
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    return runs[runs["tags.mlflow.parentRunId"].notna()], runs[runs["tags.mlflow.parentRunId"].isna()]
+
+
+@pytest.mark.slow
+def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(tmp_path, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    tune_job, meta_job = load_job("tune"), load_job("meta_train")
+    common = [f"base.data.path={tmp_path / 'corpus'}", "base.models_dir=models"]  # relative: trials run in their own folders
+    # Each trial reserves 0.2 + 9 x 0.1 CPUs: two do not fit on 2 CPUs at once, and the 9 task actors
+    # only find CPUs if they are scheduled inside their trial's placement group.
+    args = ["--preset", "smoke", "--out", str(tmp_path / "tune"), "experiment=sweep-test",
+            "sweep.trial_cpus=0.2", "base.actors.num_cpus=0.1", *common]
+    try:
+        assert tune_job.main(args) == 0
+        trials, parents = child_runs("sweep-test")
+        assert len(parents) == 1 and len(trials) == 2 and (trials["status"] == "FINISHED").all()
+        assert (trials["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
+
+        space = yaml.safe_load(SPACE.read_text())
+        for _, trial in trials.iterrows():
+            assert 3e-4 <= float(trial["params.meta.inner_lr"]) <= 3e-2
+            assert 3e-5 <= float(trial["params.meta.outer_lr"]) <= 3e-3
+            assert int(trial["params.meta.shots"]) in space["meta.shots"]["choice"]
+            assert int(trial["params.meta.inner_steps"]) in space["meta.inner_steps"]["choice"]
+            assert 0.0 <= float(trial["params.meta.da_first_order_fraction"]) <= 0.6
+        ordered = trials.sort_values("start_time")
+        assert ordered["end_time"].iloc[0] <= ordered["start_time"].iloc[1]  # the reservation kept them apart
+
+        # The best trial from MLflow's own metric histories (lowest validation loss at any step)
+        client = MlflowClient()
+        histories = {r: [m.value for m in client.get_metric_history(r, "val_loss")] for r in trials["run_id"]}
+        assert all(len(h) >= 2 for h in histories.values())  # a report per validation, i.e. per outer step
+        best = trials.set_index("run_id").loc[min(histories, key=lambda r: min(histories[r]))]
+        exported = yaml.safe_load((tmp_path / "tune" / "best_config.yaml").read_text())
+        for key in space:
+            assert str(exported["meta"][key.split(".")[1]]) == best[f"params.{key}"], key
+        table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
+        assert len(table) == 2 and table["best val_loss"].min() == pytest.approx(min(map(min, histories.values())))
+        assert (tmp_path / "tune" / "sweep.png").stat().st_size > 0
+
+        # ... and the main job takes the exported file unchanged
+        out = tmp_path / "meta"
+        assert meta_job.main(["--preset", "smoke", "--config", str(tmp_path / "tune" / "best_config.yaml"), "--out", str(out),
+                              "protocol.scenarios=[unseen]", "protocol.methods=[Meta-PerSER]", "protocol.table2=[]",
+                              "protocol.sweep_shots=[]", "experiment=main-test"]) == 0
+    finally:
+        ray.shutdown()
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["method"]) == {"Meta-PerSER"} and len(results) == 2  # E1, E2 x 1 seed
+    used = yaml.safe_load((out / "config.yaml").read_text())["meta"]
+    assert used == exported["meta"]
+
+
+@pytest.mark.slow
+def test_optuna_search_with_the_serial_trainer(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    job = load_job("tune")
+    args = ["--preset", "smoke", "--out", str(tmp_path / "tune"), "experiment=optuna-test", "sweep.search=optuna",
+            "sweep.asha=false", "base.distributed=false", "base.meta.outer_steps=2", f"sweep.space={SPACE}",
+            f"base.data.path={tmp_path / 'corpus'}", f"base.models_dir={tmp_path / 'models'}"]
+    try:
+        assert job.main(args) == 0
+    finally:
+        ray.shutdown()
+    trials, _ = child_runs("optuna-test")
+    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    assert trials["params.meta.inner_lr"].nunique() == 2
+    table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
+    assert (table["steps run"] == 2).all() and not table["stopped early"].any()
