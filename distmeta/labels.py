@@ -18,7 +18,7 @@ _ALIASES = {
     "fear": "fear", "fea": "fear",
     "neutral state": "neutral", "neutral": "neutral", "neu": "neutral",
     "surprise": "surprise", "sur": "surprise",
-    "happiness": "happy", "happy": "happy", "hap": "happy",
+    "happiness": "happy", "happy": "happy", "hap": "happy", "joy": "happy",  # joy: the ICL paper's word
     "other": None, "oth": None,
 }
 _ALIASES.update({c: c for c in CLASSES})

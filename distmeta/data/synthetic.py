@@ -232,6 +232,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
 
 
+def load_cached(out_dir: Path, digest: str) -> Corpus | None:
+    """The corpus saved in `out_dir` if it was generated from the config with this hash, else None."""
+    if (out_dir / "corpus.json").is_file():
+        try:
+            cached = Corpus.load(out_dir)
+            if cached.info.get("config_hash") == digest:
+                return cached
+        except CorpusError:
+            pass  # incomplete or foreign: regenerate
+    return None
+
+
 def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000, config: SyntheticConfig | None = None,
                           progress: bool = True) -> Corpus:
     """Generate (or load, when `out_dir` already holds the same corpus) the synthetic listeners corpus.
@@ -242,13 +254,9 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
     if config.n_utterances < 10:
         raise ValueError(f"n_utterances must be at least 10 (one per speaker), got {config.n_utterances}")
     out_dir = Path(out_dir) if out_dir else default_cache_dir() / f"synthetic-{config_hash(config)}"
-    if (out_dir / "corpus.json").is_file():
-        try:
-            cached = Corpus.load(out_dir)
-            if cached.info.get("config_hash") == config_hash(config):
-                return cached
-        except CorpusError:
-            pass  # incomplete or foreign: regenerate
+    cached = load_cached(out_dir, config_hash(config))
+    if cached is not None:
+        return cached
     started = time.time()
     rng = np.random.default_rng(config.seed)
     speakers = _speakers(rng)

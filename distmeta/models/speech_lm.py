@@ -1,0 +1,198 @@
+"""The speech LM of the ICL paper (section III-B), small enough to read in one sitting.
+
+    utterance frames [F, D] (a frozen speech encoder, computed once)
+      -> Q-Former: learned queries attend to the frames (2 decoder layers, no causal mask) -> [Nq, d_q]
+      -> projection into the LLM's embedding space -> [Nq, d_model]
+    prompt (encoder input) = instruction text, then per enrollment pair: <speech> x Nq, " Label.",
+                             then the target: <speech> x Nq
+      token embeddings, <speech> placeholders replaced by the projected queries (in order),
+      + segment embedding (text / speech) + example-index embedding (0 instruction, 1..k pairs, k+1 target)
+    encoder-decoder LLM (T5 family) with LoRA adapters -> the target's label text
+
+Only the target's label is ever a decoder target, so the loss covers nothing
+else (the enrollment labels are encoder input). Prediction scores the closed
+set of label words by their log-likelihood (`score`); `generate` decodes freely.
+Trainable: LoRA, Q-Former, projection, segment and example embeddings; the LLM's
+own weights and the speech encoder stay frozen (`trainable_names`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SPEECH_TOKEN = "<speech>"
+TEXT, SPEECH = 0, 1
+
+# The default LLM: a tiny T5 built locally from this config (random weights; nothing downloaded).
+TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=16, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=True)
+
+
+@dataclass
+class SpeechLMConfig:
+    llm: str = "tiny"  # "tiny" (TINY_T5 + a byte-level tokenizer), or a Hugging Face seq2seq model: local path or hub id
+    num_queries: int = 8  # Q-Former queries per utterance (the paper: 150)
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    qformer_dim: int = 64
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # T5 attention and feed-forward
+    max_shots: int = 7
+    instruction: str = "Please select the appropriate emotion for the input speech from the following: {labels}."
+    seed: int = 0
+
+
+class QFormer(nn.Module):
+    """Learned queries read variable-length encoder frames into a fixed number of vectors."""
+
+    def __init__(self, in_dim: int, dim: int, num_queries: int, layers: int, heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.frames_in = nn.Linear(in_dim, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """frames [U, F, D], frame_mask [U, F] (True = a real frame) -> [U, Nq, dim]."""
+        queries = self.queries.expand(frames.shape[0], -1, -1)
+        out = self.blocks(queries, self.frames_in(frames), memory_key_padding_mask=~frame_mask)  # no tgt_mask: not causal
+        return self.norm(out)
+
+
+def load_llm(config: SpeechLMConfig):
+    """(tokenizer with the <speech> token, seq2seq LLM) for `config.llm`."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    if config.llm == "tiny":
+        tokenizer = ByT5Tokenizer(extra_ids=0)
+        tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN]})
+        torch.manual_seed(config.seed)
+        llm = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id,
+                                                  decoder_start_token_id=tokenizer.pad_token_id, **TINY_T5))
+        return tokenizer, llm
+    tokenizer = AutoTokenizer.from_pretrained(config.llm)
+    tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN]})
+    llm = AutoModelForSeq2SeqLM.from_pretrained(config.llm)
+    llm.resize_token_embeddings(len(tokenizer))
+    return tokenizer, llm
+
+
+class SpeechLM(nn.Module):
+    def __init__(self, config: SpeechLMConfig, encoder_dim: int, words: list[str]):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config, self.words = config, list(words)
+        self.tokenizer, llm = load_llm(config)
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        targets = [t for t in config.lora_targets if any(n.split(".")[-1] == t for n, _ in llm.named_modules())]
+        self.llm = get_peft_model(llm, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                  lora_dropout=config.lora_dropout, target_modules=targets))
+        d_model = llm.get_input_embeddings().embedding_dim
+        torch.manual_seed(config.seed)
+        self.qformer = QFormer(encoder_dim, config.qformer_dim, config.num_queries, config.qformer_layers, config.qformer_heads)
+        self.projection = nn.Linear(config.qformer_dim, d_model)
+        self.segment = nn.Embedding(2, d_model)
+        self.example = nn.Embedding(config.max_shots + 2, d_model)
+        nn.init.zeros_(self.segment.weight)
+        nn.init.zeros_(self.example.weight)
+        self.speech_id = self.tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
+        self.instruction = config.instruction.format(labels=", ".join(self.words))
+
+    # ---- the prompt -------------------------------------------------------------
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt(self, shot_words: list[str]) -> dict:
+        """Token ids, segment and example indices of one prompt with len(shot_words) enrollment pairs
+        (their speech comes as placeholders; the target's speech last)."""
+        if len(shot_words) > self.config.max_shots:
+            raise ValueError(f"{len(shot_words)} enrollment pairs; the model takes at most max_shots={self.config.max_shots}")
+        ids, segments, examples = [], [], []
+
+        def add(tokens, segment, example):
+            ids.extend(tokens)
+            segments.extend([segment] * len(tokens))
+            examples.extend([example] * len(tokens))
+
+        add(self._text(self.instruction), TEXT, 0)
+        speech = [self.speech_id] * self.config.num_queries
+        for i, word in enumerate(shot_words, 1):
+            add(speech, SPEECH, i)
+            add(self._text(f" {word}."), TEXT, i)
+        add(speech, SPEECH, len(shot_words) + 1)
+        add([self.tokenizer.eos_token_id], TEXT, len(shot_words) + 1)
+        return {"ids": ids, "segments": segments, "examples": examples}
+
+    def label_ids(self, word: str) -> list[int]:
+        return self._text(word) + [self.tokenizer.eos_token_id]
+
+    def collate(self, items: list[dict], target_words: list[str] | None = None) -> dict:
+        """Pad prompts into a batch; with `target_words`, decoder labels (-100 on padding: the loss
+        covers the target's label tokens and nothing else)."""
+        length = max(len(item["ids"]) for item in items)
+        pad = self.tokenizer.pad_token_id
+
+        def padded(key, value):
+            return torch.tensor([item[key] + [value] * (length - len(item[key])) for item in items])
+
+        batch = {"ids": padded("ids", pad), "segments": padded("segments", TEXT), "examples": padded("examples", 0),
+                 "attention_mask": torch.tensor([[1] * len(item["ids"]) + [0] * (length - len(item["ids"])) for item in items])}
+        if target_words is not None:
+            labels = [self.label_ids(w) for w in target_words]
+            width = max(map(len, labels))
+            batch["labels"] = torch.tensor([ids + [-100] * (width - len(ids)) for ids in labels])
+        return batch
+
+    def embed(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder input embeddings: tokens, placeholders filled with the utterances' projected queries.
+
+        `frames` [U, F, D] holds the utterances of every placeholder group in reading order
+        (item by item: its enrollment utterances, then its target)."""
+        tokens = self.llm.get_input_embeddings()(batch["ids"])
+        slots = batch["ids"] == self.speech_id
+        queries = self.projection(self.qformer(frames, frame_mask))  # [U, Nq, d_model]
+        if slots.sum() != queries.shape[0] * queries.shape[1]:
+            raise ValueError(f"{int(slots.sum())} speech placeholders but {queries.shape[0]} utterances x "
+                             f"{queries.shape[1]} queries")
+        tokens = tokens.masked_scatter(slots[..., None], queries.reshape(-1, queries.shape[-1]).to(tokens.dtype))
+        return tokens + self.segment(batch["segments"]) + self.example(batch["examples"])
+
+    # ---- training and prediction ----------------------------------------------------
+
+    def forward(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the target label tokens."""
+        return self.llm(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
+
+    @torch.no_grad()
+    def score(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood [B, C] of each label word (its tokens + end of sequence) as the answer."""
+        encoder = self.llm.get_encoder()(inputs_embeds=self.embed(batch, frames, frame_mask),
+                                         attention_mask=batch["attention_mask"])
+        scores = []
+        for word in self.words:
+            labels = torch.tensor([self.label_ids(word)] * batch["ids"].shape[0], device=batch["ids"].device)
+            logits = self.llm(encoder_outputs=encoder, attention_mask=batch["attention_mask"], labels=labels).logits
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+            scores.append(logp.sum(-1))
+        return torch.stack(scores, -1)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor, num_beams: int = 4) -> list[str]:
+        """Free generation (the paper's beam search, beam 4); an answer counts only if it matches a label exactly."""
+        out = self.llm.generate(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
+                                num_beams=num_beams, max_new_tokens=16)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def trainable_names(model: SpeechLM) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,139 @@
+"""The speech LM: prompt layout, placeholder filling, the target-only loss, what trains, closed-set scoring."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distmeta.models.speech_lm import SPEECH, TEXT, SpeechLM, SpeechLMConfig, trainable_names
+
+WORDS = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
+DIM = 12  # speech encoder width
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16), DIM, WORDS).eval()
+
+
+def frames_for(n, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    return torch.randn(n, length, DIM, generator=g) * mask[..., None], mask
+
+
+def test_prompt_layout(model):
+    tok, nq = model.tokenizer, model.config.num_queries
+    prompt = model.prompt(["Joy", "Anger"])
+    ids, seg, ex = prompt["ids"], prompt["segments"], prompt["examples"]
+    assert len(ids) == len(seg) == len(ex)
+    text_of = lambda example: tok.decode([i for i, s, e in zip(ids, seg, ex) if s == TEXT and e == example],
+                                          skip_special_tokens=True)
+    assert text_of(0) == model.instruction and "Neutral, Surprise, Sadness, Joy, Fear, Disgust, Anger" in model.instruction
+    assert text_of(1) == " Joy." and text_of(2) == " Anger." and text_of(3) == ""
+    for example in (1, 2, 3):  # each example's speech: nq placeholders, before its label text
+        slots = [k for k, (i, s, e) in enumerate(zip(ids, seg, ex)) if e == example and s == SPEECH]
+        assert len(slots) == nq and all(ids[k] == model.speech_id for k in slots)
+        assert slots == list(range(slots[0], slots[0] + nq))
+    assert sum(i == model.speech_id for i in ids) == 3 * nq and ids[-1] == tok.eos_token_id
+    assert model.prompt([])["examples"][-1] == 1  # zero-shot: the target is example 1
+    with pytest.raises(ValueError, match="max_shots=7"):
+        model.prompt(["Joy"] * 8)
+
+
+def test_placeholders_hold_each_utterances_queries_in_order(model):
+    batch = model.collate([model.prompt(["Joy"]), model.prompt(["Fear", "Anger"])])
+    frames, mask = frames_for(5)  # item 1: enrollment 0, target 1; item 2: enrollments 2, 3, target 4
+    embeds = model.embed(batch, frames, mask)
+    table = model.llm.get_input_embeddings()
+    with torch.no_grad():
+        # each utterance alone, without the batch's padding frames
+        alone = [model.projection(model.qformer(frames[u:u + 1, :int(mask[u].sum())], mask[u:u + 1, :int(mask[u].sum())]))[0]
+                 for u in range(5)]
+    extra = model.segment(batch["segments"]) + model.example(batch["examples"])
+    nq, utterance = model.config.num_queries, 0
+    for b in range(2):
+        positions = (batch["ids"][b] == model.speech_id).nonzero().flatten().tolist()
+        for group in range(len(positions) // nq):
+            at = positions[group * nq:(group + 1) * nq]
+            torch.testing.assert_close(embeds[b, at], alone[utterance] + extra[b, at], atol=1e-5, rtol=1e-5)
+            utterance += 1
+        text = (batch["ids"][b] != model.speech_id).nonzero().flatten()
+        torch.testing.assert_close(embeds[b, text], table(batch["ids"][b, text]) + extra[b, text])
+    assert utterance == 5
+    with pytest.raises(ValueError, match="placeholders"):
+        model.embed(batch, frames[:4], mask[:4])
+
+
+def test_segment_and_example_embeddings_reach_the_encoder(model):
+    batch = model.collate([model.prompt(["Joy"])])
+    frames, mask = frames_for(2)
+    before = model.embed(batch, frames, mask)
+    with torch.no_grad():
+        model.example.weight[2] += 1.0  # the target's example index
+    after = model.embed(batch, frames, mask)
+    with torch.no_grad():
+        model.example.weight[2] -= 1.0
+    changed = (after - before).abs().sum(-1) > 0
+    assert changed[0].tolist() == [e == 2 for e in batch["examples"][0].tolist()]
+
+
+def test_loss_covers_only_the_target_label(model):
+    items = [model.prompt(["Joy", "Anger"]), model.prompt([])]
+    batch = model.collate(items, target_words=["Surprise", "Joy"])
+    tok = model.tokenizer
+    for row, word in zip(batch["labels"], ["Surprise", "Joy"]):
+        kept = row[row != -100].tolist()
+        assert kept == tok(word).input_ids  # the word's tokens + end of sequence, nothing from the prompt
+        assert (row[len(kept):] == -100).all()
+    frames, mask = frames_for(4)
+    loss = model(batch, frames, mask)
+    logits = model.llm(inputs_embeds=model.embed(batch, frames, mask), attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_only_lora_and_the_connector_train():
+    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS).train()
+    names = trainable_names(model)
+    connector = ("qformer.", "projection.", "segment.", "example.")
+    assert all("lora_" in n or n.startswith(connector) for n in names)
+    for module in model.config.lora_targets:  # every targeted T5 projection got both LoRA factors
+        assert any(f".{module}.lora_A." in n for n in names) and any(f".{module}.lora_B." in n for n in names)
+    assert all(n.startswith(connector) for n in names if "lora_" not in n)
+    assert not any("lora_" in n for n in names if n.startswith(connector))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    frames, mask = frames_for(2)
+    model(model.collate([model.prompt(["Joy"])], ["Fear"]), frames, mask).backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(names)
+    assert any("lora_B" in n for n in moved) and any(n.startswith("qformer.") for n in moved)
+
+
+def test_scoring_learns_a_closed_set_mapping():
+    """Four utterances, four labels: after training only LoRA and the connector, the closed-set score
+    and free generation both return each utterance's label."""
+    torch.manual_seed(0)
+    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, lora_dropout=0.0), DIM, WORDS)
+    frames, mask = frames_for(4, seed=1)
+    targets = ["Joy", "Anger", "Fear", "Neutral"]
+    batch = model.collate([model.prompt([]) for _ in targets], targets)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(300):
+        loss = model(batch, frames, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    scores = model.score(batch, frames, mask)
+    assert [WORDS[i] for i in scores.argmax(-1)] == targets
+    # the score is each word's summed token log-probability
+    labels = torch.tensor([model.label_ids("Joy")] * 4)
+    logits = model.llm(inputs_embeds=model.embed(batch, frames, mask), attention_mask=batch["attention_mask"], labels=labels).logits
+    manual = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(scores[:, WORDS.index("Joy")], manual, atol=1e-4, rtol=1e-4)
+    assert model.generate(batch, frames, mask) == targets
