@@ -55,10 +55,14 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    for part in reversed(key.strip().split(".")):
-        if not part:
-            raise ConfigError(f"override {text!r} has an empty key part")
+    if not all(key.strip().split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return nested(key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+
+
+def nested(key: str, value) -> dict:
+    """`("a.b", 3)` -> {"a": {"b": 3}}."""
+    for part in reversed(key.split(".")):
         value = {part: value}
     return value
 

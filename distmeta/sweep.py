@@ -66,14 +66,18 @@ def load_space(path, config_cls) -> dict:
             values = _check_args(kind, args, where)
         else:
             kind, values = "constant", [spec]
+        defaults = cfg.to_dict(config_cls())
         for value in values:  # type and key checks through the config class itself
             try:
-                cfg.load(config_cls, overrides=[f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+                cfg.from_dict(config_cls, with_params(defaults, {key: value}))
             except cfg.ConfigError as err:
                 raise cfg.ConfigError(f"{where}: {err}") from None
-        space[key] = {"loguniform": lambda: tune.loguniform(*values), "uniform": lambda: tune.uniform(*values),
-                      "randint": lambda: tune.randint(*values), "choice": lambda: tune.choice(values),
-                      "constant": lambda: values[0]}[kind]()
+        if kind == "choice":
+            space[key] = tune.choice(values)
+        elif kind == "constant":
+            space[key] = values[0]
+        else:
+            space[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](*values)
     return space
 
 
@@ -112,9 +116,7 @@ def with_params(base: dict, params: dict) -> dict:
     """The base config (a plain dict) with a trial's `{"a.b": value}` params applied."""
     merged = base
     for key, value in params.items():
-        for part in reversed(key.split(".")):
-            value = {part: value}
-        merged = cfg.merge(merged, value)
+        merged = cfg.merge(merged, cfg.nested(key, value))
     return merged
 
 

@@ -17,17 +17,15 @@ majority of its annotators' labels).
 """
 
 import hashlib
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
 
 from distmeta.data.corpus import Corpus, CorpusError, build_annotations
-from distmeta.data.synthetic import CORRELATES, default_cache_dir, load_cached
+from distmeta.data.synthetic import CORRELATES, config_hash, default_cache_dir, load_cached, render_all
 from distmeta.data.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES
@@ -109,13 +107,6 @@ def _render(job) -> float:
     return len(wav) / SAMPLE_RATE
 
 
-def config_hash(config: SpeakerCorpusConfig) -> str:
-    import json
-
-    values = {k: v for k, v in asdict(config).items() if k != "workers"}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def make_speaker_corpus(out_dir=None, config: SpeakerCorpusConfig | None = None, progress: bool = True) -> Corpus:
     """Generate (or load, when `out_dir` holds the same one) the many-speaker corpus; default folder
     `$DISTMETA_CACHE/speakers-<hash>`."""
@@ -152,16 +143,8 @@ def make_speaker_corpus(out_dir=None, config: SpeakerCorpusConfig | None = None,
                              "split": SPLITS[split_of[index]], "emotion": emotion, "sex": "F" if female else "M"})
                 jobs.append((path, asdict(voice), styles[name][emotion],
                              float(rng.uniform(config.min_seconds, config.max_seconds)), int(rng.integers(2**63))))
-    durations = []
-    with ProcessPoolExecutor(max_workers=config.workers or os.cpu_count() or 1) as pool:
-        for i, seconds in enumerate(pool.map(_render, jobs, chunksize=16), 1):
-            durations.append(seconds)
-            if progress and (i % 500 == 0 or i == len(jobs)):
-                elapsed = time.time() - started
-                print(f"speaker corpus: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, "
-                      f"ETA {elapsed / i * (len(jobs) - i):.0f}s", flush=True)
     utterances = pd.DataFrame(rows).set_index("utterance")
-    utterances["duration"] = durations
+    utterances["duration"] = render_all(_render, jobs, config.workers, "speaker corpus" if progress else None, 500, started)
     annotations = build_annotations([(u, "speaker", {e}, e) for u, e in utterances["emotion"].items()])
     info = {"source": "synthetic-speakers", "config": asdict(config), "config_hash": config_hash(config),
             "styles": styles, "generation_seconds": round(time.time() - started, 1)}

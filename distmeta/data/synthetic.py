@@ -222,7 +222,8 @@ def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
 GENERATOR_VERSION = 1  # bump when the generative model changes, so caches of the old one are not reused
 
 
-def config_hash(config: SyntheticConfig) -> str:
+def config_hash(config) -> str:
+    """A generator config's identity (any of our corpus generators' dataclasses), for its cache folder."""
     fields = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change the corpus
     fields["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -230,6 +231,20 @@ def config_hash(config: SyntheticConfig) -> str:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
+
+
+def render_all(render, jobs: list, workers: int, what: str | None, every: int, started: float) -> list[float]:
+    """`render(job)` -> seconds of audio written, for every job in a process pool (`workers` 0: one per
+    core), in order; with `what`, a progress line with ETA every `every` jobs."""
+    durations = []
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, seconds in enumerate(pool.map(render, jobs, chunksize=16), 1):
+            durations.append(seconds)
+            if what and (i % every == 0 or i == len(jobs)):
+                elapsed = time.time() - started
+                eta = elapsed / i * (len(jobs) - i)
+                print(f"{what}: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
+    return durations
 
 
 def load_cached(out_dir: Path, digest: str) -> Corpus | None:
@@ -267,16 +282,7 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
     jobs = [(path, asdict(speakers[spk]), plan.loc[utt, [f"latent_{c}" for c in CLASSES]].to_numpy(float), strength, sec, seed)
             for utt, path, spk, strength, sec, seed in zip(plan.index, plan["path"], plan["speaker"], plan["strength"],
                                                            plan["target_seconds"], plan["audio_seed"])]
-    workers = config.workers or os.cpu_count() or 1
-    durations = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, seconds in enumerate(pool.map(_render, jobs, chunksize=16), 1):
-            durations.append(seconds)
-            if progress and (i % 200 == 0 or i == len(jobs)):
-                elapsed = time.time() - started
-                eta = elapsed / i * (len(jobs) - i)
-                print(f"synthetic corpus: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
-    plan["duration"] = durations
+    plan["duration"] = render_all(_render, jobs, config.workers, "synthetic corpus" if progress else None, 200, started)
     utterances = plan.drop(columns=["audio_seed", "target_seconds"])
     info = {"source": "synthetic", "config": asdict(config), "config_hash": config_hash(config),
             "speakers": {k: asdict(v) for k, v in speakers.items()}, "listeners": listeners,
