@@ -93,5 +93,5 @@ def test_shot_counts_a_task_cannot_supply_are_refused_before_any_trial(tmp_path,
     too_many = load_space(write(tmp_path, f"meta.shots: {{choice: [2, {len(smallest) + 1}]}}"), job_config)
     with pytest.raises(ConfigError, match=f"{smallest.annotator} \\({len(smallest)}\\)"):
         check_shots(too_many, MetaConfig(), tasks)
-    with pytest.raises(ConfigError, match="2 \\* |items per task"):  # without CSMT: K support + K query
+    with pytest.raises(ConfigError, match=f"up to {len(smallest)} \\({2 * len(smallest)} items per task\\)"):  # no CSMT: K + K
         check_shots(fits, MetaConfig(csmt=False), tasks)
