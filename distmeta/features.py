@@ -6,10 +6,12 @@ upstream runs once per utterance (no gradients), adaptation runs on the cache.
 """
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from distmeta.data.audio import load_audio
 from distmeta.data.corpus import Corpus
+from distmeta.io import atomic_path
 from distmeta.models.ser import SERHead
 
 
@@ -61,3 +63,45 @@ class PooledBank(Bank):
 
     def batch(self, ids) -> dict:
         return {"pooled": torch.stack([self.items[u] for u in ids], dim=1)}
+
+
+class FrameBank(Bank):
+    """Per-utterance frames [F, D] of one layer of a frozen upstream (the speech LM's encoder output).
+
+    Computed once, without gradients; `batch(ids)` pads them into {"frames": [U, F, D], "frame_mask": [U, F]}.
+    `save`/`load` keep it as safetensors so a restarted or remote worker need not rerun the upstream.
+    """
+
+    def __init__(self, upstream=None, audio: AudioBank | None = None, layer: int = -1):
+        self.items = {}
+        if upstream is None:
+            return
+        was_training = upstream.training
+        upstream.eval()
+        with torch.no_grad():
+            # One utterance at a time: in a padded batch, s3prl's WavLM gives a shorter utterance
+            # different frames (its convolutional position embedding and attention see the padding).
+            for u, wav in audio.items.items():
+                hidden, frames = upstream(wav[None], torch.tensor([len(wav)]))
+                self.items[u] = hidden[layer, 0, :int(frames[0])].clone()
+        upstream.train(was_training)
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.items.values())).shape[-1]
+
+    def batch(self, ids) -> dict:
+        frames = [self.items[u] for u in ids]
+        lengths = torch.tensor([len(f) for f in frames])
+        return {"frames": pad_sequence(frames, batch_first=True),
+                "frame_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None]}
+
+    def save(self, path) -> None:
+        with atomic_path(path) as tmp:
+            save_file({u: f.contiguous() for u, f in self.items.items()}, str(tmp))
+
+    @classmethod
+    def load(cls, path) -> "FrameBank":
+        bank = cls()
+        bank.items = load_file(str(path))
+        return bank

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distmeta.config import from_dict
 from distmeta.data.scenarios import Split
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.features import AudioBank, PooledBank
@@ -117,7 +118,7 @@ def _train_loop(loop_config: dict) -> None:
     requests = loop_config["requests"]
     first = requests[0]["settings"]
     config = PretrainConfig(**first["pretrain"])
-    corpus = load_corpus(DataConfig(**first["data"]), progress=False)
+    corpus = load_corpus(from_dict(DataConfig, first["data"]), progress=False)
     device = ray.train.torch.get_device()
     audio = AudioBank(corpus, corpus.utterances.index, config.max_seconds)
     frozen_pooled = None  # pooled features of the untrained upstream, shared by every linear/multi model

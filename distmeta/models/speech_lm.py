@@ -12,8 +12,9 @@
 Only the target's label is ever a decoder target, so the loss covers nothing
 else (the enrollment labels are encoder input). Prediction scores the closed
 set of label words by their log-likelihood (`score`); `generate` decodes freely.
-Trainable: LoRA, Q-Former, projection, segment and example embeddings; the LLM's
-own weights and the speech encoder stay frozen (`trainable_names`).
+Trainable: LoRA, Q-Former, projection, segment and example embeddings (and, with
+`train_token_embeddings`, the LLM's token embeddings); the LLM's other weights and
+the speech encoder stay frozen (`trainable_names`).
 """
 
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class SpeechLMConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # T5 attention and feed-forward
+    # The LLM's token embeddings (tied to its output layer) train too. A randomly initialised LLM (the tiny
+    # default) must learn its output vocabulary: through LoRA alone it took ~3x the steps to spell the labels.
+    # Set false for a pretrained LLM (the paper: LoRA only).
+    train_token_embeddings: bool = True
     max_shots: int = 7
     instruction: str = "Please select the appropriate emotion for the input speech from the following: {labels}."
     seed: int = 0
@@ -95,6 +100,7 @@ class SpeechLM(nn.Module):
         targets = [t for t in config.lora_targets if any(n.split(".")[-1] == t for n, _ in llm.named_modules())]
         self.llm = get_peft_model(llm, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                                   lora_dropout=config.lora_dropout, target_modules=targets))
+        self.llm.get_input_embeddings().weight.requires_grad_(config.train_token_embeddings)
         d_model = llm.get_input_embeddings().embedding_dim
         torch.manual_seed(config.seed)
         self.qformer = QFormer(encoder_dim, config.qformer_dim, config.num_queries, config.qformer_layers, config.qformer_heads)
@@ -168,10 +174,12 @@ class SpeechLM(nn.Module):
 
     # ---- training and prediction ----------------------------------------------------
 
-    def forward(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the target label tokens."""
-        return self.llm(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
-                        labels=batch["labels"]).loss
+    def forward(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy of the target label tokens (optionally label-smoothed, as the paper trains)."""
+        logits = self.llm(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100,
+                                           label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def score(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_loss_covers_only_the_target_label(model):
 
 
 def test_only_lora_and_the_connector_train():
-    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS).train()
+    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
     names = trainable_names(model)
     connector = ("qformer.", "projection.", "segment.", "example.")
     assert all("lora_" in n or n.startswith(connector) for n in names)
@@ -111,13 +111,16 @@ def test_only_lora_and_the_connector_train():
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and moved <= set(names)
     assert any("lora_B" in n for n in moved) and any(n.startswith("qformer.") for n in moved)
+    # with train_token_embeddings, exactly the (tied) token embedding table is added
+    with_tokens = set(trainable_names(SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS)))
+    assert with_tokens - set(names) == {"llm.base_model.model.shared.weight"} and set(names) < with_tokens
 
 
 def test_scoring_learns_a_closed_set_mapping():
     """Four utterances, four labels: after training only LoRA and the connector, the closed-set score
     and free generation both return each utterance's label."""
     torch.manual_seed(0)
-    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, lora_dropout=0.0), DIM, WORDS)
+    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, lora_dropout=0.0, train_token_embeddings=False), DIM, WORDS)
     frames, mask = frames_for(4, seed=1)
     targets = ["Joy", "Anger", "Fear", "Neutral"]
     batch = model.collate([model.prompt([]) for _ in targets], targets)
