@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from distmeta.config import from_dict
@@ -33,6 +32,7 @@ from distmeta.io import atomic_path, write_json
 from distmeta.models.speaker_classifier import SpeakerClassifier
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 from distmeta.models.upstream import Upstream
+from distmeta.pretrain import is_done
 from distmeta.report import save_table
 from distmeta.train import fit
 
@@ -136,6 +136,11 @@ def validation_loss(model, bank, episodes: list[Episode], words, batch_size: int
     return total / len(episodes)
 
 
+def make_optimizer(model, config: MetaICLConfig) -> torch.optim.Optimizer:
+    """RAdam (the paper's) over the trainable parameters."""
+    return torch.optim.RAdam([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+
+
 def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[Episode], words: list[str], *,
                 steps: int, setting: str, shots: tuple[int, int], emotion: int | None, config: MetaICLConfig,
                 rank: int = 0, start_step: int = 0, optimizer=None, best: dict | None = None, device="cpu",
@@ -146,8 +151,7 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
     checkpoints there). Returns the best {"val_loss", "step", "state"} (a resumed run passes its `best` so far).
     """
     inner = _unwrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = optimizer or make_optimizer(model, config)
     rng = np.random.default_rng([config.seed, rank, start_step, steps])
     best = best or {"val_loss": math.inf, "step": 0, "state": None}
     started, running = time.time(), []
@@ -177,7 +181,8 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """What training changes (LoRA, Q-Former, projection, segment and example embeddings), detached on CPU."""
-    return {name: p.detach().cpu().clone() for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+            for name, p in _unwrap(model).named_parameters() if p.requires_grad}
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]):
@@ -303,20 +308,11 @@ def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
     return path
 
 
-def build_speech_lm(model_config, encoder_dim: int, words):
-    return SpeechLM(model_config, encoder_dim, words)
-
-
 def load_speech_lm(path):
     """A trained speech LM from its safetensors file and JSON sidecar (config, encoder width, label words)."""
     sidecar = json.loads(Path(path).with_suffix(".json").read_text())
-    model = build_speech_lm(from_dict(SpeechLMConfig, sidecar["settings"]["model"]), sidecar["encoder_dim"], sidecar["words"])
+    model = SpeechLM(from_dict(SpeechLMConfig, sidecar["settings"]["model"]), sidecar["encoder_dim"], sidecar["words"])
     return load_trainable(model, load_file(str(path))).eval()
-
-
-def _is_done(path, settings: dict) -> bool:
-    sidecar = Path(path).with_suffix(".json")
-    return Path(path).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings
 
 
 def _train_loop(loop_config: dict) -> None:
@@ -337,15 +333,14 @@ def _train_loop(loop_config: dict) -> None:
     resume = ray.train.get_checkpoint()
     for number, request in enumerate(loop_config["requests"], 1):
         settings, out_path = request["settings"], Path(request["out_path"])
-        if _is_done(out_path, settings):
+        if is_done(out_path, settings):
             continue
         training = settings["training"]
         model_config = from_dict(SpeechLMConfig, settings["model"])
-        model = build_speech_lm(model_config, bank.dim, data.words)
+        model = SpeechLM(model_config, bank.dim, data.words)
         if request["init_path"]:
             load_trainable(model, load_file(request["init_path"]))
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.RAdam(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(model, config)
         start_step, best = 0, None
         if resume is not None:  # a restarted worker group: continue the model it was training
             with resume.as_directory() as folder:
@@ -376,7 +371,7 @@ def _train_loop(loop_config: dict) -> None:
                 return
             with tempfile.TemporaryDirectory() as folder:
                 save_file(trainable_state(model), str(Path(folder) / "latest.safetensors"))
-                save_file({k: v.contiguous() for k, v in best["state"].items()}, str(Path(folder) / "best.safetensors"))
+                save_file(best["state"], str(Path(folder) / "best.safetensors"))
                 torch.save(optimizer.state_dict(), Path(folder) / "optimizer.pt")
                 write_json(Path(folder) / "progress.json", {"out_path": str(out_path), "step": step,
                                                             "best_val_loss": best["val_loss"], "best_step": best["step"]})
@@ -390,7 +385,7 @@ def _train_loop(loop_config: dict) -> None:
         resume = None
         if rank == 0:
             with atomic_path(out_path) as tmp:
-                save_file({k: v.contiguous() for k, v in best["state"].items()}, str(tmp))
+                save_file(best["state"], str(tmp))
             write_json(out_path.with_suffix(".json"), {"settings": settings, "best_val_loss": best["val_loss"],
                                                        "best_step": best["step"], "resumed_from_step": start_step,
                                                        "encoder_dim": bank.dim, "words": list(data.words)})
@@ -414,7 +409,7 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     paths = {t: models_dir / f"speech_lm-{digest}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
     requests = [{"settings": {**common, "training": t}, "out_path": str(p),
                  "init_path": "" if t == "stage1" else str(paths["stage1"])} for t, p in paths.items()]
-    todo = [r for r in requests if not _is_done(r["out_path"], r["settings"])]
+    todo = [r for r in requests if not is_done(r["out_path"], r["settings"])]
     if todo:
         if not ray.is_initialized():
             raise RuntimeError("metaicl_train_many() runs on Ray: call ray.init(...) in the job first")
@@ -467,7 +462,7 @@ MODEL_NAMES = {"stage1": "0-shot", "Neutral1": "1-shot_N", "TU+LU": "Proposed", 
 
 def evaluate_speech_lm(model, bank, data, training: str, config: EvaluationConfig, log=print) -> pd.DataFrame:
     """Every condition of `training`'s model on the test speakers; a condition some speaker cannot supply is skipped."""
-    frames = []
+    parts = []
     todo = conditions(training, len(data.emotions), model.config.max_shots, config)
     todo = [(s, e, k) for s, e0, k in todo for e in (data.emotions if e0 == "*" else [e0])]
     started = time.time()
@@ -479,13 +474,13 @@ def evaluate_speech_lm(model, bank, data, training: str, config: EvaluationConfi
             log(f"{MODEL_NAMES[training]}: skipping {setting} {emotion} k={k}: {err}")
             continue
         predictions = predict(model, bank, episodes, data.words, config.batch_size, config.generate)
-        frames.append(result_rows(episodes, predictions, data.words, model=MODEL_NAMES[training], training=training,
+        parts.append(result_rows(episodes, predictions, data.words, model=MODEL_NAMES[training], training=training,
                                   setting=setting, emotion=emotion))
-        stats = ua_spk(frames[-1]["correct"], frames[-1]["speaker"])
+        stats = ua_spk(parts[-1]["correct"], parts[-1]["speaker"])
         elapsed = time.time() - started
         log(f"{MODEL_NAMES[training]} [{number}/{len(todo)}] {setting or '-'} {emotion} k={k}: UA_spk {stats['UA_spk']:.3f}, "
             f"{elapsed:.0f}s, ETA {elapsed / number * (len(todo) - number):.0f}s")
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _stats(results: pd.DataFrame) -> pd.Series:
@@ -497,7 +492,7 @@ def _by_k(results: pd.DataFrame) -> pd.Series:
     return pd.Series({k: _stats(part)["UA_spk"] for k, part in results.groupby("k")}, dtype=float)
 
 
-def table2(results: pd.DataFrame, words) -> pd.DataFrame:
+def table2(results: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E."""
     rows = []
     for name in [*BASELINES, "0-shot", "1-shot_N"]:
@@ -581,7 +576,7 @@ def save_results(results: pd.DataFrame, data, out_dir) -> dict:
     with atomic_path(out_dir / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     paths = {"results": out_dir / "results.csv",
-             "table2": save_table(table2(results, data.words), out_dir, "table2", "Table II: UA_spk on the test speakers", ".3f"),
+             "table2": save_table(table2(results), out_dir, "table2", "Table II: UA_spk on the test speakers", ".3f"),
              "table3": save_table(table3(results, data.words, data.emotions), out_dir, "table3",
                                   "Table III: UA_spk of ICL-based inference per enrollment setting", ".3f")}
     if results["training"].isin(["TO+LD", "Neutral"]).any():

@@ -84,22 +84,22 @@ def main(argv=None) -> int:
             mlflow.log_artifact(str(sidecar), artifact_path="models")
             mlflow.log_metric(f"best_val_loss_{training.replace('+', '_')}", json.loads(sidecar.read_text())["best_val_loss"])
         # baselines
-        rows = []
+        rows, bank = [], FrameBank.load(frames)
         if config.baselines:
             fbank = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
+            fbank_bank = bank if fbank == frames else FrameBank.load(fbank)  # Scratch reads log-mel frames
             for name in icl.BASELINES:
                 print(f"classifier baseline {name}", flush=True)
-                bank = FrameBank.load(fbank if name == "Scratch" else frames)
-                rows.append(icl.evaluate_classifier(name, bank, data, config.classifier, config.evaluation.seed))
+                rows.append(icl.evaluate_classifier(name, fbank_bank if name == "Scratch" else bank, data, config.classifier,
+                                                    config.evaluation.seed))
         # evaluate
-        bank = FrameBank.load(frames)
         for training, path in models.items():
             rows.append(icl.evaluate_speech_lm(icl.load_speech_lm(path), bank, data, training, config.evaluation))
         results = pd.concat(rows, ignore_index=True)
         paths = icl.save_results(results, data, config.out)
         for path in paths.values():
             mlflow.log_artifact(str(path))
-        for name, row in icl.table2(results, data.words).iterrows():
+        for name, row in icl.table2(results).iterrows():
             key = f"UA_spk_{name}" + (f"_{row['ICL']}" if row["ICL"] != "-" else "")
             key = key.replace("+", "_").replace("-", "_")
             mlflow.log_metric(key, float(row["UA_spk"]))

@@ -9,7 +9,7 @@ from sklearn.metrics import accuracy_score
 from distmeta import icl
 from distmeta.data.speakers import EMOTIONS, SpeakerData, SpeakerTask
 from distmeta.features import FrameBank
-from distmeta.models.speech_lm import SpeechLMConfig
+from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 
 WORDS = SpeakerData(EMOTIONS).words
 
@@ -97,7 +97,7 @@ def fake_results():
 
 def test_tables_follow_the_results():
     results = fake_results()
-    two = icl.table2(results, WORDS)
+    two = icl.table2(results)
     assert list(two.index) == ["Pretrained", "0-shot", "Proposed", "Proposed", "Proposed"]
     assert list(two["ICL"]) == ["-", "-", "0-shot", "1-shot", "2-shot"]
     assert two["UA_spk"].tolist() == pytest.approx([0.5] * 5)  # (a + 1 - a) / 2
@@ -129,19 +129,19 @@ def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_p
     data, bank = toy_data()
     config = icl.MetaICLConfig(batch_size=8, val_every=40, lr=3e-3)
     model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
-    model = icl.build_speech_lm(model_config, bank.dim, data.words)
+    model = SpeechLM(model_config, bank.dim, data.words)
     val = icl.random_episodes(data.splits["valid"], 32, "TU+LU", (0, 3), np.random.default_rng(1))
     before = icl.validation_loss(model, bank, val, data.words, 32)
     best = icl.train_stage(model, bank, data.splits["train"], val, data.words, steps=120, setting="TU+LU", shots=(0, 3),
                            emotion=None, config=config, log=None)
     assert best["val_loss"] < 0.7 * before and best["step"] > 0
     assert set(best["state"]) == {n for n, p in model.named_parameters() if p.requires_grad}
-    fresh = icl.load_trainable(icl.build_speech_lm(model_config, bank.dim, data.words), best["state"]).eval()
+    fresh = icl.load_trainable(SpeechLM(model_config, bank.dim, data.words), best["state"]).eval()
     model.load_state_dict(best["state"], strict=False)
     episodes = icl.evaluation_episodes(data.splits["test"], 2, "TU+LU", seed=0)
     assert icl.predict(fresh, bank, episodes, data.words) == icl.predict(model.eval(), bank, episodes, data.words)
     with pytest.raises(ValueError, match="missing"):
-        icl.load_trainable(icl.build_speech_lm(model_config, bank.dim, data.words), {})
+        icl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
 
 
 def test_personalized_baseline_references():

@@ -19,6 +19,7 @@ majority of its annotators' labels).
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,8 +111,6 @@ def _render(job) -> float:
 def make_speaker_corpus(out_dir=None, config: SpeakerCorpusConfig | None = None, progress: bool = True) -> Corpus:
     """Generate (or load, when `out_dir` holds the same one) the many-speaker corpus; default folder
     `$DISTMETA_CACHE/speakers-<hash>`."""
-    from pathlib import Path
-
     config = config or SpeakerCorpusConfig()
     unknown = [e for e in config.emotions if e not in CLASSES]
     if unknown or len(config.split_fractions) != 3 or config.n_speakers < 3 or config.per_emotion < 1:
