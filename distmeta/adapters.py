@@ -12,6 +12,12 @@ Linear-Few   the Linear model (frozen upstream) with layer weights + classifier 
 Multi-Few    the multi-task model's upstream with a new head from random init trained on the support
 Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the support, softmax
 Meta-PerSER  the meta-trained model, adapted with its learned per-layer per-step rates (LSLR)
+
+Ceilings: how much personalization was possible at all.
+Entire-All        SSL-E fine-tuned entirely on everything the annotator labelled in the test pool
+                  except the episode's queries, until a held-out part of it stops improving
+Oracle-Listener   synthetic corpora: the annotator's own perception model applied to the true emotion
+Oracle-Aggregate  synthetic corpora: the average listener's perception model (what aggregation learns at best)
 """
 
 from dataclasses import dataclass, replace
@@ -33,11 +39,24 @@ class AdaptConfig:
 
 
 @dataclass
+class CeilingConfig:
+    """Entire-All: fine-tuning on the annotator's whole test pool (minus the queries) with early stopping."""
+    lr: float = 1e-3  # 1e-4 (Entire-Few's) stopped within a few epochs below Entire-Few on unseen E1/E4
+    max_epochs: int = 30
+    patience: int = 3  # epochs without a better held-out loss before stopping
+    held_out: float = 0.2  # share of the pool kept for early stopping
+    max_items: int = 400  # a random subset (seeded by the episode) of larger pools; seen pools hold ~1,700
+    batch_size: int = 32
+
+
+@dataclass
 class Episode:
     seed: int
     support: list[str]
     support_targets: np.ndarray
     query: list[str]
+    pool: list[str] = ()  # every item of the annotator's test pool except the queries (for Entire-All)
+    pool_targets: np.ndarray | None = None
 
 
 def _probs(model, bank, ids, batch_size: int) -> np.ndarray:
@@ -94,6 +113,47 @@ class FineTune:
         return _probs(self.adapt(episode), self.bank, episode.query, self.config.batch_size)
 
 
+class FitAll:
+    """Entire-All: SSL-E fine-tuned entirely on the episode's pool (a held-out share of it decides when to
+    stop, seeded by the episode), then the queries predicted."""
+
+    name = "Entire-All"
+
+    def __init__(self, model: SERModel, bank, config: CeilingConfig):
+        self.model, self.bank, self.config = model, bank, config
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        from distmeta.train import fit
+
+        if not len(episode.pool):
+            raise ValueError("Entire-All needs the episode's pool (run_episodes fills it)")
+        config, ids = self.config, list(episode.pool)
+        order = np.random.default_rng(episode.seed).permutation(len(ids))[:config.max_items or None]
+        cut = max(1, int(round(len(order) * config.held_out)))
+        held, train = order[:cut], order[cut:]
+        model = set_scope(self.model.clone(), "entire")
+        torch.manual_seed(episode.seed)
+        result = fit(model, lambda idx: self.bank.batch([ids[train[i]] for i in idx]), episode.pool_targets[train],
+                     episode.pool_targets[held], lambda idx: self.bank.batch([ids[held[i]] for i in idx]),
+                     epochs=config.max_epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0,
+                     seed=episode.seed, patience=config.patience, log=None)
+        model.load_state_dict(result["best_state"])
+        return _probs(model, self.bank, episode.query, config.batch_size)
+
+
+class Oracle:
+    """The generator's ground truth for the queries: the annotator's own perception model, or the
+    average listener's (`annotator=None`)."""
+
+    def __init__(self, name: str, corpus, annotator: str | None):
+        self.name, self.corpus, self.annotator = name, corpus, annotator
+
+    def predict(self, episode: Episode) -> np.ndarray:
+        from distmeta.data.synthetic import oracle_probs
+
+        return oracle_probs(self.corpus, episode.query, self.annotator)
+
+
 class Similarity:
     """Entire-Sim: p(e|x) = softmax_e cos(f(x), c_e) over the emotions present in the support set.
 
@@ -147,10 +207,14 @@ def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_co
     return MetaPerSER(name, model, rates, bank, meta_config.test_steps)
 
 
+ORACLES = ("Oracle-Listener", "Oracle-Aggregate")
+
+
 def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config, config: AdaptConfig,
-                      max_seconds: float | None) -> dict:
-    """The requested baselines for one split, from pretrained checkpoints {"ssl_e"|"linear"|"multi": path}."""
-    from distmeta.features import AudioBank, PooledBank
+                      max_seconds: float | None, ceiling: CeilingConfig | None = None) -> dict:
+    """The requested baselines and ceilings for one split, from pretrained checkpoints
+    {"ssl_e"|"linear"|"multi": path}. The oracles need a synthetic corpus; elsewhere they are left out."""
+    from distmeta.features import AudioBank, PooledBank, input_bank
     from distmeta.pretrain import load_pretrained
 
     test = split.test_task(corpus)
@@ -158,18 +222,23 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
     adapters = {}
     if "Random" in methods:
         adapters["Random"] = RandomGuess()
-    if {"Entire-Zero", "Entire-Few", "Entire-Sim"} & set(methods):
+    if {"Entire-Zero", "Entire-Few", "Entire-Sim", "Entire-All"} & set(methods):
         ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
-        ssl_e_pooled = PooledBank(ssl_e.upstream, audio)  # SSL-E is fixed for Zero and Sim: run its upstream once
+        inputs = input_bank(ssl_e.upstream, audio)  # the frozen conv encoder runs once per utterance
+        ssl_e_pooled = PooledBank(ssl_e.upstream, inputs)  # SSL-E is fixed for Zero and Sim: run its upstream once
         adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_pooled, config)
-        adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", audio, config)
+        adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", inputs, config)
         adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_pooled, config)
+        adapters["Entire-All"] = FitAll(ssl_e, inputs, ceiling or CeilingConfig())
+    if set(ORACLES) & set(methods) and corpus.info.get("listeners"):
+        adapters["Oracle-Listener"] = Oracle("Oracle-Listener", corpus, split.test_annotator)
+        adapters["Oracle-Aggregate"] = Oracle("Oracle-Aggregate", corpus, None)
     if {"Linear-Few", "Multi-Few"} & set(methods):
         linear = load_pretrained("linear", upstream_config, checkpoints["linear"])
-        raw_pooled = PooledBank(linear.upstream, audio)  # the frozen, untrained upstream's features: shared by both
+        raw_pooled = PooledBank(linear.upstream, input_bank(linear.upstream, audio))  # the untrained upstream's: shared by both
         adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_pooled, config)
         if "Multi-Few" in methods:
             multi = load_pretrained("multi", upstream_config, checkpoints["multi"], len(split.train_annotators))
             shared = SERModel(multi.upstream)
             adapters["Multi-Few"] = FineTune("Multi-Few", shared, "head", raw_pooled, config, new_head=True)
-    return {name: adapters[name] for name in methods}
+    return {name: adapters[name] for name in methods if name in adapters}

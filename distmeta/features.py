@@ -1,8 +1,12 @@
 """Model inputs for sets of utterances: waveforms loaded once, or hidden states computed once.
 
 A bank maps utterance ids to tensors and collates any list of ids into the
-input dict `SERModel` takes. `PooledBank` serves frozen-upstream scopes: the
-upstream runs once per utterance (no gradients), adaptation runs on the cache.
+input dict `SERModel` takes. `ConvFeatureBank` holds the outputs of the
+upstream's frozen convolutional feature encoder, so scopes that train the
+transformer (SSL-E, Entire-Few, Entire-All, scope `entire`) skip the most
+expensive part of every step; `input_bank` picks it whenever the upstream has
+one. `PooledBank` serves frozen-upstream scopes: the upstream runs once per
+utterance (no gradients), adaptation runs on the cache.
 """
 
 import torch
@@ -35,9 +39,34 @@ class AudioBank(Bank):
         paths = corpus.utterances["path"]
         self.items = {u: load_audio(paths[u], max_seconds=max_seconds) for u in dict.fromkeys(utterances)}
 
+    def length(self, u) -> int:
+        return len(self.items[u])
+
     def batch(self, ids) -> dict:
         wavs = [self.items[u] for u in ids]
         return {"wavs": pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
+
+
+class ConvFeatureBank(Bank):
+    """Per-utterance outputs [C, F'] of the upstream's frozen convolutional feature encoder (and the
+    utterance's length in samples): the upstream starts from them and computes the same hidden states."""
+
+    def __init__(self, upstream, audio: AudioBank):
+        self.items = {u: (upstream.conv_features(wav), len(wav)) for u, wav in audio.items.items()}
+
+    def length(self, u) -> int:
+        return self.items[u][1]
+
+    def batch(self, ids) -> dict:
+        convs = [self.items[u][0].T for u in ids]
+        return {"conv": pad_sequence(convs, batch_first=True).transpose(1, 2),
+                "lengths": torch.tensor([self.items[u][1] for u in ids])}
+
+
+def input_bank(upstream, audio: AudioBank) -> Bank:
+    """What a model whose upstream trains (or runs) reads: cached conv features when the upstream has a
+    frozen conv encoder (every s3prl wav2vec 2.0 / HuBERT / WavLM), else the audio itself."""
+    return ConvFeatureBank(upstream, audio) if upstream.conv_cacheable else audio
 
 
 class PooledBank(Bank):
@@ -47,9 +76,9 @@ class PooledBank(Bank):
     (see models/ser.py), so the upstream runs once per utterance, without gradients.
     """
 
-    def __init__(self, upstream, audio: AudioBank, batch_size: int = 32):
+    def __init__(self, upstream, audio: "AudioBank | ConvFeatureBank", batch_size: int = 32):
         self.items = {}
-        ids = sorted(audio.items, key=lambda u: -len(audio.items[u]))  # similar lengths batch together: little padding
+        ids = sorted(audio.items, key=lambda u: -audio.length(u))  # similar lengths batch together: little padding
         was_training = upstream.training
         upstream.eval()
         with torch.no_grad():

@@ -303,10 +303,10 @@ def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig):
 
 
 def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds):
-    from distmeta.features import AudioBank, PooledBank
+    from distmeta.features import AudioBank, PooledBank, input_bank
 
-    audio = AudioBank(corpus, utterances, max_seconds)
-    return audio if config.scope == "entire" else PooledBank(model.upstream, audio)
+    inputs = input_bank(model.upstream, AudioBank(corpus, utterances, max_seconds))
+    return inputs if config.scope == "entire" else PooledBank(model.upstream, inputs)
 
 
 def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,

@@ -28,7 +28,7 @@ from torch import nn
 from distmeta.config import from_dict
 from distmeta.data.scenarios import Split
 from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.features import AudioBank, PooledBank
+from distmeta.features import AudioBank, PooledBank, input_bank
 from distmeta.io import atomic_path, write_json
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
@@ -121,6 +121,7 @@ def _train_loop(loop_config: dict) -> None:
     corpus = load_corpus(from_dict(DataConfig, first["data"]), progress=False)
     device = ray.train.torch.get_device()
     audio = AudioBank(corpus, corpus.utterances.index, config.max_seconds)
+    inputs = {}  # per upstream: its frozen conv encoder's outputs (or the audio), computed once
     frozen_pooled = None  # pooled features of the untrained upstream, shared by every linear/multi model
     for number, request in enumerate(requests, 1):
         settings, out_path = request["settings"], Path(request["out_path"])
@@ -130,9 +131,12 @@ def _train_loop(loop_config: dict) -> None:
         torch.manual_seed(config.seed)
         parts = training_rows(corpus, split, kind, config.val_fraction, config.seed)
         model = build_model(kind, UpstreamConfig(**settings["upstream"]), len(split.train_annotators))
+        upstream_key = json.dumps(settings["upstream"], sort_keys=True)
+        if upstream_key not in inputs:
+            inputs[upstream_key] = input_bank(model.upstream, audio)
         if kind != "ssl_e" and frozen_pooled is None:
-            frozen_pooled = PooledBank(model.upstream, audio)
-        bank = audio if kind == "ssl_e" else frozen_pooled
+            frozen_pooled = PooledBank(model.upstream, inputs[upstream_key])
+        bank = inputs[upstream_key] if kind == "ssl_e" else frozen_pooled
         model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement
         name = f"{kind} {split.scenario} test={split.test_annotator}"
         if rank == 0:
@@ -205,7 +209,7 @@ def load_pretrained(kind: Kind, upstream: UpstreamConfig, path, num_heads: int =
     return model
 
 
-KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "ssl_e", "Linear-Few": "linear", "Multi-Few": "multi"}
+KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "ssl_e", "Entire-All": "ssl_e", "Linear-Few": "linear", "Multi-Few": "multi"}
 
 
 def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config: PretrainConfig, splits: dict,

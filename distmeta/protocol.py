@@ -4,6 +4,11 @@ For every scenario, every test annotator of the rotation and every seed: sample
 K support and Q query items from that annotator's test pool, let each method
 adapt on the support set (one batch, `adapt.steps` steps) and score the queries.
 The shots sweep repeats this for each K in `sweep_shots` on the same queries.
+
+Ceiling rows (Entire-All, and on synthetic corpora Oracle-Listener and
+Oracle-Aggregate) say how much personalization was possible: Table 1's
+"headroom" column is each method's share of the Entire-Zero -> Entire-All gap
+on macro-F1, and `paired` compares two methods episode by episode.
 """
 
 import time
@@ -13,12 +18,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from distmeta.adapters import AdaptConfig, Episode
+from distmeta.adapters import AdaptConfig, CeilingConfig, Episode
 from distmeta.data.scenarios import Task
 from distmeta.metrics import multilabel_scores
 
 METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
+CEILINGS = ("Entire-All", "Oracle-Aggregate", "Oracle-Listener")  # the oracles: synthetic corpora only
 
 
 @dataclass
@@ -28,27 +34,32 @@ class ProtocolConfig:
     seeds: int = 3  # the paper uses 10
     shots: int = 32
     queries: int = 128
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS + CEILINGS
     sweep_shots: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     sweep_methods: tuple[str, ...] = ("Meta-PerSER", "Linear-Few", "Multi-Few", "Entire-Sim")
     table2: tuple[str, ...] = ("none", "INI", "INI+CSMT", "INI+DA", "INI+LSLR", "INI+CSMT+DA+LSLR")  # on unseen data
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    ceiling: CeilingConfig = field(default_factory=CeilingConfig)
+    paired: tuple[str, str] = ("Meta-PerSER", "Entire-Few")  # paired.md: the first minus the second, per episode
 
 
 def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, log=print) -> list[dict]:
     """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row."""
     rows = []
-    plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in config.methods]
+    methods = [name for name in config.methods if name in adapters]  # the oracles exist only for synthetic corpora
+    plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
     plan += [(seed, k, name) for seed in range(config.seeds) for k in config.sweep_shots if k != config.shots
-             for name in config.sweep_methods if name in config.methods]
+             for name in config.sweep_methods if name in methods]
     started = time.time()
     for done, (seed, shots, name) in enumerate(plan, 1):
         support, query = task.sample(shots, config.queries, seed)
+        rest = np.setdiff1d(np.arange(len(task)), query)
         episode = Episode(seed, [task.utterances[i] for i in support], task.targets[support],
-                          [task.utterances[i] for i in query])
+                          [task.utterances[i] for i in query], [task.utterances[i] for i in rest], task.targets[rest])
+        began = time.time()
         probs = adapters[name].predict(episode)
         rows.append({"method": name, **labels, "annotator": task.annotator, "seed": seed, "shots": shots,
-                     **multilabel_scores(probs, task.targets[query])})
+                     **multilabel_scores(probs, task.targets[query]), "seconds": round(time.time() - began, 3)})
         if log and (done % 10 == 0 or done == len(plan)):
             elapsed = time.time() - started
             log(f"  {task.annotator}: {done}/{len(plan)} episodes, {elapsed:.0f}s, ETA {elapsed / done * (len(plan) - done):.0f}s")
@@ -64,17 +75,45 @@ def _mean_ci(values: pd.Series) -> str:
 
 
 def table1(results: pd.DataFrame, shots: int) -> pd.DataFrame:
-    """Paper's Table 1 layout: methods x (scenario, upstream, metric), mean ± 95% CI over annotators x seeds, in %."""
+    """Paper's Table 1 layout: methods x (scenario, upstream, metric), mean ± 95% CI over annotators x seeds, in %.
+
+    With Entire-Zero and Entire-All present, a "headroom" column per (scenario, upstream): the method's
+    share of the personalization headroom on macro-F1, (method - Entire-Zero) / (Entire-All - Entire-Zero), in %.
+    """
     main = results[results["shots"] == shots]
-    order = [m for m in METHODS if m in set(main["method"])] + sorted(set(main["method"]) - set(METHODS))
+    known = METHODS + CEILINGS
+    order = [m for m in known if m in set(main["method"])] + sorted(set(main["method"]) - set(known))
     columns = {}
     for (scenario, upstream), group in main.groupby(["scenario", "upstream"], sort=False):
         for metric in METRICS:
             cells = group.groupby("method")[metric].apply(_mean_ci)
             columns[(scenario, upstream, metric)] = [cells.get(m, "") for m in order]
+        means = group.groupby("method")["maF1"].mean()
+        if {"Entire-Zero", "Entire-All"} <= set(means.index):
+            room = means["Entire-All"] - means["Entire-Zero"]
+            columns[(scenario, upstream, "headroom")] = [
+                f"{100 * (means[m] - means['Entire-Zero']) / room:.0f}" if m in means.index and room > 0 else ""
+                for m in order]
     table = pd.DataFrame(columns, index=order)
     table.index.name = "method"
     return table
+
+
+def paired(results: pd.DataFrame, method: str, reference: str, shots: int) -> pd.DataFrame:
+    """`method` minus `reference` on the same episodes (scenario, annotator, seed at `shots`): per scenario
+    and metric, the mean difference and its 95% t-interval (in points), episodes, and how many it wins."""
+    main = results[results["shots"] == shots]
+    keys = ["scenario", "upstream", "annotator", "seed"]
+    both = main[main["method"] == method].merge(main[main["method"] == reference], on=keys, suffixes=("", "_ref"))
+    rows = []
+    for (scenario, upstream), group in both.groupby(["scenario", "upstream"], sort=False):
+        for metric in METRICS:
+            diff = 100 * (group[metric] - group[f"{metric}_ref"]).to_numpy(float)
+            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
+            rows.append({"scenario": scenario, "upstream": upstream, "metric": metric, "comparison": f"{method} - {reference}",
+                         "mean": round(diff.mean(), 2), "low": round(diff.mean() - half, 2),
+                         "high": round(diff.mean() + half, 2), "episodes": len(diff), "wins": int((diff > 0).sum())})
+    return pd.DataFrame(rows).set_index(["scenario", "upstream", "metric"]) if rows else pd.DataFrame()
 
 
 def sweep_table(results: pd.DataFrame, methods) -> pd.DataFrame:

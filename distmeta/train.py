@@ -33,8 +33,10 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
 
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,
         batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0, world_size: int = 1,
-        on_epoch=None, log=functools.partial(print, flush=True)) -> dict:
+        patience: int = 0, on_epoch=None, log=functools.partial(print, flush=True)) -> dict:
     """Train the parameters with requires_grad; return the best state (lowest validation loss) and history.
+
+    With `patience` > 0, training stops once that many epochs in a row did not improve the validation loss.
 
     make_inputs(indices) -> model inputs for those rows of `targets`.
     on_epoch(epoch, metrics, is_best, state_dict) is called after every epoch.
@@ -72,4 +74,6 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
                 f"{' (best)' if is_best else ''}, {elapsed:.0f}s elapsed, ETA {elapsed / (epoch + 1) * (epochs - epoch - 1):.0f}s")
         if on_epoch:
             on_epoch(epoch + 1, metrics, is_best, model.state_dict())
+        if patience and epoch + 1 - best["epoch"] >= patience:
+            break
     return {"best_state": best["state"], "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "history": history}

@@ -36,7 +36,7 @@ from distmeta.io import atomic_path
 from distmeta.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
-from distmeta.protocol import ProtocolConfig, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.protocol import ProtocolConfig, paired, plot_sweep, run_episodes, sweep_table, table1, table2
 from distmeta.report import save_table
 
 
@@ -63,7 +63,8 @@ PRESETS = {
         "pretrain": {"epochs": 1},
         "meta": {"outer_steps": 4, "val_every": 2, "val_seeds": 1, "shots": 8, "val_queries": 8, "test_steps": 5},
         "protocol": {"test_annotators": ["E1", "E2"], "seeds": 1, "shots": 8, "queries": 16,
-                     "sweep_shots": [2, 8], "table2": ["none", "INI+CSMT+DA+LSLR"], "adapt": {"steps": 5}},
+                     "sweep_shots": [2, 8], "table2": ["none", "INI+CSMT+DA+LSLR"], "adapt": {"steps": 5},
+                     "ceiling": {"max_epochs": 2}},
         "out": "runs/meta_train-smoke",
         "models_dir": "runs/models-smoke",
     },
@@ -129,20 +130,25 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
     return adapters
 
 
-def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints) -> pd.DataFrame:
+def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict) -> pd.DataFrame:
+    """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`."""
     rows = []
     actors = ActorPool(config.actors) if config.distributed else None
     for scenario, scenario_splits in splits.items():
         for split in scenario_splits:
             found = checkpoints[(scenario, split.test_annotator)]
+            began = time.time()
             metas = meta_train(config, corpus, scenario, split, found, actors)
+            seconds["meta-train"] = seconds.get("meta-train", 0.0) + time.time() - began
+            began = time.time()
             print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
             baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
             adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
-                                            config.pretrain.max_seconds), **metas}
+                                            config.pretrain.max_seconds, config.protocol.ceiling), **metas}
             labels = {"scenario": scenario, "upstream": config.upstream.name}
             methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
             rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels)
+            seconds["meta-test"] = seconds.get("meta-test", 0.0) + time.time() - began
     if actors is not None:
         actors.shutdown()
     return pd.DataFrame(rows)
@@ -150,12 +156,19 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints) -> pd.DataFra
 
 def save(config: MetaTrainConfig, corpus, splits, results: pd.DataFrame) -> dict:
     out = Path(config.out)
+    timing = results.groupby("method")["seconds"].agg(episodes="count", mean="mean", total="sum").sort_values("total")
+    results = results.drop(columns="seconds")  # results.csv: what a rerun reproduces exactly
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     main = table1(results[~results["method"].str.startswith("Meta[")], config.protocol.shots)
     paths = {"results": out / "results.csv",
+             "timing": save_table(timing, out, "timing", "Meta-test seconds per episode (adaptation + prediction)", ".2f"),
              "table1": save_table(main, out, "table1", f"Table 1: K={config.protocol.shots}, Q={config.protocol.queries}, "
                                   f"mean ± 95% CI over test annotators x seeds (%)")}
+    comparison = paired(results, *config.protocol.paired, config.protocol.shots)
+    if not comparison.empty:
+        paths["paired"] = save_table(comparison, out, "paired", f"Paired comparison per episode, K={config.protocol.shots}: "
+                                     "mean difference and 95% t-interval (points)", ".2f")
     ablation = table2(results[results["shots"] == config.protocol.shots], config.protocol.table2)
     if not ablation.empty:
         paths["table2"] = save_table(ablation, out, "table2", "Table 2: components added one by one, unseen scenario, "
@@ -194,9 +207,12 @@ def main(argv=None) -> int:
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:
+        seconds = {}
         corpus, splits = setup(config)
+        seconds["setup"] = time.time() - started
         checkpoints = pretrain_models(config, splits)
-        results = evaluate(config, corpus, splits, checkpoints)
+        seconds["pretrain"] = time.time() - started - seconds["setup"]
+        results = evaluate(config, corpus, splits, checkpoints, seconds)
         paths = save(config, corpus, splits, results)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):
             for metric in ("maF1", "miF1", "UA"):
@@ -206,9 +222,12 @@ def main(argv=None) -> int:
             mlflow.log_artifact(str(path))
         mlflow.log_artifact(str(Path(config.out) / "config.yaml"))
         mlflow.log_metric("wall_seconds", time.time() - started)
+        mlflow.log_metrics({f"seconds.{phase}": value for phase, value in seconds.items()})
     print("\n" + Path(paths["table1"]).read_text())
-    if "table2" in paths:
-        print(Path(paths["table2"]).read_text())
+    for name in ("paired", "table2"):
+        if name in paths:
+            print(Path(paths[name]).read_text())
+    print("profile: " + ", ".join(f"{phase} {value:.0f}s" for phase, value in seconds.items()))
     print(f"wall time {time.time() - started:.0f}s; written to {Path(config.out).resolve()}")
     return 0
 

@@ -79,3 +79,43 @@ def test_new_head_is_seeded_by_the_episode(setting):
     assert np.array_equal(a, b)
     other = Episode(2, episode.support, episode.support_targets, episode.query)
     assert not np.allclose(adapter.predict(other), a)
+
+
+def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpus):
+    from distmeta.adapters import CeilingConfig, FitAll
+    from distmeta.data import rotation
+    from distmeta.features import AudioBank, input_bank
+
+    model, _, _, _ = setting
+    task = rotation(small_corpus, "seen")[0].test_task(small_corpus)
+    support, query = task.sample(8, 12, seed=1)
+    rest = np.setdiff1d(np.arange(len(task)), query)[:40]
+    pool = [task.utterances[i] for i in rest]
+    queries = [task.utterances[i] for i in query]
+    episode = Episode(1, [task.utterances[i] for i in support], task.targets[support], queries, pool, task.targets[rest])
+    bank = input_bank(model.upstream, AudioBank(small_corpus, pool + queries))
+    seen = set()
+    original = bank.batch
+    bank.batch = lambda ids: seen.update(ids) or original(ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probs = FitAll(model, bank, CeilingConfig(lr=3e-3, max_epochs=4, patience=1)).predict(episode)
+    assert probs.shape == (12, 9) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert seen == set(pool) | set(queries)  # trained and stopped on the pool; the queries only predicted
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="pool"):
+        FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))
+
+
+def test_oracles_are_the_generators_perception_models(small_corpus):
+    from distmeta.adapters import Oracle
+    from distmeta.data.synthetic import evidence, perceive
+
+    listeners = small_corpus.info["listeners"]
+    ids = list(small_corpus.utterances.index[:20])
+    conveyed = evidence(small_corpus.utterances.loc[ids])
+    episode = Episode(0, [], None, ids)
+    assert np.allclose(Oracle("Oracle-Listener", small_corpus, "E2").predict(episode), perceive(listeners["E2"], conveyed))
+    average = np.mean([perceive(m, conveyed) for m in listeners.values()], axis=0)
+    assert np.allclose(Oracle("Oracle-Aggregate", small_corpus, None).predict(episode), average)
+    with pytest.raises(ValueError, match="no perception model"):
+        Oracle("Oracle-Listener", small_corpus, "nobody").predict(episode)

@@ -24,3 +24,27 @@ def test_frame_bank_matches_each_utterance_alone_and_round_trips(tmp_path):
     loaded = FrameBank.load(tmp_path / "frames.safetensors")
     assert loaded.items.keys() == bank.items.keys()
     assert all(torch.equal(loaded.items[u], bank.items[u]) for u in bank.items)
+
+
+def test_conv_feature_bank_batches_like_each_utterance_alone():
+    from distmeta.features import ConvFeatureBank, PooledBank, input_bank
+    from distmeta.models.ser import SERModel
+
+    torch.manual_seed(0)
+    model = SERModel(Upstream(UpstreamConfig(name="tiny"))).eval()
+    audio = object.__new__(AudioBank)
+    g = torch.Generator().manual_seed(1)
+    audio.items = {f"u{i}": torch.randn(n, generator=g) * 0.1 for i, n in enumerate([16000, 9000, 23000])}
+    bank = input_bank(model.upstream, audio)
+    assert isinstance(bank, ConvFeatureBank) and bank.length("u1") == 9000
+    batch = bank.batch(["u1", "u2"])
+    assert batch["conv"].shape[0] == 2 and batch["lengths"].tolist() == [9000, 23000]
+    with torch.no_grad():
+        # the longest utterance of a batch sees no padding: exactly its own logits
+        torch.testing.assert_close(model(batch)[1], model(audio.batch(["u2"]))[0], atol=1e-5, rtol=1e-5)
+        # pooled features from the conv bank equal those from the audio, one utterance at a time
+        for u in audio.items:
+            one = object.__new__(AudioBank)
+            one.items = {u: audio.items[u]}
+            torch.testing.assert_close(PooledBank(model.upstream, bank.subset([u])).items[u],
+                                       PooledBank(model.upstream, one).items[u], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from distmeta.data import rotation
 from distmeta.data.sources import DataConfig
-from distmeta.features import AudioBank, PooledBank
+from distmeta.features import AudioBank, PooledBank, input_bank
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
 from distmeta.train import fit
@@ -51,7 +51,8 @@ def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, 
     torch.manual_seed(config.seed)
     parts = training_rows(small_corpus, split, "linear", config.val_fraction, config.seed)
     model = build_model("linear", UpstreamConfig())
-    bank = PooledBank(model.upstream, AudioBank(small_corpus, small_corpus.utterances.index, config.max_seconds))
+    audio = AudioBank(small_corpus, small_corpus.utterances.index, config.max_seconds)
+    bank = PooledBank(model.upstream, input_bank(model.upstream, audio))
     make = lambda part: lambda idx: bank.batch([parts[part][0][i] for i in idx])  # noqa: E731
     serial = fit(model, make("train"), parts["train"][1], parts["val"][1], make("val"), epochs=config.epochs,
                  batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, log=None)

@@ -293,21 +293,34 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
     return corpus
 
 
-def oracle_gap(corpus: Corpus, annotators=None) -> pd.DataFrame:
-    """Per listener: macro-F1 on their own labels of an oracle that knows their perception model
-    ("personal") and of one that knows only the average listener ("aggregate")."""
+def perception_models(corpus: Corpus) -> dict:
+    """The listeners' perception models a synthetic corpus was generated with."""
     listeners = corpus.info.get("listeners")
     if not listeners:
         raise ValueError(f"corpus {corpus.name!r} has no listener ground truth (only synthetic corpora do)")
-    conveyed = pd.DataFrame(evidence(corpus.utterances), index=corpus.utterances.index)
-    average = np.mean([perceive(m, conveyed.to_numpy()) for m in listeners.values()], axis=0)
-    average = pd.DataFrame(average, index=corpus.utterances.index)
+    return listeners
+
+
+def oracle_probs(corpus: Corpus, utterances, annotator: str | None = None) -> np.ndarray:
+    """The generator's ground truth for `utterances`, [N, C]: how listener `annotator` perceives them
+    (their own perception model), or with None the average over every listener's model."""
+    listeners = perception_models(corpus)
+    if annotator is not None and annotator not in listeners:
+        raise ValueError(f"corpus {corpus.name!r} has no perception model for listener {annotator!r}")
+    conveyed = evidence(corpus.utterances.loc[list(utterances)])
+    if annotator is not None:
+        return perceive(listeners[annotator], conveyed)
+    return np.mean([perceive(model, conveyed) for model in listeners.values()], axis=0)
+
+
+def oracle_gap(corpus: Corpus, annotators=None) -> pd.DataFrame:
+    """Per listener: macro-F1 on their own labels of an oracle that knows their perception model
+    ("personal") and of one that knows only the average listener ("aggregate")."""
     rows = []
-    for name in annotators or list(listeners):
+    for name in annotators or list(perception_models(corpus)):
         labels = corpus.labels(name)
-        personal = perceive(listeners[name], conveyed.loc[labels.index].to_numpy())
-        mine = multilabel_scores(personal, labels.to_numpy())
-        agg = multilabel_scores(average.loc[labels.index].to_numpy(), labels.to_numpy())
+        mine = multilabel_scores(oracle_probs(corpus, labels.index, name), labels.to_numpy())
+        agg = multilabel_scores(oracle_probs(corpus, labels.index), labels.to_numpy())
         rows.append({"annotator": name, "items": len(labels), "personal_maF1": mine["maF1"],
                      "aggregate_maF1": agg["maF1"], "gap_maF1": mine["maF1"] - agg["maF1"]})
     return pd.DataFrame(rows).set_index("annotator")

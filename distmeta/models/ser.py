@@ -5,6 +5,8 @@
              -> mean over valid frames -> Linear(256, C) -> logits
 
 Inputs are a dict: {"wavs": [B, T], "lengths": [B]} runs the upstream;
+{"conv": [B, C, F'], "lengths": [B]} runs it from its cached, frozen conv
+features (`features.ConvFeatureBank`, same result);
 {"hidden": [L, B, F, D], "frames": [B]} starts from hidden states; {"pooled":
 [L, B, D]} from each layer's mean over valid frames. The projection is affine
 and the weighted sum and the mean are averages, so pooling first is exactly
@@ -61,7 +63,7 @@ class SERModel(nn.Module):
             return inputs["pooled"]
         if "hidden" in inputs:
             return self.head.pool(inputs["hidden"], inputs["frames"])
-        return self.head.pool(*self.upstream(inputs["wavs"], inputs["lengths"]))
+        return self.head.pool(*self.upstream(inputs.get("wavs"), inputs["lengths"], conv=inputs.get("conv")))
 
     def embed(self, inputs: dict) -> torch.Tensor:
         return self.head.embed_pooled(self.pooled(inputs))

@@ -7,6 +7,13 @@ a feature extractor (`fbank`), or a local-checkpoint loader (`wavlm_local`,
 2-layer WavLM in s3prl's checkpoint format ({"cfg": ..., "model": state_dict})
 under the cache folder and loads it with `s3prl.hub.wavlm_local`: the default
 for jobs and tests, nothing downloaded.
+
+s3prl's wav2vec 2.0 / HuBERT / WavLM wrappers never train the convolutional
+feature encoder (they set `feature_grad_mult = 0`: it runs under no_grad), so
+its outputs are a fixed function of the audio. `conv_features` computes them
+once per utterance and `forward(..., conv=...)` starts from them: the same
+hidden states, ~2.5x cheaper for every scope that trains the rest
+(`features.ConvFeatureBank`; the usual wav2vec 2.0 fine-tuning practice).
 """
 
 import hashlib
@@ -89,6 +96,15 @@ class Upstream(nn.Module):
         with torch.no_grad():
             hidden = self.model([torch.zeros(16000)])["hidden_states"]
         self.num_layers, self.dim = len(hidden), hidden[0].shape[-1]
+        self._pending_conv = None
+        inner = getattr(self.model, "model", None)
+        extractor = getattr(inner, "feature_extractor", None)
+        self.conv_cacheable = extractor is not None and getattr(inner, "feature_grad_mult", 1.0) == 0.0
+        if self.conv_cacheable:
+            compute = extractor.forward
+            self._compute_conv = compute  # a plain attribute, not a second registration of the module
+            # The wrapper calls the extractor under no_grad; when conv features are handed in, return them instead.
+            extractor.forward = lambda source: compute(source) if self._pending_conv is None else self._pending_conv
 
     def frame_counts(self, lengths: torch.Tensor) -> torch.Tensor:
         """Frames the upstream produces for each utterance on its own.
@@ -105,7 +121,26 @@ class Upstream(nn.Module):
             frames = torch.div(frames - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
         return frames
 
-    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model([w[:n] for w, n in zip(wavs, lengths)])["hidden_states"]
+    def conv_features(self, wav: torch.Tensor) -> torch.Tensor:
+        """The frozen convolutional feature encoder's output for one utterance, [C, frames]."""
+        if not self.conv_cacheable:
+            raise ValueError(f"upstream {self.name!r} has no frozen convolutional feature encoder to cache")
+        with torch.no_grad():
+            return self._compute_conv(wav[None])[0]
+
+    def forward(self, wavs: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                conv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of padded waveforms [B, T] (lengths in samples), or of their cached conv
+        features `conv` [B, C, frames] (zero-padded; `wavs` unused): both give the same result."""
+        if conv is None:
+            hidden = self.model([w[:n] for w, n in zip(wavs, lengths)])["hidden_states"]
+        else:
+            # The wrapper derives the padding mask from the waveform lengths, so it gets silent
+            # stand-ins of the right lengths; its extractor returns `conv` instead of reading them.
+            self._pending_conv = conv
+            try:
+                hidden = self.model([conv.new_zeros(int(n)) for n in lengths])["hidden_states"]
+            finally:
+                self._pending_conv = None
         hidden = torch.stack(hidden)  # [L, B, F, D]
         return hidden, torch.clamp(self.frame_counts(lengths), 1, hidden.shape[2])

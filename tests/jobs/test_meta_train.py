@@ -36,15 +36,34 @@ def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
     b = pd.read_csv(tmp_path / "b" / "results.csv")
     assert list(a.columns) == COLUMNS
     pd.testing.assert_frame_equal(a, b)  # same seed, same numbers
-    # 7 methods x 2 scenarios x 2 annotators x 1 seed at K=8, the 2 Table 2 variants (unseen only),
-    # plus the sweep's K=2 for 4 methods
-    assert len(a) == 7 * 2 * 2 + 2 * 2 + 4 * 2 * 2
+    # 7 methods + 3 ceilings x 2 scenarios x 2 annotators x 1 seed at K=8, the 2 Table 2 variants
+    # (unseen only), plus the sweep's K=2 for 4 methods
+    assert len(a) == 10 * 2 * 2 + 2 * 2 + 4 * 2 * 2
+    assert {"Entire-All", "Oracle-Listener", "Oracle-Aggregate"} <= set(a["method"])
     assert {"Meta-PerSER", "Meta[none]", "Meta[INI+CSMT+DA+LSLR]"} <= set(a["method"])
     assert a[["maF1", "miF1", "UA"]].stack().between(0, 1).all()
     assert set(a["shots"]) == {2, 8} and set(a["annotator"]) == {"E1", "E2"}
-    for name in ("table1.md", "table2.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md", "table_a2.md", "config.yaml"):
+    for name in ("table1.md", "table2.md", "paired.md", "timing.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md",
+                 "table_a2.md", "config.yaml"):
         assert (tmp_path / "a" / name).is_file(), name
     assert "Entire-Few" in (tmp_path / "a" / "table1.md").read_text()
+    # headroom: each method's share of Entire-Zero -> Entire-All on maF1, recomputed from results.csv
+    table = pd.read_csv(tmp_path / "a" / "table1.csv", header=[0, 1, 2], index_col=0)
+    main = a[a["shots"] == 8]
+    for scenario in ("seen", "unseen"):
+        means = main[main["scenario"] == scenario].groupby("method")["maF1"].mean()
+        room = means["Entire-All"] - means["Entire-Zero"]
+        if room > 0:
+            share = 100 * (means["Entire-Few"] - means["Entire-Zero"]) / room
+            assert float(table.loc["Entire-Few", (scenario, "tiny", "headroom")]) == pytest.approx(share, abs=0.5)
+    # paired: Meta-PerSER minus Entire-Few on the same episodes, recomputed from results.csv
+    pairs = pd.read_csv(tmp_path / "a" / "paired.csv").set_index(["scenario", "metric"])
+    for scenario in ("seen", "unseen"):
+        mine = main[(main["scenario"] == scenario)]
+        diff = (mine[mine["method"] == "Meta-PerSER"].set_index(["annotator", "seed"])["miF1"]
+                - mine[mine["method"] == "Entire-Few"].set_index(["annotator", "seed"])["miF1"])
+        assert pairs.loc[(scenario, "miF1"), "mean"] == pytest.approx(100 * diff.mean(), abs=0.01)
+        assert pairs.loc[(scenario, "miF1"), "episodes"] == len(diff)
 
     resumed = pd.read_csv(tmp_path / "a" / "results.csv")
     pd.testing.assert_frame_equal(a, resumed)

@@ -49,3 +49,27 @@ def test_compat_shim_keeps_s3prl_importable_and_sox_explicit():
 
     with pytest.raises(RuntimeError, match="soundfile"):
         torchaudio.sox_effects.apply_effects_tensor(torch.zeros(1, 10), 16000, [])
+
+
+def test_cached_conv_features_give_the_same_hidden_states_and_gradients():
+    torch.manual_seed(0)
+    up = Upstream(UpstreamConfig())
+    assert up.conv_cacheable  # s3prl's WavLM wrapper never trains its conv encoder (feature_grad_mult = 0)
+    wav = torch.randn(12000) * 0.1
+    lengths = torch.tensor([12000])
+    conv = up.conv_features(wav)
+    assert conv.shape[-1] == int(up.frame_counts(lengths)[0])
+    from_audio, frames = up(wav[None], lengths)
+    from_conv, conv_frames = up(None, lengths, conv=conv[None])
+    assert torch.equal(frames, conv_frames)
+    assert torch.allclose(from_audio, from_conv, atol=1e-5)
+    grads = []
+    for inputs in ({"wavs": wav[None]}, {"conv": conv[None]}):
+        up.zero_grad()
+        hidden, _ = up(inputs.get("wavs"), lengths, conv=inputs.get("conv"))
+        hidden.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and not any("feature_extractor" in n for n in grads[0])
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6) for n in grads[0])
+    # the extractor is itself again afterwards: raw audio still goes through it
+    assert torch.allclose(up(wav[None], lengths)[0], from_audio)
