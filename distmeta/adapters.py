@@ -196,14 +196,14 @@ class MetaPerSER:
                              episode.query, self.steps).numpy()
 
 
-def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds) -> MetaPerSER:
+def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds, inputs=None) -> MetaPerSER:
     """A MetaPerSER adapter for the split's test task from a meta-trained state."""
     from distmeta.metatrain import build_meta_model, make_bank, split_state
 
     model_state, rates = split_state(state)
     model = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
     model.load_state_dict(model_state)
-    bank = make_bank(model, corpus, split.test_task(corpus).utterances, meta_config, max_seconds)
+    bank = make_bank(model, corpus, split.test_task(corpus).utterances, meta_config, max_seconds, inputs)
     return MetaPerSER(name, model, rates, bank, meta_config.test_steps)
 
 
@@ -211,31 +211,31 @@ ORACLES = ("Oracle-Listener", "Oracle-Aggregate")
 
 
 def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config, config: AdaptConfig,
-                      max_seconds: float | None, ceiling: CeilingConfig | None = None) -> dict:
+                      max_seconds: float | None, ceiling: CeilingConfig | None = None, inputs=None) -> dict:
     """The requested baselines and ceilings for one split, from pretrained checkpoints
-    {"ssl_e"|"linear"|"multi": path}. The oracles need a synthetic corpus; elsewhere they are left out."""
-    from distmeta.features import AudioBank, PooledBank, input_bank
+    {"ssl_e"|"linear"|"multi": path}. The oracles need a synthetic corpus; elsewhere they are left out.
+    `inputs`: a job-wide input bank to take the test pool's inputs from (see features.inputs_for)."""
+    from distmeta.features import PooledBank, inputs_for
     from distmeta.pretrain import load_pretrained
 
     test = split.test_task(corpus)
-    audio = AudioBank(corpus, test.utterances, max_seconds)
     adapters = {}
     if "Random" in methods:
         adapters["Random"] = RandomGuess()
     if {"Entire-Zero", "Entire-Few", "Entire-Sim", "Entire-All"} & set(methods):
         ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
-        inputs = input_bank(ssl_e.upstream, audio)  # the frozen conv encoder runs once per utterance
-        ssl_e_pooled = PooledBank(ssl_e.upstream, inputs)  # SSL-E is fixed for Zero and Sim: run its upstream once
+        ssl_e_inputs = inputs_for(ssl_e.upstream, test.utterances, inputs, corpus, max_seconds)
+        ssl_e_pooled = PooledBank(ssl_e.upstream, ssl_e_inputs)  # SSL-E is fixed for Zero and Sim: run its upstream once
         adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_pooled, config)
-        adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", inputs, config)
+        adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", ssl_e_inputs, config)
         adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_pooled, config)
-        adapters["Entire-All"] = FitAll(ssl_e, inputs, ceiling or CeilingConfig())
+        adapters["Entire-All"] = FitAll(ssl_e, ssl_e_inputs, ceiling or CeilingConfig())
     if set(ORACLES) & set(methods) and corpus.info.get("listeners"):
         adapters["Oracle-Listener"] = Oracle("Oracle-Listener", corpus, split.test_annotator)
         adapters["Oracle-Aggregate"] = Oracle("Oracle-Aggregate", corpus, None)
     if {"Linear-Few", "Multi-Few"} & set(methods):
         linear = load_pretrained("linear", upstream_config, checkpoints["linear"])
-        raw_pooled = PooledBank(linear.upstream, input_bank(linear.upstream, audio))  # the untrained upstream's: shared by both
+        raw_pooled = PooledBank(linear.upstream, inputs_for(linear.upstream, test.utterances, inputs, corpus, max_seconds))  # shared by both
         adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_pooled, config)
         if "Multi-Few" in methods:
             multi = load_pretrained("multi", upstream_config, checkpoints["multi"], len(split.train_annotators))

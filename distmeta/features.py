@@ -53,6 +53,12 @@ class ConvFeatureBank(Bank):
 
     def __init__(self, upstream, audio: AudioBank):
         self.items = {u: (upstream.conv_features(wav), len(wav)) for u, wav in audio.items.items()}
+        self.encoder = upstream.conv_digest()
+
+    def subset(self, ids) -> "ConvFeatureBank":
+        part = super().subset(ids)
+        part.encoder = self.encoder
+        return part
 
     def length(self, u) -> int:
         return self.items[u][1]
@@ -67,6 +73,19 @@ def input_bank(upstream, audio: AudioBank) -> Bank:
     """What a model whose upstream trains (or runs) reads: cached conv features when the upstream has a
     frozen conv encoder (every s3prl wav2vec 2.0 / HuBERT / WavLM), else the audio itself."""
     return ConvFeatureBank(upstream, audio) if upstream.conv_cacheable else audio
+
+
+def inputs_for(upstream, utterances, shared: Bank | None, corpus=None, max_seconds=None) -> Bank:
+    """The input bank of `utterances` for a model with this upstream: a part of `shared` (one bank
+    computed once for a whole job; refused if its conv encoder is not this upstream's), else a new one."""
+    if shared is None:
+        return input_bank(upstream, AudioBank(corpus, utterances, max_seconds))
+    if isinstance(shared, ConvFeatureBank) and (not upstream.conv_cacheable or shared.encoder != upstream.conv_digest()):
+        raise ValueError("the shared input bank was computed with another conv encoder than this model's upstream")
+    missing = [u for u in dict.fromkeys(utterances) if u not in shared.items]
+    if missing:
+        raise KeyError(f"the shared input bank lacks {len(missing)} utterances, e.g. {missing[:3]}")
+    return shared.subset(utterances)
 
 
 class PooledBank(Bank):

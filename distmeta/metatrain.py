@@ -302,21 +302,23 @@ def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig):
     return set_scope(model, config.scope)
 
 
-def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds):
-    from distmeta.features import AudioBank, PooledBank, input_bank
+def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds, inputs=None):
+    """What the meta-model reads for `utterances`: its input bank (scope entire) or its pooled features;
+    `inputs`: a job-wide input bank to take them from (see features.inputs_for)."""
+    from distmeta.features import PooledBank, inputs_for
 
-    inputs = input_bank(model.upstream, AudioBank(corpus, utterances, max_seconds))
+    inputs = inputs_for(model.upstream, utterances, inputs, corpus, max_seconds)
     return inputs if config.scope == "entire" else PooledBank(model.upstream, inputs)
 
 
 def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,
-                     actors=None, on_step=None, **checkpointing) -> dict:
+                     actors=None, on_step=None, inputs=None, **checkpointing) -> dict:
     """Meta-train Meta-PerSER for one split of the rotation: serially in process, or on `actors`
     (a `distmeta.distributed.ActorPool`: one Ray actor per training annotator)."""
     model = build_meta_model(upstream_config, ssl_e_path, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
     pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
-    bank = make_bank(model, corpus, pool, config, max_seconds)
+    bank = make_bank(model, corpus, pool, config, max_seconds, inputs)
     learner = MetaLearner(model, config)
     if actors is None:
         gradients = SerialGradients(bank, tasks)

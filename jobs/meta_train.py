@@ -106,7 +106,7 @@ def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
     return variants
 
 
-def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, actors) -> dict:
+def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, actors, inputs) -> dict:
     """Meta-train (or reuse) every Meta-PerSER variant for one split; each is a nested MLflow run."""
     import mlflow
 
@@ -125,26 +125,32 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
             state = meta_train_cached(Path(config.models_dir) / f"{name}.safetensors", corpus, split, config.upstream,
                                       checkpoints["ssl_e"], meta_config, asdict(config.data), config.pretrain.max_seconds,
                                       actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / f"{name}.safetensors",
-                                      checkpoint_every=config.checkpoint_every, resume=config.resume)
-        adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds)
+                                      checkpoint_every=config.checkpoint_every, resume=config.resume, inputs=inputs)
+        adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds,
+                                        inputs)
     return adapters
 
 
 def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict) -> pd.DataFrame:
     """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`."""
+    from distmeta.features import AudioBank, input_bank
+    from distmeta.models.upstream import Upstream
+
     rows = []
     actors = ActorPool(config.actors) if config.distributed else None
+    # Every model here shares the upstream's frozen conv encoder: its outputs are computed once for the job.
+    inputs = input_bank(Upstream(config.upstream), AudioBank(corpus, corpus.utterances.index, config.pretrain.max_seconds))
     for scenario, scenario_splits in splits.items():
         for split in scenario_splits:
             found = checkpoints[(scenario, split.test_annotator)]
             began = time.time()
-            metas = meta_train(config, corpus, scenario, split, found, actors)
+            metas = meta_train(config, corpus, scenario, split, found, actors, inputs)
             seconds["meta-train"] = seconds.get("meta-train", 0.0) + time.time() - began
             began = time.time()
             print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
             baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
             adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
-                                            config.pretrain.max_seconds, config.protocol.ceiling), **metas}
+                                            config.pretrain.max_seconds, config.protocol.ceiling, inputs), **metas}
             labels = {"scenario": scenario, "upstream": config.upstream.name}
             methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
             rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels)

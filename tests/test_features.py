@@ -48,3 +48,21 @@ def test_conv_feature_bank_batches_like_each_utterance_alone():
             one.items = {u: audio.items[u]}
             torch.testing.assert_close(PooledBank(model.upstream, bank.subset([u])).items[u],
                                        PooledBank(model.upstream, one).items[u], atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_input_bank_serves_only_models_with_its_conv_encoder():
+    from distmeta.features import inputs_for, input_bank
+
+    audio = object.__new__(AudioBank)
+    audio.items = {"a": torch.randn(8000) * 0.1, "b": torch.randn(9000) * 0.1}
+    same = Upstream(UpstreamConfig(name="tiny"))
+    shared = input_bank(same, audio)
+    part = inputs_for(Upstream(UpstreamConfig(name="tiny")), ["b"], shared)  # another instance, same weights
+    assert list(part.items) == ["b"] and torch.equal(part.items["b"][0], shared.items["b"][0])
+    other = Upstream(UpstreamConfig(name="tiny", seed=1))
+    import pytest
+
+    with pytest.raises(ValueError, match="another conv encoder"):
+        inputs_for(other, ["a"], shared)
+    with pytest.raises(KeyError, match="lacks 1 utterances"):
+        inputs_for(same, ["a", "zzz"], shared)

@@ -121,6 +121,15 @@ class Upstream(nn.Module):
             frames = torch.div(frames - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
         return frames
 
+    def conv_digest(self) -> str:
+        """Identifies the frozen conv encoder's weights: banks of its outputs serve only models that share it."""
+        extractor = self.model.model.feature_extractor
+        digest = hashlib.sha256()
+        for name, tensor in sorted(extractor.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def conv_features(self, wav: torch.Tensor) -> torch.Tensor:
         """The frozen convolutional feature encoder's output for one utterance, [C, frames]."""
         if not self.conv_cacheable:
