@@ -26,17 +26,20 @@ Numbers are from one run on one machine.
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
 import torchaudio
 
+from distmeta.adapters import Oracle
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.data.synthetic import EXTERNAL_BIAS, evidence, oracle_probs
+from distmeta.data.synthetic import EXTERNAL_BIAS, evidence
 from distmeta.features import AudioBank
-from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights, multilabel_scores
+from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models import Upstream, UpstreamConfig
+from distmeta.protocol import ProtocolConfig, run_episodes
 
 K, Q, SEEDS = 32, 128, 3
 
@@ -66,65 +69,67 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
 
 
 class LinearHead:
-    """Softmax regression on standardised features, trained with the project's class-balanced loss."""
+    """Softmax regression on standardised features (statistics of the ids it was first fit on), trained
+    with the project's class-balanced loss."""
 
-    def __init__(self, features: pd.DataFrame, fit_ids):
+    def __init__(self, features: pd.DataFrame, mean: torch.Tensor, std: torch.Tensor, weights: list[torch.Tensor]):
+        self.features, self.mean, self.std, self.weights = features, mean, std, weights
+
+    @classmethod
+    def untrained(cls, features: pd.DataFrame, fit_ids) -> "LinearHead":
         train = torch.tensor(features.loc[list(fit_ids)].to_numpy(), dtype=torch.float32)
-        self.features, self.mean, self.std = features, train.mean(0), train.std(0) + 1e-6
-        self.weights = [torch.zeros(features.shape[1], 9), torch.zeros(9)]
+        return cls(features, train.mean(0), train.std(0) + 1e-6, [torch.zeros(features.shape[1], 9), torch.zeros(9)])
 
     def _x(self, ids) -> torch.Tensor:
         return (torch.tensor(self.features.loc[list(ids)].to_numpy(), dtype=torch.float32) - self.mean) / self.std
 
     def fitted(self, ids, targets, steps: int, lr: float, weight_decay: float) -> "LinearHead":
-        head = object.__new__(LinearHead)
-        head.features, head.mean, head.std = self.features, self.mean, self.std
-        head.weights = [w.clone().requires_grad_(True) for w in self.weights]
+        weights = [w.clone().requires_grad_(True) for w in self.weights]
         x, y = self._x(ids), torch.as_tensor(targets, dtype=torch.float32)
-        optimizer, class_weights = torch.optim.Adam(head.weights, lr=lr, weight_decay=weight_decay), class_balanced_weights(y)
+        optimizer, class_weights = torch.optim.Adam(weights, lr=lr, weight_decay=weight_decay), class_balanced_weights(y)
         for _ in range(steps):
-            loss = class_balanced_cross_entropy(x @ head.weights[0] + head.weights[1], y, class_weights)
+            loss = class_balanced_cross_entropy(x @ weights[0] + weights[1], y, class_weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        head.weights = [w.detach() for w in head.weights]
-        return head
+        return LinearHead(self.features, self.mean, self.std, [w.detach() for w in weights])
 
     def probs(self, ids) -> np.ndarray:
         return torch.softmax(self._x(ids) @ self.weights[0] + self.weights[1], -1).numpy()
 
 
-def episodes(corpus):
-    """(split, task, support, query, pool) for every unseen test annotator x seed, as the protocol draws them."""
-    for split in rotation(corpus, "unseen"):
-        task = split.test_task(corpus)
-        for seed in range(SEEDS):
-            support, query = task.sample(K, Q, seed)
-            pool = np.setdiff1d(np.arange(len(task)), query)
-            yield split, task, support, query, pool
+class HeadAdapter:
+    """A linear head as a protocol adapter: as fitted (Zero), or refit on the episode's support (Few)
+    or pool (All) first."""
+
+    def __init__(self, head: LinearHead, data: str = "", steps: int = 0, lr: float = 0.0, weight_decay: float = 0.0):
+        self.head, self.data, self.fit = head, data, (steps, lr, weight_decay)
+
+    def predict(self, episode) -> np.ndarray:
+        head = self.head
+        if self.data == "support":
+            head = head.fitted(episode.support, episode.support_targets, *self.fit)
+        elif self.data == "pool":
+            head = head.fitted(episode.pool, episode.pool_targets, *self.fit)
+        return head.probs(episode.query)
 
 
 def room(corpus, features: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """maF1 and miF1 (%) of every row, mean over the unseen test annotators x seeds."""
+    config = ProtocolConfig(seeds=SEEDS, shots=K, queries=Q, sweep_shots=())
     rows = []
-    zero_heads = {}
-    for split, task, support, query, pool in episodes(corpus):
-        ids = np.asarray(task.utterances)
-        scored = {"oracle/aggregate": oracle_probs(corpus, ids[query]),
-                  "oracle/listener": oracle_probs(corpus, ids[query], task.annotator)}
+    for split in rotation(corpus, "unseen"):
+        adapters = {"oracle/aggregate": Oracle("oracle/aggregate", corpus, None),
+                    "oracle/listener": Oracle("oracle/listener", corpus, split.test_annotator)}
+        aggregated = split.aggregated_targets(corpus)
         for kind, table in features.items():
-            key = (kind, split.test_annotator)
-            if key not in zero_heads:
-                aggregated = split.aggregated_targets(corpus)
-                zero_heads[key] = LinearHead(table, aggregated.index).fitted(aggregated.index, aggregated.to_numpy(np.float32),
-                                                                             300, 1e-2, 1e-3)
-            zero = zero_heads[key]
-            scored[f"{kind}/zero"] = zero.probs(ids[query])
-            scored[f"{kind}/few"] = zero.fitted(ids[support], task.targets[support], 50, 1e-3, 0.0).probs(ids[query])
-            scored[f"{kind}/all"] = zero.fitted(ids[pool], task.targets[pool], 200, 3e-3, 1e-3).probs(ids[query])
-        for name, probs in scored.items():
-            scores = multilabel_scores(probs, task.targets[query])
-            rows.append({"row": name, "maF1": 100 * scores["maF1"], "miF1": 100 * scores["miF1"]})
-    return pd.DataFrame(rows).groupby("row", sort=False).mean()
+            zero = LinearHead.untrained(table, aggregated.index).fitted(aggregated.index, aggregated.to_numpy(np.float32),
+                                                                        300, 1e-2, 1e-3)
+            adapters[f"{kind}/zero"] = HeadAdapter(zero)
+            adapters[f"{kind}/few"] = HeadAdapter(zero, "support", 50, 1e-3, 0.0)
+            adapters[f"{kind}/all"] = HeadAdapter(zero, "pool", 200, 3e-3, 1e-3)
+        rows += run_episodes(adapters, split.test_task(corpus), replace(config, methods=tuple(adapters)), {}, log=None)
+    return 100 * pd.DataFrame(rows).groupby("method", sort=False)[["maF1", "miF1"]].mean()
 
 
 def main(argv=None) -> int:
