@@ -112,14 +112,14 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
 
 def test_oracles_are_the_generators_perception_models(small_corpus):
     from distmeta.adapters import Oracle
-    from distmeta.data.synthetic import evidence, perceive
+    from distmeta.data.synthetic import perceive
 
     listeners = small_corpus.info["listeners"]
     ids = list(small_corpus.utterances.index[:20])
-    conveyed = evidence(small_corpus.utterances.loc[ids])
+    heard = small_corpus.utterances.loc[ids]
     episode = Episode(0, [], None, ids)
-    assert np.allclose(Oracle("Oracle-Listener", small_corpus, "E2").predict(episode), perceive(listeners["E2"], conveyed))
-    average = np.mean([perceive(m, conveyed) for m in listeners.values()], axis=0)
+    assert np.allclose(Oracle("Oracle-Listener", small_corpus, "E2").predict(episode), perceive(listeners["E2"], heard))
+    average = np.mean([perceive(m, heard) for m in listeners.values()], axis=0)
     assert np.allclose(Oracle("Oracle-Aggregate", small_corpus, None).predict(episode), average)
     with pytest.raises(ValueError, match="no perception model"):
         Oracle("Oracle-Listener", small_corpus, "nobody").predict(episode)

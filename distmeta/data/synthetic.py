@@ -48,8 +48,10 @@ CONFUSABLE = [("angry", "frustrated"), ("happy", "excited"), ("neutral", "sad"),
 CORRELATES = {
     "neutral": Prosody(),
     "angry": Prosody(f0_st=3, f0_range=1.5, rate=1.15, gain_db=8, tilt=1.5, open_quotient=-0.2, jitter=0.004),
-    "frustrated": Prosody(f0_st=1, f0_range=1.0, rate=1.0, gain_db=4, tilt=0.8, open_quotient=-0.12, jitter=0.003),
-    "happy": Prosody(f0_st=2.5, f0_range=1.4, rate=1.1, gain_db=3, tilt=0.6),
+    # Frustration: tense, flat and dragging, with creaky phrase ends; not a milder anger.
+    "frustrated": Prosody(f0_st=0.5, f0_range=0.6, rate=0.9, gain_db=3, tilt=0.5, open_quotient=-0.15, creak=0.3, jitter=0.003),
+    # Happiness: smiled speech (raised formants), relaxed voice; not a milder excitement.
+    "happy": Prosody(f0_st=2.5, f0_range=1.4, rate=1.0, gain_db=2, tilt=0.3, open_quotient=0.05, formant_shift=0.1),
     "excited": Prosody(f0_st=5, f0_range=1.9, rate=1.3, gain_db=7, tilt=0.8, open_quotient=-0.05),
     "sad": Prosody(f0_st=-2, f0_range=0.6, rate=0.8, gain_db=-5, tilt=-1.5, open_quotient=0.15, aspiration=0.1, jitter=0.015),
     "fear": Prosody(f0_st=5, f0_range=0.8, rate=1.2, gain_db=1, tilt=0.8, aspiration=0.1, jitter=0.03, shimmer=0.05),
@@ -58,18 +60,20 @@ CORRELATES = {
 }
 # External listeners' class biases (log-odds), shaped after the spread of the paper's Table A1.
 EXTERNAL_BIAS = {
-    "E1": {"frustrated": 1.0, "excited": 0.8, "neutral": -1.0, "happy": -0.5, "surprise": -1.0, "disgust": -1.5},
-    "E2": {"happy": 0.9, "angry": 0.7, "sad": 0.5, "frustrated": -0.6, "excited": -0.6},
-    "E3": {"neutral": 1.0, "frustrated": 0.2, "excited": -0.2, "angry": -0.4},
-    "E4": {"neutral": 1.4, "disgust": 1.2, "fear": 1.2, "excited": -2.0, "frustrated": -0.3},
-    "E5": {"frustrated": 0.6, "excited": 0.4, "happy": 0.5, "surprise": 0.8, "neutral": -0.5},
+    "E1": {"frustrated": 1.5, "excited": 1.2, "neutral": -1.5, "happy": -0.8, "surprise": -1.5, "disgust": -2.2},
+    "E2": {"happy": 1.4, "angry": 1.0, "sad": 0.8, "frustrated": -0.9, "excited": -0.9},
+    "E3": {"neutral": 1.5, "frustrated": 0.3, "excited": -0.3, "angry": -0.6},
+    "E4": {"neutral": 2.1, "disgust": 1.8, "fear": 1.8, "excited": -3.0, "frustrated": -0.4},
+    "E5": {"frustrated": 0.9, "excited": 0.6, "happy": 0.8, "surprise": 1.2, "neutral": -0.8},
 }
 EXTERNAL_MULTI = {"E1": 0.02, "E2": 0.01, "E3": 0.02, "E4": 0.12, "E5": 0.04}
 EXTERNAL_COVERAGE = {"E1": 0.85, "E2": 0.75, "E3": 0.65, "E4": 0.55, "E5": 0.5}
 SELF_REPORT_SESSIONS = (1, 2, 3)
-PAIR_LEAK = (0.08, 0.2)  # how much of a look-alike pair leaks, before the listener's direction
+PAIR_LEAK = (0.3, 0.6)  # how much of a look-alike pair leaks, before the listener's direction
+FIRMNESS = (0.7, 1.0)  # how one-sidedly a listener resolves each look-alike pair (0: both ways, 1: one way only)
 HABITS, HABIT_LEAK = 1, (0.2, 0.5)  # personal confusions per listener
-DECISIVENESS = (1.5, 2.5)  # exponent on the perceived distribution: how consistently a listener resolves ambiguity
+DECISIVENESS = (4.0, 6.0)  # exponent on the perceived distribution: how consistently a listener resolves ambiguity
+SENSITIVITY = (0.6, 1.4)  # multiplies expression strength: how much emotion a listener hears in mild expression
 
 
 @dataclass
@@ -104,7 +108,7 @@ def _listener(rng, bias: dict, multi: float, noise: float, sessions) -> dict:
     """A perception model: confusion matrix (true -> perceived), class bias, label propensity."""
     confusion = np.eye(NUM_CLASSES)
     for a, b in CONFUSABLE:
-        direction = rng.uniform(-1, 1)  # which way this listener resolves the look-alike pair
+        direction = rng.choice((-1, 1)) * rng.uniform(*FIRMNESS)  # which way this listener resolves the look-alike pair
         leak = rng.uniform(*PAIR_LEAK)
         confusion[IDX[a], IDX[b]] += leak * (1 + direction)
         confusion[IDX[b], IDX[a]] += leak * (1 - direction)
@@ -113,9 +117,9 @@ def _listener(rng, bias: dict, multi: float, noise: float, sessions) -> dict:
         confusion[a, b] += rng.uniform(*HABIT_LEAK)
     confusion /= confusion.sum(1, keepdims=True)
     confusion = (1 - noise) * confusion + noise / NUM_CLASSES
-    log_bias = np.array([bias.get(c, 0.0) for c in CLASSES]) + rng.normal(0, 0.25, NUM_CLASSES)
+    log_bias = np.array([bias.get(c, 0.0) for c in CLASSES]) + rng.normal(0, 0.35, NUM_CLASSES)
     return {"confusion": confusion.round(6).tolist(), "bias": log_bias.round(6).tolist(),
-            "decisiveness": float(rng.uniform(*DECISIVENESS)), "multi_label": float(multi), "noise": float(noise),
+            "decisiveness": float(rng.uniform(*DECISIVENESS)), "sensitivity": float(rng.uniform(*SENSITIVITY)), "multi_label": float(multi), "noise": float(noise),
             "sessions": list(sessions)}
 
 
@@ -125,22 +129,24 @@ def _listeners(rng) -> dict[str, dict]:
         listeners[name] = _listener(rng, bias, EXTERNAL_MULTI[name], rng.uniform(0.05, 0.15), range(1, 6))
     for session in SELF_REPORT_SESSIONS:
         for sex in "FM":
-            bias = dict(zip(CLASSES, rng.normal(0, 0.7, NUM_CLASSES)))
+            bias = dict(zip(CLASSES, rng.normal(0, 1.0, NUM_CLASSES)))
             listeners[f"S{session}{sex}"] = _listener(rng, bias, rng.uniform(0.0, 0.15), rng.uniform(0.05, 0.2), [session])
     return listeners
 
 
-def evidence(utterances: pd.DataFrame) -> np.ndarray:
-    """What the audio conveys, [N, C]: the latent emotion mix, faded toward neutral for weak expression."""
+def evidence(utterances: pd.DataFrame, sensitivity: float = 1.0) -> np.ndarray:
+    """What a listener hears in the audio, [N, C]: the latent emotion mix, faded toward neutral for weak
+    expression; `sensitivity` scales the strength at which expression stops sounding neutral to them."""
     latent = utterances[[f"latent_{c}" for c in CLASSES]].to_numpy()
-    strength = np.clip(utterances["strength"].to_numpy(), 0, 1)[:, None]
+    strength = np.clip(sensitivity * utterances["strength"].to_numpy(), 0, 1)[:, None]
     return strength * latent + (1 - strength) * np.eye(NUM_CLASSES)[IDX["neutral"]]
 
 
-def perceive(listener: dict, conveyed: np.ndarray) -> np.ndarray:
+def perceive(listener: dict, utterances: pd.DataFrame) -> np.ndarray:
     """The listener's distribution over their first label for each utterance, [N, C]."""
-    p = conveyed @ np.asarray(listener["confusion"]) * np.exp(np.asarray(listener["bias"]))
-    p = (p / p.sum(1, keepdims=True)) ** listener["decisiveness"]
+    conveyed = evidence(utterances, listener["sensitivity"])
+    # Decisiveness sharpens what they hear; their class bias then tilts the odds by a fixed amount.
+    p = (conveyed @ np.asarray(listener["confusion"])) ** listener["decisiveness"] * np.exp(np.asarray(listener["bias"]))
     return p / p.sum(1, keepdims=True)
 
 
@@ -194,8 +200,7 @@ def _render(job) -> float:
 
 
 def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
-    conveyed = evidence(plan)
-    perceived = {name: perceive(model, conveyed) for name, model in listeners.items()}
+    perceived = {name: perceive(model, plan) for name, model in listeners.items()}
     externals = [n for n in listeners if n in EXTERNAL_COVERAGE]
     records = []
     for row, (utt, info) in enumerate(plan.iterrows()):
@@ -219,7 +224,7 @@ def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
     return build_annotations(records)
 
 
-GENERATOR_VERSION = 1  # bump when the generative model changes, so caches of the old one are not reused
+GENERATOR_VERSION = 2  # bump when the generative model changes, so caches of the old one are not reused
 
 
 def config_hash(config) -> str:
@@ -307,10 +312,10 @@ def oracle_probs(corpus: Corpus, utterances, annotator: str | None = None) -> np
     listeners = perception_models(corpus)
     if annotator is not None and annotator not in listeners:
         raise ValueError(f"corpus {corpus.name!r} has no perception model for listener {annotator!r}")
-    conveyed = evidence(corpus.utterances.loc[list(utterances)])
+    heard = corpus.utterances.loc[list(utterances)]
     if annotator is not None:
-        return perceive(listeners[annotator], conveyed)
-    return np.mean([perceive(model, conveyed) for model in listeners.values()], axis=0)
+        return perceive(listeners[annotator], heard)
+    return np.mean([perceive(model, heard) for model in listeners.values()], axis=0)
 
 
 def oracle_gap(corpus: Corpus, annotators=None) -> pd.DataFrame:

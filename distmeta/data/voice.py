@@ -45,6 +45,7 @@ class Prosody:
     shimmer: float = 0.0  # relative cycle amplitude noise
     creak: float = 0.0  # 0..1
     rising_end_st: float = 0.0  # final rise (surprise)
+    formant_shift: float = 0.0  # relative formant raise (a smile shortens the vocal tract)
 
 
 def _resonator_sos(freqs, bandwidths):
@@ -104,7 +105,7 @@ def synthesize(speaker: Speaker, prosody: Prosody, duration: float, rng: np.rand
         s0, s1 = int(bounds[i] * SAMPLE_RATE), min(n, int(bounds[i + 1] * SAMPLE_RATE))
         length = s1 - s0
         vowel = VOWELS[rng.integers(len(VOWELS))] * rng.uniform(0.93, 1.07, 3)
-        freqs = np.append(vowel, 3500) * speaker.vtl
+        freqs = np.append(vowel, 3500) * speaker.vtl * (1 + prosody.formant_shift)
         segment = sosfilt(_resonator_sos(freqs, bandwidths), source[s0:s1])
         onset = int(length * rng.uniform(0.15, 0.3))
         env = np.ones(length)
