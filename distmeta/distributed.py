@@ -13,9 +13,15 @@ loss, timing and meta-gradients as one flat buffer in the same layout. The
 frozen upstream travels once, at setup. A task's meta-gradient depends only on
 (parameters, step, task), so the averaged update equals the serial one.
 
-Fault tolerance: an actor that dies (killed, out of memory, its process exits)
-is replaced by a fresh one, set up again from the object refs the pool keeps,
-and its part of the step is recomputed.
+Fault tolerance: every call the pool makes on an actor (setting up a split, an
+outer step's meta-gradient) goes through `ActorPool._call`. An actor that dies
+before answering (killed, out of memory, its node preempted or drained) is
+replaced by a fresh one, set up again from the object refs the pool keeps, and
+only its own call is repeated, up to `max_restarts` times per call. An actor
+that died while idle (between steps, during validation, between splits) is
+found and replaced at its next call the same way; at teardown a dead actor
+needs nothing. A task's results depend only on (parameters, step, task), so a
+run with deaths equals an undisturbed one.
 """
 
 import os
@@ -30,7 +36,7 @@ import torch
 class ActorConfig:
     num_cpus: float = 0.0  # per actor; 0 shares the node's CPUs (a 2-core laptop holds all nine actors)
     num_gpus: float = 0.0  # per actor; fractions pack several actors on one GPU
-    max_restarts: int = 3  # replacements of one actor within one step before the run fails
+    max_restarts: int = 3  # replacements of one actor within one call before the run fails
 
 
 class FlatLayout:
@@ -102,7 +108,7 @@ class ActorPool:
 
     def __init__(self, config: ActorConfig | None = None, log=print):
         self.config, self.log = config or ActorConfig(), log
-        self.actors, self.setups, self.layout = [], [], None
+        self.actors, self.setups, self.layout, self.annotators = [], [], None, []
         self.last_metrics: dict[int, dict] = {}
 
     def _start(self):
@@ -123,50 +129,60 @@ class ActorPool:
         state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
         self.setups = [(upstream_config, state, config, ray.put(task), i, ray.put(bank.subset(task.utterances)), self.layout)
                        for i, task in enumerate(tasks)]
-        ray.get([actor.setup.remote(*args) for actor, args in zip(self.actors, self.setups)])
         self.annotators = [task.annotator for task in tasks]
+        self._call(range(len(tasks)), "setup", (), "setting up")
         return self
 
-    def _replace(self, index: int) -> None:
-        import ray
-
-        ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._start()
-        ray.get(self.actors[index].setup.remote(*self.setups[index]))
-
-    def __call__(self, learner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:
+    def _call(self, indices, method: str, args: tuple, what: str) -> dict:
+        """`method(*args)` on the actors at `indices`, concurrently; {index: result}. An actor that has died
+        (now or while idle) is replaced by a fresh one, set up again from the kept refs, and only its call
+        is repeated. `setup` calls take each actor's own setup arguments."""
         import ray
         from ray.exceptions import RayActorError
 
-        flat = ray.put(self.layout.flatten(learner.trainable()))  # once per step, shared by every actor
-        pending = {i: self.actors[i].meta_gradient.remote(flat, step, second_order) for i in chosen}
-        results = []
-        for i, future in pending.items():
+        def submit(i):
+            return getattr(self.actors[i], method).remote(*(self.setups[i] if method == "setup" else args))
+
+        pending, results = {i: submit(i) for i in indices}, {}
+        for i in pending:
             for attempt in range(self.config.max_restarts + 1):
                 try:
-                    metrics, grads = ray.get(future)
+                    results[i] = ray.get(pending[i])
                     break
                 except RayActorError as err:
                     if attempt == self.config.max_restarts:
                         raise RuntimeError(f"the task actor of annotator {self.annotators[i]!r} died "
-                                           f"{attempt + 1} times in outer step {step + 1}") from err
+                                           f"{attempt + 1} times {what}") from err
                     if self.log:
-                        self.log(f"task actor of annotator {self.annotators[i]!r} died in outer step {step + 1} "
-                                 f"({type(err).__name__}); starting a new one and recomputing its meta-gradient")
-                    self._replace(i)
-                    future = self.actors[i].meta_gradient.remote(flat, step, second_order)
+                        self.log(f"task actor of annotator {self.annotators[i]!r} died {what} ({type(err).__name__}); "
+                                 f"starting a new one and repeating its part")
+                    ray.kill(self.actors[i], no_restart=True)
+                    self.actors[i] = self._start()
+                    if method != "setup":  # queued before the call: an actor runs its calls in order
+                        restored = self.actors[i].setup.remote(*self.setups[i])
+                    pending[i] = submit(i)
+            if method != "setup" and attempt > 0:
+                ray.get(restored)  # already done; raises if setting the replacement up failed
+        return results
+
+    def __call__(self, learner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:
+        import ray
+
+        flat = ray.put(self.layout.flatten(learner.trainable()))  # once per step, shared by every actor
+        answers = self._call(list(chosen), "meta_gradient", (flat, step, second_order), f"in outer step {step + 1}")
+        results = []
+        for i, (metrics, grads) in answers.items():
             self.last_metrics[i] = metrics
             results.append((metrics["loss"], self.layout.unflatten(grads)))
         return results
 
     def pids(self) -> list[int]:
-        import ray
-
-        return ray.get([actor.pid.remote() for actor in self.actors])
+        """The actors' process ids (a dead actor is replaced first)."""
+        return list(self._call(range(len(self.actors)), "pid", (), "when asked its pid").values())
 
     def shutdown(self) -> None:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            ray.kill(actor, no_restart=True)  # a no-op for an actor that has died already
         self.actors = []

@@ -96,6 +96,12 @@ def test_a_killed_actor_is_replaced_and_its_step_recomputed(ray_local, small_cor
     assert killed and killed[0] not in pool.pids()
     assert any("died in outer step 3" in m for m in messages), messages
     assert_same_training(result, reference)
+    # an actor that dies while idle (between trainings) is replaced when the next setup needs it
+    idle = pool.pids()[1]
+    os.kill(idle, signal.SIGKILL)
+    again = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None, actors=pool)
+    assert idle not in pool.pids() and any("died setting up" in m for m in messages), messages
+    assert_same_training(again, reference)
     pool.shutdown()
 
 
