@@ -1,6 +1,6 @@
 """How much room a synthetic corpus leaves to personalize, in minutes instead of a default run.
 
-    .venv/bin/python benchmarks/bench_room.py [--seeds 0,1,2] [--features evidence,log-mel,tiny] [--utterances 2000]
+    .venv/bin/python benchmarks/bench_room.py [--seeds 0,1,2] [--features evidence,log-mel,tiny,tiny_pretrained] [--utterances 2000]
 
 Calibrating the embedded corpus (issue 13) needs "is there room?" answered per
 generator setting and corpus seed, and the default run takes most of an hour.
@@ -15,7 +15,9 @@ This answers it on the unseen scenario with the protocol's own episodes
   queries), for feature sets from ideal to real:
     evidence  what each utterance conveys (the generator's latent mix): a perfect upstream
     log-mel   mean and std of 40 log-mel bands: what plain spectra carry
-    tiny      mean of each hidden layer of the tiny upstream the jobs use
+    tiny      mean of each hidden layer of the tiny upstream, random weights (the tests' upstream)
+    tiny_pretrained   the same, pretrained (models/tiny_wavlm.py; the listener jobs' upstream)
+    wavlm_local:PATH  the same for any WavLM checkpoint in s3prl's format
 - the label shares behind the paper's Table A1 (neutral and frustration spread).
 
 Room = All - Zero in maF1 points (issue 13 asks >= 6 for the real model).
@@ -56,15 +58,16 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
         for u in utterances.index:
             mel = torchaudio.compliance.kaldi.fbank(audio.items[u][None] * 32768, num_mel_bins=40).T
             rows.append(torch.cat([mel.mean(1), mel.std(1)]).numpy())
-    elif kind == "tiny":
-        upstream = Upstream(UpstreamConfig()).eval()
+    elif kind in ("tiny", "tiny_pretrained") or kind.startswith("wavlm_local:"):
+        config = UpstreamConfig(kind) if ":" not in kind else UpstreamConfig("wavlm_local", kind.split(":", 1)[1])
+        upstream = Upstream(config).eval()
         with torch.no_grad():
             for u in utterances.index:
                 wav = audio.items[u]
                 hidden, _ = upstream(wav[None], torch.tensor([len(wav)]))
                 rows.append(hidden[:, 0].mean(1).flatten().numpy())
     else:
-        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, log-mel, tiny")
+        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, log-mel, tiny, tiny_pretrained, wavlm_local:PATH")
     return pd.DataFrame(np.stack(rows), index=utterances.index)
 
 
@@ -135,7 +138,7 @@ def room(corpus, features: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="corpus seeds")
-    parser.add_argument("--features", default="evidence,log-mel,tiny")
+    parser.add_argument("--features", default="evidence,log-mel,tiny,tiny_pretrained")
     parser.add_argument("--utterances", type=int, default=2000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -34,7 +34,7 @@ from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.distributed import ActorConfig, ActorPool
 from distmeta.io import atomic_path
 from distmeta.metatrain import ABLATIONS, MetaConfig, meta_train_cached
-from distmeta.models.upstream import UpstreamConfig
+from distmeta.models.upstream import UpstreamConfig, prepare
 from distmeta.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
 from distmeta.protocol import ProtocolConfig, paired, plot_sweep, run_episodes, sweep_table, table1, table2
 from distmeta.report import save_table
@@ -43,7 +43,9 @@ from distmeta.report import save_table
 @dataclass
 class MetaTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # Pretrained once per machine on synthetic audio of other speakers (models/tiny_wavlm.py); "tiny"
+    # is the same model with random weights, any s3prl name a real upstream.
+    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     actors: ActorConfig = field(default_factory=ActorConfig)
@@ -60,6 +62,7 @@ class MetaTrainConfig:
 PRESETS = {
     "smoke": {
         "data": {"n_utterances": 300},
+        "upstream": {"pretrain_epochs": 1, "pretrain_utterances": 128},
         "pretrain": {"epochs": 1},
         "meta": {"outer_steps": 4, "val_every": 2, "val_seeds": 1, "shots": 8, "val_queries": 8, "test_steps": 5},
         "protocol": {"test_annotators": ["E1", "E2"], "seeds": 1, "shots": 8, "queries": 16,
@@ -83,6 +86,7 @@ def setup(config: MetaTrainConfig):
     if not ray.is_initialized():
         ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     corpus = load_corpus(config.data)
+    prepare(config.upstream)  # a tiny upstream is built here once, before any worker needs it
     splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
     return corpus, splits
 

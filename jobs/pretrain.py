@@ -17,7 +17,7 @@ from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.models.upstream import UpstreamConfig
+from distmeta.models.upstream import UpstreamConfig, prepare
 from distmeta.pretrain import PretrainConfig, pretrain_rotation
 
 
@@ -30,7 +30,7 @@ class RotationConfig:
 @dataclass
 class PretrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: RotationConfig = field(default_factory=RotationConfig)
     kinds: tuple[str, ...] = ("ssl_e", "linear", "multi")
@@ -41,6 +41,7 @@ class PretrainJobConfig:
 
 
 PRESETS = {"smoke": {"data": {"n_utterances": 300}, "pretrain": {"epochs": 1},
+                     "upstream": {"pretrain_epochs": 1, "pretrain_utterances": 128},
                      "protocol": {"test_annotators": ["E1", "E2"]}, "out": "runs/pretrain-smoke", "models_dir": "runs/models-smoke"}}
 
 
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     with tracking.run(config.experiment, f"pretrain-{config.upstream.name}", asdict(config)) as mlflow:
         ray.init(address=config.ray_address, include_dashboard=False)
         corpus = load_corpus(config.data)
+        prepare(config.upstream)
         splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
         checkpoints = pretrain_rotation(config.kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir)
         for (scenario, test), paths in checkpoints.items():

@@ -31,6 +31,7 @@ from distmeta import config as cfg  # noqa: E402
 from distmeta import tracking  # noqa: E402
 from distmeta.data.scenarios import rotation  # noqa: E402
 from distmeta.data.sources import load_corpus  # noqa: E402
+from distmeta.models.upstream import prepare  # noqa: E402
 from distmeta.pretrain import pretrain_rotation  # noqa: E402
 from distmeta.report import save_table  # noqa: E402
 from distmeta.sweep import METRIC, MODE, SweepConfig, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params  # noqa: E402
@@ -75,6 +76,7 @@ def setup(config: TuneJobConfig):
         ray.init(address=config.base.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     space = load_space(space_path(config.sweep.space), MetaTrainConfig)
     corpus = load_corpus(config.base.data)
+    prepare(config.base.upstream)
     splits = rotation(corpus, config.sweep.scenario, [config.sweep.test_annotator] if config.sweep.test_annotator else None)
     split = splits[0]
     check_shots(space, config.base.meta, split.train_tasks(corpus))

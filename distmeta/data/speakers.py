@@ -38,7 +38,8 @@ WORDS = {"neutral": "Neutral", "surprise": "Surprise", "sad": "Sadness", "happy"
 SPLITS = ("train", "valid", "test")
 # Spread of a speaker's personal offset per prosody field (about the size of the differences between emotions).
 STYLE_SCALE = {"f0_st": 2.0, "f0_range": 0.35, "rate": 0.1, "gain_db": 3.0, "tilt": 0.7, "open_quotient": 0.07,
-               "aspiration": 0.04, "jitter": 0.006, "shimmer": 0.02, "creak": 0.15, "rising_end_st": 2.0}
+               "aspiration": 0.04, "jitter": 0.006, "shimmer": 0.02, "creak": 0.15, "rising_end_st": 2.0,
+               "formant_shift": 0.03}
 
 
 @dataclass

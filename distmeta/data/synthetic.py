@@ -10,10 +10,11 @@ Generative story, all from one seed:
 - 11 listeners: 5 external (`E1`..`E5`) who label all sessions and 6
   self-reports (the actors of sessions 1-3, ids = speaker ids) who label only
   their own session; every utterance gets at least 3 listeners. A listener
-  perceives the latent emotion through a personal model: a confusion matrix
-  with their own direction on the look-alike pairs and a habit of their own,
-  a class bias, a decisiveness (how consistently they resolve ambiguity their
-  way), a noise level, and a propensity to add a second label. Those models are saved in
+  perceives the latent emotion through a personal model: a sensitivity (how
+  much emotion they hear in mild expression), a confusion matrix with their
+  own firm direction on each look-alike pair and a habit of their own, a
+  decisiveness (how consistently they resolve ambiguity their way), a class
+  bias, a noise level, and a propensity to add a second label. Those models are saved in
   `corpus.info["listeners"]` as ground truth.
 
 `oracle_gap` measures how much knowing one listener's model helps predict that
@@ -89,7 +90,7 @@ class SyntheticConfig:
 # ---- the generative model --------------------------------------------------------
 
 
-def _speakers(rng) -> dict[str, Speaker]:
+def draw_speakers(rng) -> dict[str, Speaker]:
     speakers = {}
     for session in range(1, 6):
         for sex in "FM":
@@ -150,7 +151,7 @@ def perceive(listener: dict, utterances: pd.DataFrame) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
-def _utterance_plan(rng, config: SyntheticConfig, speakers: dict) -> pd.DataFrame:
+def draw_utterances(rng, config: SyntheticConfig, speakers: dict) -> pd.DataFrame:
     names = list(speakers)
     freq = np.array([FREQUENCY[c] for c in CLASSES])
     rows = []
@@ -238,18 +239,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
 
 
-def render_all(render, jobs: list, workers: int, what: str | None, every: int, started: float) -> list[float]:
-    """`render(job)` -> seconds of audio written, for every job in a process pool (`workers` 0: one per
-    core), in order; with `what`, a progress line with ETA every `every` jobs."""
-    durations = []
+def render_all(render, jobs: list, workers: int, what: str | None, every: int, started: float) -> list:
+    """`render(job)` for every job in a process pool (`workers` 0: one per core), results in order (the
+    corpora's renderers return the seconds of audio written); with `what`, a progress line with ETA
+    every `every` jobs."""
+    results = []
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for i, seconds in enumerate(pool.map(render, jobs, chunksize=16), 1):
-            durations.append(seconds)
+        for i, result in enumerate(pool.map(render, jobs, chunksize=16), 1):
+            results.append(result)
             if what and (i % every == 0 or i == len(jobs)):
                 elapsed = time.time() - started
                 eta = elapsed / i * (len(jobs) - i)
                 print(f"{what}: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
-    return durations
+    return results
 
 
 def load_cached(out_dir: Path, digest: str) -> Corpus | None:
@@ -279,9 +281,9 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
         return cached
     started = time.time()
     rng = np.random.default_rng(config.seed)
-    speakers = _speakers(rng)
+    speakers = draw_speakers(rng)
     listeners = _listeners(rng)
-    plan = _utterance_plan(rng, config, speakers)
+    plan = draw_utterances(rng, config, speakers)
     annotations = _annotate(rng, plan, listeners)
     plan["path"] = [str((out_dir / "wav" / spk / f"{utt}.wav").resolve()) for utt, spk in zip(plan.index, plan["speaker"])]
     jobs = [(path, asdict(speakers[spk]), plan.loc[utt, [f"latent_{c}" for c in CLASSES]].to_numpy(float), strength, sec, seed)

@@ -3,10 +3,12 @@
 `UpstreamConfig.name` is any s3prl hub entry: a remote model (`wavlm_base`,
 `hubert`, `wav2vec2`, ... downloaded by s3prl only because the user named it),
 a feature extractor (`fbank`), or a local-checkpoint loader (`wavlm_local`,
-`hubert_local`, `wav2vec2_local`, with `path` the checkpoint). `tiny` builds a
-2-layer WavLM in s3prl's checkpoint format ({"cfg": ..., "model": state_dict})
-under the cache folder and loads it with `s3prl.hub.wavlm_local`: the default
-for jobs and tests, nothing downloaded.
+`hubert_local`, `wav2vec2_local`, with `path` the checkpoint). `tiny` and
+`tiny_pretrained` build a 2-layer WavLM in s3prl's checkpoint format ({"cfg":
+..., "model": state_dict}) under the cache folder (`models/tiny_wavlm.py`) and
+load it with `s3prl.hub.wavlm_local`; nothing is downloaded. `tiny` (random
+weights) is what tests run on, `tiny_pretrained` (pretrained once on synthetic
+audio of other speakers) what the listener jobs run on by default.
 
 s3prl's wav2vec 2.0 / HuBERT / WavLM wrappers never train the convolutional
 feature encoder (they set `feature_grad_mult = 0`: it runs under no_grad), so
@@ -17,59 +19,34 @@ hidden states, ~2.5x cheaper for every scope that trains the rest
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distmeta.data.synthetic import default_cache_dir
-from distmeta.io import atomic_path
 from distmeta.models.s3prl_compat import import_s3prl_hub
-
-TINY_WAVLM = {
-    # layer_norm normalises each frame on its own; "default" (GroupNorm over time, as in the base
-    # models) makes an utterance's features depend on how much padding its batch has.
-    "extractor_mode": "layer_norm",
-    "encoder_layers": 2,
-    "encoder_embed_dim": 64,
-    "encoder_ffn_embed_dim": 128,
-    "encoder_attention_heads": 4,
-    "conv_feature_layers": "[(32,10,5)] + [(32,8,4)] + [(32,4,4)] + [(32,2,2)] * 2",  # 320x downsampling, as in base models
-    "conv_pos": 16,
-    "conv_pos_groups": 4,
-    "dropout": 0.0,
-    "attention_dropout": 0.0,
-    "normalize": False,
-}
+from distmeta.models.tiny_wavlm import build_pretrained_tiny, build_tiny_checkpoint, pretrained_tiny_path, tiny_checkpoint_path
 
 
 @dataclass
 class UpstreamConfig:
-    name: str = "tiny"  # "tiny", or any s3prl hub name (wavlm_base, hubert, wav2vec2, fbank, wavlm_local, ...)
+    name: str = "tiny"  # "tiny", "tiny_pretrained", or any s3prl hub name (wavlm_base, hubert, fbank, wavlm_local, ...)
     path: str = ""  # checkpoint for *_local names
-    seed: int = 0  # initialisation of the tiny upstream
+    seed: int = 0  # initialisation of the tiny upstream (and its pretraining audio)
+    pretrain_epochs: int = 12  # tiny_pretrained: epochs of its self-supervised pretraining (models/tiny_wavlm.py)
+    pretrain_utterances: int = 2000  # tiny_pretrained: synthetic utterances it is pretrained on
 
 
-def build_tiny_checkpoint(path, seed: int = 0) -> Path:
-    """A randomly initialised tiny WavLM saved in s3prl's checkpoint format (plain-dict cfg + state dict)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    import_s3prl_hub()
-    from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
-
-    torch.manual_seed(seed)
-    model = WavLM(WavLMConfig(TINY_WAVLM))
-    with atomic_path(path) as tmp:
-        torch.save({"cfg": dict(TINY_WAVLM), "model": model.state_dict()}, tmp)
-    return path
-
-
-def tiny_checkpoint_path(seed: int = 0) -> Path:
-    digest = hashlib.sha256(json.dumps(TINY_WAVLM, sort_keys=True).encode()).hexdigest()[:8]
-    return default_cache_dir() / "upstreams" / f"tiny_wavlm_{digest}_seed{seed}.pt"
+def prepare(config: UpstreamConfig) -> Path | None:
+    """Build the locally made checkpoint a `tiny` name needs, once per machine (jobs call this on the
+    driver before any worker or actor constructs the upstream); its path, or None for other names."""
+    if config.name == "tiny":
+        return build_tiny_checkpoint(tiny_checkpoint_path(config.seed), config.seed)
+    if config.name == "tiny_pretrained":
+        path = pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
+        return build_pretrained_tiny(path, config.seed, config.pretrain_epochs, config.pretrain_utterances)
+    return None
 
 
 class Upstream(nn.Module):
@@ -79,9 +56,8 @@ class Upstream(nn.Module):
         super().__init__()
         hub = import_s3prl_hub()
         name = config.name
-        if name == "tiny":
-            path = build_tiny_checkpoint(tiny_checkpoint_path(config.seed), config.seed)
-            self.model = hub.wavlm_local(str(path))
+        if name in ("tiny", "tiny_pretrained"):
+            self.model = hub.wavlm_local(str(prepare(config)))
         elif name.endswith("_local") or name.endswith("_custom"):
             if not config.path or not Path(config.path).is_file():
                 raise FileNotFoundError(f"upstream {name!r} needs upstream.path to be a checkpoint file, got {config.path!r}")

@@ -55,7 +55,7 @@ def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
         room = means["Entire-All"] - means["Entire-Zero"]
         if room > 0:
             share = 100 * (means["Entire-Few"] - means["Entire-Zero"]) / room
-            assert float(table.loc["Entire-Few", (scenario, "tiny", "headroom")]) == pytest.approx(share, abs=0.5)
+            assert float(table.loc["Entire-Few", (scenario, "tiny_pretrained", "headroom")]) == pytest.approx(share, abs=0.5)
     # paired: Meta-PerSER minus Entire-Few on the same episodes, recomputed from results.csv
     pairs = pd.read_csv(tmp_path / "a" / "paired.csv").set_index(["scenario", "metric"])
     for scenario in ("seen", "unseen"):

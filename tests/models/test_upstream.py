@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from distmeta.models.s3prl_compat import import_s3prl_hub
-from distmeta.models.upstream import Upstream, UpstreamConfig, build_tiny_checkpoint
+from distmeta.models.tiny_wavlm import build_tiny_checkpoint
+from distmeta.models.upstream import Upstream, UpstreamConfig
 
 
 def test_tiny_upstream_loads_through_s3prl_wavlm_local(tmp_path):

@@ -1,0 +1,173 @@
+"""The tiny upstream the embedded default runs on: a 2-layer WavLM built locally in s3prl's checkpoint format.
+
+`tiny` is randomly initialised (fast; what the tests use). Its frozen convolutional
+encoder is then a random filter bank and its layers carry little of what a voice
+conveys, so an SER model on it learns little: on the default corpus a linear probe of
+its pooled layers scores below one on plain log-mel statistics (benchmarks/bench_room.py).
+The paper's upstream, WavLM Base+, was pretrained on 94k hours, and its layers carry
+pitch, loudness and voice quality, which is what SER heads read.
+
+`tiny_pretrained` gives the tiny model that, once per machine, offline: it is trained
+on synthetic audio of *other* speakers (its own seed stream, never a corpus's) with two
+self-supervised workers in the manner of PASE (Pascual et al. 2019):
+
+- masked frames: WavLM's span masking on the input, each frame's 40 log-mel bands
+  reconstructed from the output (L1);
+- prosody: from the mean of each layer, regress the voice parameters the utterance
+  was rendered with (F0 level and range, rate, level, spectral tilt, open quotient,
+  aspiration, jitter, shimmer, creak, final rise, formant shift; standardised, MSE),
+  the synthetic counterpart of PASE's prosody worker (F0, voicing, energy), which on
+  real speech a pitch tracker would supply.
+
+No emotion label and no listener is involved. The checkpoint is cached under
+`$DISTMETA_CACHE/upstreams`, keyed by everything that shapes it.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from distmeta.data.synthetic import (GENERATOR_VERSION, SyntheticConfig, default_cache_dir, draw_speakers,
+                                     draw_utterances, prosody_for, render_all)
+from distmeta.data.voice import Prosody, Speaker, synthesize
+from distmeta.io import atomic_path
+from distmeta.labels import CLASSES
+from distmeta.models.s3prl_compat import import_s3prl_hub
+
+TINY_WAVLM = {
+    # layer_norm normalises each frame on its own; "default" (GroupNorm over time, as in the base
+    # models) makes an utterance's features depend on how much padding its batch has.
+    "extractor_mode": "layer_norm",
+    "encoder_layers": 2,
+    "encoder_embed_dim": 64,
+    "encoder_ffn_embed_dim": 128,
+    "encoder_attention_heads": 4,
+    "conv_feature_layers": "[(32,10,5)] + [(32,8,4)] + [(32,4,4)] + [(32,2,2)] * 2",  # 320x downsampling, as in base models
+    # With a bias, the first convolution's output is signal + a fixed offset before its LayerNorm, so
+    # loudness survives the normalisation (without one it is divided out; loudness tells anger from
+    # frustration and sadness from neutral).
+    "conv_bias": True,
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "normalize": False,
+}
+PRETRAINING_VERSION = 1  # bump when the pretraining recipe changes, so old checkpoints are not reused
+HOP = 320  # the conv encoder's downsampling: one frame per 20 ms
+PRETRAINING_STREAM = 0x7E1  # second seed word: pretraining audio never shares a corpus's random stream
+
+
+def _digest(fields_: dict) -> str:
+    return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _wavlm(seed: int):
+    import_s3prl_hub()
+    from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
+
+    torch.manual_seed(seed)
+    return WavLM(WavLMConfig(TINY_WAVLM))
+
+
+def _save(model, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save({"cfg": dict(TINY_WAVLM), "model": model.state_dict()}, tmp)
+    return path
+
+
+def tiny_checkpoint_path(seed: int = 0) -> Path:
+    return default_cache_dir() / "upstreams" / f"tiny_wavlm_{_digest(TINY_WAVLM)}_seed{seed}.pt"
+
+
+def build_tiny_checkpoint(path, seed: int = 0) -> Path:
+    """A randomly initialised tiny WavLM saved in s3prl's checkpoint format (plain-dict cfg + state dict)."""
+    path = Path(path)
+    return path if path.is_file() else _save(_wavlm(seed), path)
+
+
+def pretrained_tiny_path(seed: int = 0, epochs: int = 12, utterances: int = 2000) -> Path:
+    key = {"wavlm": TINY_WAVLM, "seed": seed, "epochs": epochs, "utterances": utterances,
+           "recipe": PRETRAINING_VERSION, "generator": GENERATOR_VERSION}
+    return default_cache_dir() / "upstreams" / f"tiny_wavlm_pretrained_{_digest(key)}.pt"
+
+
+def _render(job) -> tuple[np.ndarray, np.ndarray]:
+    speaker, latent, strength, seconds, seed = job
+    rng = np.random.default_rng(seed)
+    prosody = prosody_for(np.asarray(latent), strength, rng)
+    wav = synthesize(Speaker(**speaker), prosody, seconds, rng)
+    return wav, np.array([getattr(prosody, f.name) for f in fields(Prosody)], np.float32)
+
+
+def pretraining_audio(seed: int, utterances: int, progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Waveforms of synthetic speakers drawn from their own seed stream, and each one's standardised
+    voice parameters [N, P] (those that vary)."""
+    rng = np.random.default_rng([seed, PRETRAINING_STREAM])
+    speakers = draw_speakers(rng)
+    plan = draw_utterances(rng, SyntheticConfig(n_utterances=utterances), speakers)
+    jobs = [(asdict(speakers[row.speaker]), plan.loc[u, [f"latent_{c}" for c in CLASSES]].to_numpy(float), row.strength,
+             row.target_seconds, row.audio_seed) for u, row in zip(plan.index, plan.itertuples())]
+    rendered = render_all(_render, jobs, 0, "upstream pretraining audio" if progress else None, 500, time.time())
+    prosody = torch.from_numpy(np.stack([p for _, p in rendered]))
+    prosody = prosody[:, prosody.std(0) > 1e-6]
+    return [torch.from_numpy(w) for w, _ in rendered], (prosody - prosody.mean(0)) / prosody.std(0)
+
+
+def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, epochs: int, seed: int = 0, lr: float = 2e-3,
+                  batch_size: int = 32, log=print):
+    """The tiny WavLM (conv encoder included) trained with the masked-frame and prosody workers."""
+    model = _wavlm(seed)
+    layers = TINY_WAVLM["encoder_layers"]
+    log_mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, win_length=400, hop_length=HOP, n_mels=40, center=False)
+    frame_worker = nn.Linear(TINY_WAVLM["encoder_embed_dim"], 40)
+    prosody_worker = nn.Linear(TINY_WAVLM["encoder_embed_dim"] * (layers + 1), prosody.shape[1])
+    params = [*model.parameters(), *frame_worker.parameters(), *prosody_worker.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    order_rng, started = np.random.default_rng(seed), time.time()
+    for epoch in range(1, epochs + 1):
+        totals = np.zeros(2)
+        order = order_rng.permutation(len(wavs))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            x = pad_sequence([wavs[i] for i in batch], batch_first=True)
+            lengths = torch.tensor([len(wavs[i]) for i in batch])
+            padding = torch.arange(x.shape[1])[None] >= lengths[:, None]
+            (last, results), _ = model.extract_features(x, padding_mask=padding, mask=True, ret_layer_results=True,
+                                                        output_layer=layers)
+            target = torch.log(log_mel(x) + 1e-6).transpose(1, 2)
+            frames = min(target.shape[1], last.shape[1])
+            valid = (torch.arange(last.shape[1])[None] < (lengths // HOP)[:, None]).float()
+            frame_loss = ((frame_worker(last[:, :frames]) - target[:, :frames]).abs().mean(-1) * valid[:, :frames]).sum()
+            frame_loss = frame_loss / valid[:, :frames].sum()
+            pooled = torch.cat([(h.transpose(0, 1) * valid[..., None]).sum(1) for h, _ in results], -1) / valid.sum(1, keepdim=True)
+            prosody_loss = ((prosody_worker(pooled) - prosody[batch]) ** 2).mean()
+            optimizer.zero_grad()
+            (frame_loss + prosody_loss).backward()
+            optimizer.step()
+            totals += [frame_loss.item() * len(batch), prosody_loss.item() * len(batch)]
+        elapsed = time.time() - started
+        if log:
+            frame_l1, prosody_mse = totals / len(wavs)
+            log(f"upstream pretraining: epoch {epoch}/{epochs}, masked log-mel L1 {frame_l1:.3f}, prosody MSE "
+                f"{prosody_mse:.3f} (1.0 = knows nothing), {elapsed:.0f}s elapsed, ETA {elapsed / epoch * (epochs - epoch):.0f}s")
+    return model.eval()
+
+
+def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print) -> Path:
+    """The pretrained tiny WavLM at `path` (built there first if missing), in s3prl's checkpoint format."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if log:
+        log(f"building the pretrained tiny upstream once ({utterances} utterances x {epochs} epochs) -> {path}")
+    wavs, prosody = pretraining_audio(seed, utterances, progress=log is not None)
+    return _save(pretrain_tiny(wavs, prosody, epochs, seed, log=log), path)
