@@ -143,7 +143,7 @@ class ActorPool:
         def submit(i):
             return getattr(self.actors[i], method).remote(*(self.setups[i] if method == "setup" else args))
 
-        pending, results = {i: submit(i) for i in indices}, {}
+        pending, results, restoring = {i: submit(i) for i in indices}, {}, {}
         for i in pending:
             for attempt in range(self.config.max_restarts + 1):
                 try:
@@ -159,10 +159,9 @@ class ActorPool:
                     ray.kill(self.actors[i], no_restart=True)
                     self.actors[i] = self._start()
                     if method != "setup":  # queued before the call: an actor runs its calls in order
-                        restored = self.actors[i].setup.remote(*self.setups[i])
+                        restoring[i] = self.actors[i].setup.remote(*self.setups[i])
                     pending[i] = submit(i)
-            if method != "setup" and attempt > 0:
-                ray.get(restored)  # already done; raises if setting the replacement up failed
+        ray.get(list(restoring.values()))  # already done; raises if setting a replacement up failed
         return results
 
     def __call__(self, learner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:

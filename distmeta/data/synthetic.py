@@ -191,10 +191,16 @@ def prosody_for(latent: np.ndarray, strength: float, rng) -> Prosody:
     return Prosody(**mixed)
 
 
-def _render(job) -> float:
-    path, speaker, latent, strength, seconds, seed = job
+def voice_utterance(speaker: dict, latent, strength: float, seconds: float, seed: int) -> tuple[np.ndarray, Prosody]:
+    """One planned utterance's waveform and the prosody it was rendered with (both from its own seed)."""
     rng = np.random.default_rng(seed)
-    wav = synthesize(Speaker(**speaker), prosody_for(np.asarray(latent), strength, rng), seconds, rng)
+    prosody = prosody_for(np.asarray(latent), strength, rng)
+    return synthesize(Speaker(**speaker), prosody, seconds, rng), prosody
+
+
+def _render(job) -> float:
+    path, *planned = job
+    wav, _ = voice_utterance(*planned)
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return len(wav) / SAMPLE_RATE

@@ -36,8 +36,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from distmeta.data.synthetic import (GENERATOR_VERSION, SyntheticConfig, default_cache_dir, draw_speakers,
-                                     draw_utterances, prosody_for, render_all)
-from distmeta.data.voice import Prosody, Speaker, synthesize
+                                     draw_utterances, render_all, voice_utterance)
+from distmeta.data.voice import Prosody
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES
 from distmeta.models.s3prl_compat import import_s3prl_hub
@@ -101,10 +101,7 @@ def pretrained_tiny_path(seed: int = 0, epochs: int = 12, utterances: int = 2000
 
 
 def _render(job) -> tuple[np.ndarray, np.ndarray]:
-    speaker, latent, strength, seconds, seed = job
-    rng = np.random.default_rng(seed)
-    prosody = prosody_for(np.asarray(latent), strength, rng)
-    wav = synthesize(Speaker(**speaker), prosody, seconds, rng)
+    wav, prosody = voice_utterance(*job)
     return wav, np.array([getattr(prosody, f.name) for f in fields(Prosody)], np.float32)
 
 
