@@ -40,6 +40,26 @@ def _plain(value):
     return value
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become comma-joined strings (MLflow params, comparisons)."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Every dotted key whose value differs between two nested settings, as "key: old -> new"."""
+    old, new = flatten(old), flatten(new)
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
 def merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():

@@ -22,9 +22,16 @@ that died while idle (between steps, during validation, between splits) is
 found and replaced at its next call the same way; at teardown a dead actor
 needs nothing. A task's results depend only on (parameters, step, task), so a
 run with deaths equals an undisturbed one.
+
+Chaos testing: with `DISTMETA_CHAOS=SEED:PATH` in the driver's environment the
+pool kills its own actors' processes (SIGKILL) at four moments drawn from SEED
+(`Chaos`) and records each kill in PATH; `tests/jobs/test_ray_job_submit.py`
+runs a submitted job that way and compares its results with an undisturbed run.
 """
 
+import json
 import os
+import signal
 import time
 from dataclasses import dataclass, replace
 
@@ -100,6 +107,73 @@ class TaskActor:
         return os.getpid()
 
 
+class Chaos:
+    """Kills one task actor's process at each of four moments drawn from a seed, and records each kill.
+
+    setup           while the first training's actors set up (its call in flight)
+    step            in flight in an outer step of one training
+    validation      idle, while the driver validates after a `val_every` step of the other training
+    between splits  idle, before the second training's setup
+
+    Each kill is appended to the record file as a JSON line (moment, training, step, annotator, pid,
+    time). The driver signals the process itself, so this is for single-machine clusters (tests).
+    """
+
+    MOMENTS = ("setup", "step", "validation", "between splits")
+
+    def __init__(self, seed: int, record_path):
+        self.rng, self.record_path = np.random.default_rng(seed), record_path
+        self.step_training = int(self.rng.integers(1, 3))  # the other training gets the validation kill
+        self.plan: dict[str, tuple] = {}
+        self.training = 0
+
+    @classmethod
+    def from_environment(cls) -> "Chaos | None":
+        spec = os.environ.get("DISTMETA_CHAOS", "")
+        if not spec:
+            return None
+        seed, _, path = spec.partition(":")
+        return cls(int(seed), path or "chaos.jsonl")
+
+    def new_training(self, config) -> None:
+        """Draw this training's moments: {moment: (a draw choosing the actor, outer step or None)}."""
+        self.training += 1
+        t, pick = self.training, lambda: int(self.rng.integers(1 << 30))
+        validations = [s for s in range(config.val_every, config.outer_steps, config.val_every)]
+        self.plan = {}
+        if t == 1:
+            self.plan["setup"] = (pick(), None)
+        if t == 2:
+            self.plan["between splits"] = (pick(), None)
+        if t == self.step_training:
+            self.plan["step"] = (pick(), int(self.rng.integers(1, config.outer_steps + 1)))
+        elif t <= 2 and validations:
+            self.plan["validation"] = (pick(), int(self.rng.choice(validations)))
+
+    def target(self, pool, moment: str, step: int | None = None, candidates=None):
+        """(actor index, its pid) if `moment` (at 1-based outer `step`) is planned now: one of `candidates`
+        (default: every actor), asked while it is idle."""
+        import ray
+
+        planned = self.plan.get(moment)
+        if planned is None or planned[1] != step:
+            return None
+        del self.plan[moment]
+        candidates = list(range(len(pool.actors)) if candidates is None else candidates)
+        index = candidates[planned[0] % len(candidates)]
+        return index, ray.get(pool.actors[index].pid.remote())
+
+    def kill(self, pool, target, moment: str, step: int | None = None) -> None:
+        index, pid = target
+        os.kill(pid, signal.SIGKILL)
+        record = {"moment": moment, "training": self.training, "step": step, "annotator": pool.annotators[index],
+                  "pid": pid, "time": time.time()}
+        with open(self.record_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if pool.log:
+            pool.log(f"chaos: killed the task actor of annotator {record['annotator']!r} ({moment})")
+
+
 class ActorPool:
     """Task actors kept across trainings (splits, variants): each `setup` hands them new tasks.
 
@@ -110,6 +184,7 @@ class ActorPool:
         self.config, self.log = config or ActorConfig(), log
         self.actors, self.setups, self.layout, self.annotators = [], [], None, []
         self.last_metrics: dict[int, dict] = {}
+        self.chaos = Chaos.from_environment()
 
     def _start(self):
         import ray
@@ -130,6 +205,11 @@ class ActorPool:
         self.setups = [(upstream_config, state, config, ray.put(task), i, ray.put(bank.subset(task.utterances)), self.layout)
                        for i, task in enumerate(tasks)]
         self.annotators = [task.annotator for task in tasks]
+        if self.chaos:
+            self.chaos.new_training(config)
+            idle = self.chaos.target(self, "between splits")
+            if idle:
+                self.chaos.kill(self, idle, "between splits")
         self._call(range(len(tasks)), "setup", (), "setting up")
         return self
 
@@ -143,7 +223,11 @@ class ActorPool:
         def submit(i):
             return getattr(self.actors[i], method).remote(*(self.setups[i] if method == "setup" else args))
 
+        moment, step = {"setup": ("setup", None), "meta_gradient": ("step", args[1] + 1 if args else None)}.get(method, (None, None))
+        chaos = self.chaos.target(self, moment, step, indices) if self.chaos and moment else None
         pending, results, restoring = {i: submit(i) for i in indices}, {}, {}
+        if chaos:  # the call is in flight now
+            self.chaos.kill(self, chaos, moment, step)
         for i in pending:
             for attempt in range(self.config.max_restarts + 1):
                 try:
@@ -173,6 +257,9 @@ class ActorPool:
         for i, (metrics, grads) in answers.items():
             self.last_metrics[i] = metrics
             results.append((metrics["loss"], self.layout.unflatten(grads)))
+        idle = self.chaos.target(self, "validation", step + 1) if self.chaos else None
+        if idle:  # the driver validates next, while every actor waits
+            self.chaos.kill(self, idle, "validation", step + 1)
         return results
 
     def pids(self) -> list[int]:

@@ -299,8 +299,10 @@ def evaluate_classifier(name: str, bank, data, config: ClassifierConfig, seed: i
 # ---- frames, and MetaICL as a Ray Train job ---------------------------------------------------------------
 
 def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
-    """The frozen encoder's frames of every utterance, computed once per (corpus, upstream, layer) and saved."""
-    key = json.dumps([corpus.name, sorted(corpus.utterances.index)[:3], len(corpus.utterances), asdict(upstream_config), layer])
+    """The frozen encoder's frames of every utterance, computed once per (corpus, upstream, layer) and saved;
+    the corpus counts by its fingerprint (audio files' sizes and modification times, labels), so audio
+    changed in place gets new frames."""
+    key = json.dumps([corpus.fingerprint(), asdict(upstream_config), layer])
     path = Path(models_dir).resolve() / f"frames-{upstream_config.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.safetensors"
     if not path.is_file():
         print(f"encoding {len(corpus.utterances)} utterances with {upstream_config.name} (layer {layer}) -> {path}", flush=True)
@@ -402,7 +404,7 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    common = json.loads(json.dumps({"data": asdict(data_config), "upstream": asdict(upstream_config),
+    common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
                                     "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": asdict(meta)}))
     models_dir = Path(models_dir).resolve()
     digest = hashlib.sha256(json.dumps(common, sort_keys=True).encode()).hexdigest()[:10]

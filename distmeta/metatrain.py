@@ -19,6 +19,7 @@ Q queries, averaged over `val_seeds`); the lowest loss wins. Its macro/micro-F1 
 recorded too (`val_maF1`, `val_miF1`).
 """
 
+import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -193,10 +194,10 @@ def chosen_tasks(rng: np.random.Generator, n_tasks: int, config: MetaConfig) -> 
     return list(range(n_tasks))
 
 
-def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Generator, best: dict, history: list) -> None:
-    """Everything needed to continue after `step` outer steps, in one safetensors file written atomically."""
-    import json
-
+def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Generator, best: dict, history: list,
+                    settings: dict) -> None:
+    """Everything needed to continue after `step` outer steps, in one safetensors file written atomically;
+    `settings`: what shaped the run (see `train`), compared on resume."""
     from safetensors.torch import save_file
 
     from distmeta.io import atomic_path
@@ -207,25 +208,25 @@ def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Genera
     for index, slots in optimizer["state"].items():
         tensors.update({f"opt/{index}/{slot}": torch.as_tensor(value) for slot, value in slots.items()})
     meta = {"step": step, "rng": rng.bit_generator.state, "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "history": history, "param_groups": optimizer["param_groups"], "config": asdict(learner.config)}
+            "history": history, "param_groups": optimizer["param_groups"], "settings": settings}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"distmeta": json.dumps(meta)})
 
 
-def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator) -> tuple[int, dict, list]:
-    """Restore a checkpoint into `learner` and `rng`; returns (step, best, history)."""
-    import json
-
+def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator, settings: dict) -> tuple[int, dict, list]:
+    """Restore a checkpoint into `learner` and `rng`; returns (step, best, history). Refuses one written
+    with other `settings`, naming every key that differs."""
     from safetensors import safe_open
+
+    from distmeta.config import differences
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["distmeta"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    saved, now = meta["config"], asdict(learner.config)
-    if saved != now:
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        raise ValueError(f"checkpoint {path} was written with different meta settings ({', '.join(changed)}); "
-                         "resume with the same config or start a new output folder")
+    changed = differences(meta.get("settings", {}), settings)
+    if changed:
+        raise ValueError(f"checkpoint {path} was written with other settings:\n  " + "\n  ".join(changed)
+                         + "\nresume with the same settings, or start a new output folder")
     learner.load_trainable({k[4:]: v for k, v in tensors.items() if k.startswith("now/")})
     state = {}
     for key, value in tensors.items():
@@ -240,22 +241,24 @@ def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator) -> tup
 
 
 def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, checkpoint=None, checkpoint_every: int = 0,
-          resume: bool = False, log=print, on_step=None) -> dict:
+          resume: bool = False, settings: dict | None = None, log=print, on_step=None) -> dict:
     """The outer loop every meta-trainer shares; `gradients(learner, step, chosen, second_order)` supplies
     [(outer loss, meta-gradients)] for the chosen tasks (SerialGradients, or Ray actors).
 
     With `checkpoint` (a file path) the state is saved atomically every `checkpoint_every` steps and
     at the end; with `resume`, an existing checkpoint is continued from, and the result equals an
-    uninterrupted run's.
+    uninterrupted run's. `settings` (default: the meta settings) is everything that shaped the run, saved
+    in the checkpoint; resuming with any of it changed is refused.
     """
     from pathlib import Path
 
     config = learner.config
+    settings = json.loads(json.dumps(settings if settings is not None else {"meta": asdict(config)}))
     rng = np.random.default_rng(config.seed)
     best = {"val_loss": float("inf"), "state": learner.trainable(), "step": 0}
     history, start = [], 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        start, best, history = load_checkpoint(checkpoint, learner, rng)
+        start, best, history = load_checkpoint(checkpoint, learner, rng, settings)
         if log:
             log(f"resuming meta-training from {checkpoint} after step {start}")
     started, last_val = time.time(), None
@@ -271,7 +274,7 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
                 best = {"val_loss": record["val_loss"], "state": learner.trainable(), "step": step + 1}
         history.append(record)
         if checkpoint is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == config.outer_steps):
-            save_checkpoint(checkpoint, learner, step + 1, rng, best, history)
+            save_checkpoint(checkpoint, learner, step + 1, rng, best, history, settings)
         if log:
             done, elapsed = step + 1 - start, time.time() - started
             val = "" if last_val is None else f", val loss {last_val:.4f} (best {best['val_loss']:.4f} at {best['step']})"
@@ -348,7 +351,6 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
                       max_seconds=None, log=print, **training) -> dict:
     """meta_train_split (`training`: its actors, checkpointing and on_step), saved to `path`
     (safetensors + JSON sidecar); reused when the settings match."""
-    import json
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
@@ -356,12 +358,16 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     from distmeta.io import atomic_path, write_json
     from distmeta.pretrain import is_done
 
-    path = Path(path)
+    path, ssl_e = Path(path), None if ssl_e_path is None else str(ssl_e_path)
+    # The SSL-E it starts from counts by what shaped that model (its own settings), not by its file name.
+    if ssl_e is not None and Path(ssl_e).with_suffix(".json").is_file():
+        ssl_e = json.loads(Path(ssl_e).with_suffix(".json").read_text())["settings"]
     settings = json.loads(json.dumps({"meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
-                                      "data": data_settings, "ssl_e": str(ssl_e_path)}))
+                                      "data": data_settings, "corpus": corpus.fingerprint(), "ssl_e": ssl_e}))
     if is_done(path, settings):
         return load_file(str(path))
-    result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log, **training)
+    result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log, settings=settings,
+                              **training)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in result["best_state"].items()}, str(tmp))
     write_json(path.with_suffix(".json"), {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],

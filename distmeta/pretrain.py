@@ -98,8 +98,10 @@ def build_model(kind: Kind, upstream_config: UpstreamConfig, num_heads: int = 1)
     return set_scope(SERModel(upstream), "entire" if kind == "ssl_e" else "linear")
 
 
-def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Split, config: PretrainConfig) -> dict:
-    return json.loads(json.dumps({"kind": kind, "data": asdict(data), "upstream": asdict(upstream),
+def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Split, config: PretrainConfig,
+              corpus: str) -> dict:
+    """Everything that shapes a pretrained model (`corpus`: the corpus's fingerprint, audio included)."""
+    return json.loads(json.dumps({"kind": kind, "data": asdict(data), "corpus": corpus, "upstream": asdict(upstream),
                                   "split": asdict(split), "pretrain": asdict(config)}))
 
 
@@ -177,7 +179,13 @@ def pretrain_many(requests, storage_path, name: str = "pretrain", max_failures: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    todo = [{"settings": _settings(*r[:5]), "out_path": str(Path(r[5]).resolve())} for r in requests]
+    fingerprints = {}  # per corpus: a model trained on other audio or labels is never reused
+    for r in requests:
+        key = json.dumps(asdict(r[1]), sort_keys=True)
+        if key not in fingerprints:
+            fingerprints[key] = load_corpus(r[1], progress=False).fingerprint()
+    todo = [{"settings": _settings(*r[:5], fingerprints[json.dumps(asdict(r[1]), sort_keys=True)]),
+             "out_path": str(Path(r[5]).resolve())} for r in requests]
     paths = [Path(t["out_path"]) for t in todo]
     todo = [t for t in todo if not is_done(Path(t["out_path"]), t["settings"])]
     if not todo:

@@ -42,6 +42,7 @@ class SweepConfig:
     scenario: str = "unseen"
     test_annotator: str = ""  # the rotation split whose validation annotator scores trials ("" = the first)
     seed: int = 0  # the search's random state
+    max_failures: int = 1  # a trial whose process dies starts over (trials take minutes; they keep no checkpoint)
 
 
 def load_space(path, config_cls) -> dict:

@@ -10,6 +10,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from distmeta.config import flatten
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
@@ -18,17 +20,6 @@ def tracking_uri() -> str:
     if uri:
         return uri
     return f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
-    return out
 
 
 @contextmanager

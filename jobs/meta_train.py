@@ -120,7 +120,7 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
         name = f"{scenario}/{split.test_annotator}/meta-{tag}"
         print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
         with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True):
-            mlflow.log_params({**tracking.flatten(asdict(meta_config), "meta."), "scenario": scenario,
+            mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
                                "test_annotator": split.test_annotator, "method": method})
 
             def log_step(record):
@@ -211,9 +211,30 @@ def resume_args(argv: list[str]) -> list[str]:
     return ["--config", str(folder / "config.yaml"), "--out", str(folder)] + argv[:at] + argv[at + 2:] + ["resume=true"]
 
 
+# What a run's models and checkpoints depend on: resuming with any of it changed would continue on other
+# data. The rest (protocol, actors, out, tracking) may change on resume.
+SHAPING = ("data", "upstream", "pretrain", "meta")
+
+
+def check_resumable(config: MetaTrainConfig) -> None:
+    """Refuse to resume a run whose shaping settings changed, naming every differing key."""
+    import yaml
+
+    saved_path = Path(config.out) / "config.yaml"
+    if not saved_path.is_file():
+        return  # nothing ran there yet: a fresh start
+    saved, now = yaml.safe_load(saved_path.read_text()) or {}, asdict(config)
+    changed = cfg.differences({k: saved.get(k, {}) for k in SHAPING}, {k: now[k] for k in SHAPING})
+    if changed:
+        raise SystemExit(f"--resume {config.out}: the run was made with other settings than these:\n  "
+                         + "\n  ".join(changed) + "\nresume with the run's own settings, or start a new --out folder")
+
+
 def main(argv=None) -> int:
     argv = resume_args(list(sys.argv[1:] if argv is None else argv))
     config = cfg.parse_args(MetaTrainConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    if config.resume:
+        check_resumable(config)
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:

@@ -112,6 +112,7 @@ def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_i
                                     num_samples=options.num_samples),
         run_config=tune.RunConfig(
             name="sweep", storage_path=str((Path(config.out) / "ray").resolve()), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[MLflowLoggerCallback(tracking_uri=tracking.tracking_uri(), experiment_name=config.experiment,
                                             tags={"mlflow.parentRunId": parent_run_id})]))
     return tuner.fit()

@@ -1,6 +1,3 @@
-import os
-import signal
-
 import numpy as np
 import pytest
 import torch
@@ -80,32 +77,6 @@ def test_entire_scope_with_audio_on_actors_equals_serial(ray_local, small_corpus
 
 
 @pytest.mark.slow
-def test_a_killed_actor_is_replaced_and_its_step_recomputed(ray_local, small_corpus, split, serial):
-    messages, killed = [], []
-    pool = ActorPool(ActorConfig(), log=messages.append)
-
-    def kill_one(record):
-        if record["step"] == 2:  # SIGKILL the process of the actor the next step needs first
-            pid = pool.pids()[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    config = MetaConfig(**{**CONFIG.__dict__, "tasks_per_step": 0})  # every actor works in every step
-    reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None)
-    result = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None, actors=pool, on_step=kill_one)
-    assert killed and killed[0] not in pool.pids()
-    assert any("died in outer step 3" in m for m in messages), messages
-    assert_same_training(result, reference)
-    # an actor that dies while idle (between trainings) is replaced when the next setup needs it
-    idle = pool.pids()[1]
-    os.kill(idle, signal.SIGKILL)
-    again = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None, actors=pool)
-    assert idle not in pool.pids() and any("died setting up" in m for m in messages), messages
-    assert_same_training(again, reference)
-    pool.shutdown()
-
-
-@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(ray_local, small_corpus, split, serial, tmp_path):
     checkpoint = tmp_path / "meta.ckpt.safetensors"
 
@@ -129,3 +100,33 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(ray_local, s
     with pytest.raises(ValueError, match="outer_lr"):
         meta_train_split(small_corpus, split, UpstreamConfig(), None, MetaConfig(**{**CONFIG.__dict__, "outer_lr": 0.5}),
                          log=None, checkpoint=checkpoint, resume=True)
+
+
+@pytest.mark.slow
+def test_chaos_kills_at_every_moment_and_both_trainings_equal_the_serial_one(ray_local, small_corpus, split, serial,
+                                                                              tmp_path, monkeypatch):
+    import json
+
+    import psutil
+
+    record = tmp_path / "chaos.jsonl"
+    monkeypatch.setenv("DISTMETA_CHAOS", f"7:{record}")
+    messages = []
+    pool = ActorPool(ActorConfig(), log=messages.append)
+    first = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
+    second = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
+    pool.shutdown()
+    kills = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sorted(k["moment"] for k in kills) == sorted(["setup", "step", "validation", "between splits"])
+    assert not any(psutil.pid_exists(k["pid"]) and psutil.Process(k["pid"]).status() != psutil.STATUS_ZOMBIE
+                   for k in kills)
+    # each death was noticed at the call it hit, or for an idle actor at the next call that needed it
+    deaths = [m for m in messages if " died " in m]
+    for kill in kills:
+        if kill["moment"] == "validation":
+            later = [f"died in outer step {s}" for s in range(kill["step"] + 1, CONFIG.outer_steps + 1)] + ["died setting up"]
+        else:
+            later = ["died setting up" if kill["step"] is None else f"died in outer step {kill['step']}"]
+        assert any(f"{kill['annotator']!r} {when}" in m for m in deaths for when in later), (kill, deaths)
+    assert_same_training(first, serial)
+    assert_same_training(second, serial)

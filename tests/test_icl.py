@@ -162,6 +162,26 @@ def test_classifier_baseline_beats_chance_on_toy_speakers():
     assert icl.ua_spk(results["correct"], results["speaker"])["UA_spk"] > 0.6  # chance: 1/7
 
 
+def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
+    import os
+
+    import soundfile as sf
+
+    from distmeta.data import make_synthetic_corpus
+    from distmeta.models.upstream import UpstreamConfig
+
+    corpus = make_synthetic_corpus(tmp_path / "corpus", seed=2, n_utterances=10, progress=False)
+    first = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
+    assert icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models") == first  # reused
+    utterance, path = corpus.utterances.index[0], corpus.utterances["path"].iloc[0]
+    wav, rate = sf.read(path)
+    sf.write(path, wav[::-1].copy(), rate)  # same size, other audio
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    second = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
+    assert second != first
+    assert not torch.equal(FrameBank.load(second).items[utterance], FrameBank.load(first).items[utterance])
+
+
 @pytest.mark.slow
 def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL the Ray Train worker after its first checkpoint: FailureConfig restarts the worker group, which

@@ -46,6 +46,7 @@ def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, 
     paths = pretrain_many(requests, tmp_path / "ray")
     sidecar = json.loads(paths[1].with_suffix(".json").read_text())
     assert sidecar["settings"]["kind"] == "linear" and sidecar["best"]["epoch"] in (1, 2)
+    assert sidecar["settings"]["corpus"] == small_corpus.fingerprint()  # other audio or labels: not reused
 
     # the same linear training, serially in this process
     torch.manual_seed(config.seed)

@@ -7,7 +7,9 @@ Every reader builds one of these and calls `validate`, which collects every
 problem it finds and raises one CorpusError listing them all.
 """
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +88,29 @@ class Corpus:
             share = 100.0 * counts / max(counts.sum(), 1)
             columns[annotator] = [*share.tolist(), counts.sum() / max(len(mine), 1)]
         return pd.DataFrame(columns, index=[*CLASSES, "# of annotations/data"])
+
+    # ---- identity, for caches ---------------------------------------------------
+
+    def audio_fingerprint(self) -> str:
+        """The audio files as they are now: a digest of each utterance's path, size and modification time
+        (ns), so audio rewritten in place is never served from a cache made before (reading every file for
+        a content digest would cost minutes on IEMOCAP; size + mtime cost milliseconds)."""
+        digest = hashlib.sha256()
+        for utt, path in sorted(self.utterances["path"].items()):
+            try:
+                stat = os.stat(path)
+                digest.update(f"{utt}\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{utt}\0{path}\0missing\n".encode())
+        return digest.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Everything of the corpus a trained model or a cached feature depends on: the audio files
+        (`audio_fingerprint`), who spoke each utterance in which session, and every annotation."""
+        digest = hashlib.sha256(self.audio_fingerprint().encode())
+        digest.update(self.utterances[["speaker", "session"]].sort_index().to_csv().encode())
+        digest.update(self.annotations[list(ANNOTATION_COLUMNS)].to_csv(index=False).encode())
+        return digest.hexdigest()[:16]
 
     # ---- checks ---------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import pandas as pd
 import soundfile as sf
 
 from distmeta.data.corpus import Corpus, CorpusError, build_annotations
-from distmeta.data.synthetic import CORRELATES, config_hash, default_cache_dir, load_cached, render_all
+from distmeta.data.synthetic import CORRELATES, config_hash, default_cache_dir, load_cached, render_all, save_generated
 from distmeta.data.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES
@@ -149,8 +149,7 @@ def make_speaker_corpus(out_dir=None, config: SpeakerCorpusConfig | None = None,
     info = {"source": "synthetic-speakers", "config": asdict(config), "config_hash": config_hash(config),
             "styles": styles, "generation_seconds": round(time.time() - started, 1)}
     corpus = Corpus(utterances, annotations, name=f"speakers-{config_hash(config)}", info=info).validate(check_audio=False)
-    corpus.save(out_dir)
-    return corpus
+    return save_generated(corpus, out_dir)
 
 
 def _checked(corpus: Corpus, column: str, allowed) -> pd.Series:

@@ -261,15 +261,27 @@ def render_all(render, jobs: list, workers: int, what: str | None, every: int, s
 
 
 def load_cached(out_dir: Path, digest: str) -> Corpus | None:
-    """The corpus saved in `out_dir` if it was generated from the config with this hash, else None."""
+    """The corpus saved in `out_dir` if it was generated from the config with this hash and its audio
+    files are those it wrote (same sizes and modification times), else None (regenerate)."""
     if (out_dir / "corpus.json").is_file():
         try:
             cached = Corpus.load(out_dir)
-            if cached.info.get("config_hash") == digest:
-                return cached
         except CorpusError:
-            pass  # incomplete or foreign: regenerate
+            return None  # incomplete or foreign: regenerate
+        if cached.info.get("config_hash") != digest:
+            return None
+        if cached.info.get("audio_fingerprint") != cached.audio_fingerprint():
+            print(f"{out_dir}: audio files changed since they were generated; generating the corpus again", flush=True)
+            return None
+        return cached
     return None
+
+
+def save_generated(corpus: Corpus, out_dir: Path) -> Corpus:
+    """Save a freshly generated corpus, recording its audio files' fingerprint for `load_cached`."""
+    corpus.info["audio_fingerprint"] = corpus.audio_fingerprint()
+    corpus.save(out_dir)
+    return corpus
 
 
 def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000, config: SyntheticConfig | None = None,
@@ -301,9 +313,7 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
             "speakers": {k: asdict(v) for k, v in speakers.items()}, "listeners": listeners,
             "external_annotators": list(EXTERNAL_BIAS), "generation_seconds": round(time.time() - started, 1)}
     corpus = Corpus(utterances, annotations, name=f"synthetic-{config_hash(config)}", info=info)
-    corpus.validate(check_audio=False)
-    corpus.save(out_dir)
-    return corpus
+    return save_generated(corpus.validate(check_audio=False), out_dir)
 
 
 def perception_models(corpus: Corpus) -> dict:

@@ -37,6 +37,31 @@ def test_cached_corpus_is_reused_not_regenerated(tmp_path):
     assert again.annotations.equals(first.annotations)
 
 
+def test_a_cached_corpus_whose_audio_changed_is_generated_again(tmp_path, capsys):
+    import os
+
+    first = make_synthetic_corpus(tmp_path, seed=1, n_utterances=10, progress=False)
+    fingerprint, path = first.fingerprint(), Path(first.utterances["path"].iloc[3])
+    original = path.read_bytes()
+    wav, rate = sf.read(path)
+    sf.write(path, np.zeros_like(wav), rate)  # rewritten in place: same size, other content
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a clock that is coarse or set back
+    assert first.fingerprint() != fingerprint
+    again = make_synthetic_corpus(tmp_path, seed=1, n_utterances=10, progress=False)
+    assert "audio files changed" in capsys.readouterr().out
+    assert path.read_bytes() == original  # generated again, not served stale
+    assert again.annotations.equals(first.annotations)
+
+
+def test_fingerprint_is_stable_and_follows_the_labels(tmp_path):
+    first = make_synthetic_corpus(tmp_path, seed=1, n_utterances=10, progress=False)
+    again = make_synthetic_corpus(tmp_path, seed=1, n_utterances=10, progress=False)  # loaded from disk
+    assert again.fingerprint() == first.fingerprint()
+    relabelled = again.annotations.copy()
+    relabelled.loc[0, list(CLASSES)] = 1 - relabelled.loc[0, list(CLASSES)]
+    assert type(again)(again.utterances, relabelled, again.name, again.info).fingerprint() != first.fingerprint()
+
+
 def test_structure_like_iemocap(small_corpus):
     utts, ann = small_corpus.utterances, small_corpus.annotations
     assert sorted(utts["speaker"].unique()) == [f"S{s}{g}" for s in range(1, 6) for g in "FM"]

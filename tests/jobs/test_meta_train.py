@@ -17,6 +17,20 @@ def load_job():
     return module
 
 
+def test_resume_with_other_data_or_model_settings_is_refused_naming_each_key(tmp_path):
+    from distmeta import config as cfg
+
+    job = load_job()
+    cfg.save(job.MetaTrainConfig(out=str(tmp_path)), tmp_path / "config.yaml")  # as a run there wrote it
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as refused:
+        job.main(["--resume", str(tmp_path), "data.seed=1", "upstream.name=tiny", "protocol.seeds=1"])
+    message = str(refused.value)
+    assert "data.seed: 0 -> 1" in message and "upstream.name: 'tiny_pretrained' -> 'tiny'" in message
+    assert "protocol" not in message  # the meta-test settings may change on resume
+    assert (tmp_path / "config.yaml").read_text() == saved  # the run's own record is left as it was
+
+
 @pytest.mark.slow
 def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
     import mlflow
