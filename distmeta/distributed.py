@@ -119,8 +119,6 @@ class Chaos:
     time). The driver signals the process itself, so this is for single-machine clusters (tests).
     """
 
-    MOMENTS = ("setup", "step", "validation", "between splits")
-
     def __init__(self, seed: int, record_path):
         self.rng, self.record_path = np.random.default_rng(seed), record_path
         self.step_training = int(self.rng.integers(1, 3))  # the other training gets the validation kill
@@ -152,14 +150,14 @@ class Chaos:
 
     def target(self, pool, moment: str, step: int | None = None, candidates=None):
         """(actor index, its pid) if `moment` (at 1-based outer `step`) is planned now: one of `candidates`
-        (default: every actor), asked while it is idle."""
+        (default: every actor of the current training), asked while it is idle."""
         import ray
 
         planned = self.plan.get(moment)
         if planned is None or planned[1] != step:
             return None
         del self.plan[moment]
-        candidates = list(range(len(pool.actors)) if candidates is None else candidates)
+        candidates = list(range(len(pool.setups)) if candidates is None else candidates)
         index = candidates[planned[0] % len(candidates)]
         return index, ray.get(pool.actors[index].pid.remote())
 
