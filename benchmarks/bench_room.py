@@ -1,6 +1,6 @@
 """How much room a synthetic corpus leaves to personalize, in minutes instead of a default run.
 
-    .venv/bin/python benchmarks/bench_room.py [--seeds 0,1,2] [--features evidence,log-mel,tiny,tiny_pretrained] [--utterances 2000]
+    .venv/bin/python benchmarks/bench_room.py [--seeds 0,1,2] [--features evidence,voice,log-mel,tiny,tiny_pretrained] [--utterances 2000]
 
 Calibrating the embedded corpus (issue 13) needs "is there room?" answered per
 generator setting and corpus seed, and the default run takes most of an hour.
@@ -14,6 +14,8 @@ This answers it on the unseen scenario with the protocol's own episodes
   support) and Entire-All (fit on the annotator's test pool minus the
   queries), for feature sets from ideal to real:
     evidence  what each utterance conveys (the generator's latent mix): a perfect upstream
+    voice     the voice parameters each utterance was rendered with, relative to its speaker
+              (F0, rate, level, tilt, voice quality...): a perfect speaker-normalising front end
     log-mel   mean and std of 40 log-mel bands: what plain spectra carry
     tiny      mean of each hidden layer of the tiny upstream, random weights (the tests' upstream)
     tiny_pretrained   the same, pretrained (models/tiny_wavlm.py; the listener jobs' upstream)
@@ -37,7 +39,7 @@ import torchaudio
 
 from distmeta.adapters import Oracle
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.data.synthetic import EXTERNAL_BIAS, evidence
+from distmeta.data.synthetic import EXTERNAL_BIAS, evidence, voice_parameters
 from distmeta.features import AudioBank
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models import Upstream, UpstreamConfig
@@ -52,6 +54,8 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
     if kind == "evidence":
         conveyed = evidence(utterances)
         return pd.DataFrame(np.concatenate([conveyed, np.log(conveyed + 0.05)], 1), index=utterances.index)
+    if kind == "voice":
+        return voice_parameters(corpus)
     audio = AudioBank(corpus, utterances.index, 12.0)
     rows = []
     if kind == "log-mel":
@@ -67,7 +71,7 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
                 hidden, _ = upstream(wav[None], torch.tensor([len(wav)]))
                 rows.append(hidden[:, 0].mean(1).flatten().numpy())
     else:
-        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, log-mel, tiny, tiny_pretrained, wavlm_local:PATH")
+        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, voice, log-mel, tiny, tiny_pretrained, wavlm_local:PATH")
     return pd.DataFrame(np.stack(rows), index=utterances.index)
 
 
@@ -138,7 +142,7 @@ def room(corpus, features: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="corpus seeds")
-    parser.add_argument("--features", default="evidence,log-mel,tiny,tiny_pretrained")
+    parser.add_argument("--features", default="evidence,voice,log-mel,tiny,tiny_pretrained")
     parser.add_argument("--utterances", type=int, default=2000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

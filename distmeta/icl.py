@@ -32,7 +32,7 @@ from distmeta.io import atomic_path, write_json
 from distmeta.models.speaker_classifier import SpeakerClassifier
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 from distmeta.models.upstream import Upstream
-from distmeta.pretrain import is_done
+from distmeta.pretrain import is_done, shaping
 from distmeta.report import save_table
 from distmeta.train import fit
 
@@ -405,7 +405,7 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     from ray.train.torch import TorchTrainer
 
     common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
-                                    "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": asdict(meta)}))
+                                    "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": shaping(meta)}))
     models_dir = Path(models_dir).resolve()
     digest = hashlib.sha256(json.dumps(common, sort_keys=True).encode()).hexdigest()[:10]
     paths = {t: models_dir / f"speech_lm-{digest}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}

@@ -102,7 +102,17 @@ def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Spl
               corpus: str) -> dict:
     """Everything that shapes a pretrained model (`corpus`: the corpus's fingerprint, audio included)."""
     return json.loads(json.dumps({"kind": kind, "data": asdict(data), "corpus": corpus, "upstream": asdict(upstream),
-                                  "split": asdict(split), "pretrain": asdict(config)}))
+                                  "split": asdict(split), "pretrain": shaping(config)}))
+
+
+SCALING = ("use_gpu", "cpus_per_worker")  # where a training runs, not what it learns
+
+
+def shaping(config) -> dict:
+    """A training config as part of a model's cache key: without its scaling settings, so moving the same
+    run onto GPUs reuses its models. (`num_workers` stays: each worker takes its share of every epoch's
+    batches, so the worker count changes the steps taken.)"""
+    return {k: v for k, v in asdict(config).items() if k not in SCALING}
 
 
 def is_done(path: Path, settings: dict) -> bool:
@@ -194,7 +204,7 @@ def pretrain_many(requests, storage_path, name: str = "pretrain", max_failures: 
         raise ValueError("one pretrain_many call trains models of one corpus and one PretrainConfig")
     if not ray.is_initialized():
         raise RuntimeError("pretrain_many() runs on Ray: call ray.init(...) in the job first")
-    config = PretrainConfig(**todo[0]["settings"]["pretrain"])
+    config = requests[0][4]  # the scaling settings are not in the models' settings
     cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
     trainer = TorchTrainer(
         _train_loop,

@@ -17,7 +17,6 @@ Everything is logged to MLflow: the job is one run, each meta-training a nested 
 with its per-step outer and validation losses.
 """
 
-import os
 import re
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from distmeta import config as cfg
+from distmeta.cluster import connect
 from distmeta import tracking
 from distmeta.adapters import baseline_adapters, meta_adapter
 from distmeta.data.scenarios import rotation
@@ -81,10 +81,7 @@ PRESETS = {
 
 
 def setup(config: MetaTrainConfig):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    connect(config.ray_address)
     corpus = load_corpus(config.data)
     prepare(config.upstream)  # a tiny upstream is built here once, before any worker needs it
     splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}

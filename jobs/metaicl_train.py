@@ -18,7 +18,6 @@ The job is one MLflow run: per-model training curves, the tables as metrics and 
 """
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from distmeta import config as cfg
+from distmeta.cluster import connect
 from distmeta import icl, tracking
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.data.speakers import speaker_view
@@ -60,8 +60,6 @@ PRESETS = {"smoke": {
 
 
 def main(argv=None) -> int:
-    import ray
-
     config = cfg.parse_args(MetaICLJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
     started = time.time()
     cfg.save(config, f"{config.out}/config.yaml")
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
         empty = [split for split, tasks in data.splits.items() if not tasks]
         if empty:
             raise SystemExit(f"corpus {corpus.name}: no speakers in split(s) {empty}; each of train/valid/test needs one")
-        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        connect(config.ray_address)
         frames = icl.frame_bank(corpus, config.upstream, config.encoder_layer, config.models_dir)
         # train
         trainings = ["TU+LU"] + (["TO+LD", "Neutral"] if config.ablation else []) + (["Neutral1"] if config.baselines else [])

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from distmeta import config as cfg
+from distmeta.cluster import connect
 from distmeta import tracking
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
@@ -37,7 +38,7 @@ class PretrainJobConfig:
     out: str = "runs/pretrain"
     models_dir: str = "runs/models"
     experiment: str = "distmeta-pretrain"
-    ray_address: str = "local"
+    ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
 
 PRESETS = {"smoke": {"data": {"n_utterances": 300}, "pretrain": {"epochs": 1},
@@ -46,8 +47,6 @@ PRESETS = {"smoke": {"data": {"n_utterances": 300}, "pretrain": {"epochs": 1},
 
 
 def main(argv=None) -> int:
-    import ray
-
     config = cfg.parse_args(PretrainJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
     unknown = sorted(set(config.kinds) - {"ssl_e", "linear", "multi"})
     if unknown:
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     started = time.time()
     cfg.save(config, f"{config.out}/config.yaml")
     with tracking.run(config.experiment, f"pretrain-{config.upstream.name}", asdict(config)) as mlflow:
-        ray.init(address=config.ray_address, include_dashboard=False)
+        connect(config.ray_address)
         corpus = load_corpus(config.data)
         prepare(config.upstream)
         splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}

@@ -16,7 +16,6 @@
             trial's complete `jobs/meta_train.py` config.
 """
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from meta_train import PRESETS as META_TRAIN_PRESETS  # noqa: E402
 from meta_train import MetaTrainConfig  # noqa: E402
 
 from distmeta import config as cfg  # noqa: E402
+from distmeta.cluster import connect  # noqa: E402
 from distmeta import tracking  # noqa: E402
 from distmeta.data.scenarios import rotation  # noqa: E402
 from distmeta.data.sources import load_corpus  # noqa: E402
@@ -70,10 +70,7 @@ def space_path(name: str) -> Path:
 
 
 def setup(config: TuneJobConfig):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.base.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    connect(config.base.ray_address)
     space = load_space(space_path(config.sweep.space), MetaTrainConfig)
     corpus = load_corpus(config.base.data)
     prepare(config.base.upstream)

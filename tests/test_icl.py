@@ -229,3 +229,4 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     sidecar = json.loads(outcome["paths"]["stage1"].with_suffix(".json").read_text())
     assert sidecar["resumed_from_step"] >= 20 and sidecar["resumed_from_step"] % 20 == 0
     assert sidecar["best_step"] > 0 and outcome["paths"]["stage1"].is_file()
+    assert "use_gpu" not in sidecar["settings"]["meta"]  # the same run on GPUs reuses this model
