@@ -221,7 +221,7 @@ class ActorPool:
         def submit(i):
             return getattr(self.actors[i], method).remote(*(self.setups[i] if method == "setup" else args))
 
-        moment, step = {"setup": ("setup", None), "meta_gradient": ("step", args[1] + 1 if args else None)}.get(method, (None, None))
+        moment, step = ("setup", None) if method == "setup" else ("step", args[1] + 1) if method == "meta_gradient" else (None, None)
         chaos = self.chaos.target(self, moment, step, indices) if self.chaos and moment else None
         pending, results, restoring = {i: submit(i) for i in indices}, {}, {}
         if chaos:  # the call is in flight now
