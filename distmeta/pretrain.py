@@ -189,13 +189,12 @@ def pretrain_many(requests, storage_path, name: str = "pretrain", max_failures: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    fingerprints = {}  # per corpus: a model trained on other audio or labels is never reused
-    for r in requests:
-        key = json.dumps(asdict(r[1]), sort_keys=True)
-        if key not in fingerprints:
-            fingerprints[key] = load_corpus(r[1], progress=False).fingerprint()
-    todo = [{"settings": _settings(*r[:5], fingerprints[json.dumps(asdict(r[1]), sort_keys=True)]),
-             "out_path": str(Path(r[5]).resolve())} for r in requests]
+    corpora = [json.dumps(asdict(r[1]), sort_keys=True) for r in requests]
+    data_of = dict(zip(corpora, (r[1] for r in requests)))
+    # per corpus: a model trained on other audio or labels is never reused
+    fingerprints = {key: load_corpus(data, progress=False).fingerprint() for key, data in data_of.items()}
+    todo = [{"settings": _settings(*r[:5], fingerprints[key]), "out_path": str(Path(r[5]).resolve())}
+            for key, r in zip(corpora, requests)]
     paths = [Path(t["out_path"]) for t in todo]
     todo = [t for t in todo if not is_done(Path(t["out_path"]), t["settings"])]
     if not todo:

@@ -26,9 +26,9 @@ from pathlib import Path
 import pandas as pd
 
 from distmeta import config as cfg
-from distmeta.cluster import connect
 from distmeta import tracking
 from distmeta.adapters import baseline_adapters, meta_adapter
+from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.distributed import ActorConfig, ActorPool
@@ -210,7 +210,7 @@ def resume_args(argv: list[str]) -> list[str]:
 
 # What a run's models and checkpoints depend on: resuming with any of it changed would continue on other
 # data. The rest (protocol, actors, out, tracking) may change on resume.
-SHAPING = ("data", "upstream", "pretrain", "meta")
+SHAPING_SECTIONS = ("data", "upstream", "pretrain", "meta")
 
 
 def check_resumable(config: MetaTrainConfig) -> None:
@@ -221,7 +221,7 @@ def check_resumable(config: MetaTrainConfig) -> None:
     if not saved_path.is_file():
         return  # nothing ran there yet: a fresh start
     saved, now = yaml.safe_load(saved_path.read_text()) or {}, asdict(config)
-    changed = cfg.differences({k: saved.get(k, {}) for k in SHAPING}, {k: now[k] for k in SHAPING})
+    changed = cfg.differences({k: saved.get(k, {}) for k in SHAPING_SECTIONS}, {k: now[k] for k in SHAPING_SECTIONS})
     if changed:
         raise SystemExit(f"--resume {config.out}: the run was made with other settings than these:\n  "
                          + "\n  ".join(changed) + "\nresume with the run's own settings, or start a new --out folder")

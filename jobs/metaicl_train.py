@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from distmeta import config as cfg
-from distmeta.cluster import connect
 from distmeta import icl, tracking
+from distmeta.cluster import connect
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from distmeta import config as cfg
-from distmeta.cluster import connect
 from distmeta import tracking
+from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.models.upstream import UpstreamConfig, prepare

@@ -27,8 +27,8 @@ from meta_train import PRESETS as META_TRAIN_PRESETS  # noqa: E402
 from meta_train import MetaTrainConfig  # noqa: E402
 
 from distmeta import config as cfg  # noqa: E402
-from distmeta.cluster import connect  # noqa: E402
 from distmeta import tracking  # noqa: E402
+from distmeta.cluster import connect  # noqa: E402
 from distmeta.data.scenarios import rotation  # noqa: E402
 from distmeta.data.sources import load_corpus  # noqa: E402
 from distmeta.models.upstream import prepare  # noqa: E402
