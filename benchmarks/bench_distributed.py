@@ -20,8 +20,8 @@ import ray
 import torch
 
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.distributed import ActorConfig, ActorPool
-from distmeta.metatrain import MetaConfig, MetaLearner, SerialGradients, build_meta_model, make_bank, train
+from distmeta.listener.distributed import ActorConfig, ActorPool
+from distmeta.listener.metatrain import MetaConfig, MetaLearner, SerialGradients, build_meta_model, make_bank, train
 from distmeta.models import UpstreamConfig
 
 

@@ -14,8 +14,8 @@ import time
 import torch
 from torch.func import functional_call, grad, vmap
 
-from distmeta.meta import adapt, meta_gradients
-from distmeta.metatrain import loss_fn
+from distmeta.listener.meta import adapt, meta_gradients
+from distmeta.listener.metatrain import loss_fn
 from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
 from distmeta.models.ser import SERHead
 

@@ -37,13 +37,13 @@ import pandas as pd
 import torch
 import torchaudio
 
-from distmeta.adapters import Oracle
+from distmeta.listener.adapters import Oracle
 from distmeta.data import make_synthetic_corpus, rotation
 from distmeta.data.synthetic import EXTERNAL_BIAS, evidence, voice_parameters
 from distmeta.features import AudioBank
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models import Upstream, UpstreamConfig
-from distmeta.protocol import ProtocolConfig, run_episodes
+from distmeta.listener.protocol import ProtocolConfig, run_episodes
 
 K, Q, SEEDS = 32, 128, 3
 

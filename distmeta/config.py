@@ -173,20 +173,27 @@ def load(cls, path=None, overrides=(), preset: dict | None = None):
     return from_dict(cls, data)
 
 
-def parse_args(cls, argv=None, *, presets: dict | None = None, description: str | None = None):
-    """The job contract: `--config FILE.yaml`, `--preset NAME`, `--out DIR`, then `key.sub=value ...`.
+def parse_args(cls, argv=None, *, presets: dict | None = None, description: str | None = None, epilog: str | None = None):
+    """The job contract: `--config FILE.yaml`, `--preset NAME`, `--out DIR`, then `key.sub=value ...`;
+    `--print-config` prints the resolved config as YAML (what the job would run with) and exits.
 
-    `cls` must have an `out` field; `--out DIR` is shorthand for `out=DIR`.
+    `cls` must have an `out` field; `--out DIR` is shorthand for `out=DIR`. `epilog`: the job's own
+    flags, which it handles before this, shown under --help.
     """
     presets = presets or {}
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--config", type=Path, help="YAML file with config values")
     parser.add_argument("--preset", choices=sorted(presets), help="named size preset (smoke: minutes on 2 CPU cores)")
     parser.add_argument("--out", help="output directory (same as out=DIR)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     try:
-        return load(cls, args.config, overrides, presets.get(args.preset))
+        config = load(cls, args.config, overrides, presets.get(args.preset))
     except ConfigError as err:
         parser.error(str(err))
+    if args.print_config:
+        print(to_yaml(config), end="")
+        raise SystemExit(0)
+    return config

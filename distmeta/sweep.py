@@ -135,8 +135,8 @@ def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: str) -> None:
     every validation. Task actors started here live in the trial's placement group."""
     from ray import tune
 
-    from distmeta.distributed import ActorConfig, ActorPool
-    from distmeta.metatrain import MetaConfig, meta_train_split
+    from distmeta.listener.distributed import ActorConfig, ActorPool
+    from distmeta.listener.metatrain import MetaConfig, meta_train_split
     from distmeta.models.upstream import UpstreamConfig
 
     merged = with_params(base, params)

@@ -27,16 +27,16 @@ import pandas as pd
 
 from distmeta import config as cfg
 from distmeta import tracking
-from distmeta.adapters import baseline_adapters, meta_adapter
+from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.distributed import ActorConfig, ActorPool
+from distmeta.listener.distributed import ActorConfig, ActorPool
 from distmeta.io import atomic_path
-from distmeta.metatrain import ABLATIONS, MetaConfig, meta_train_cached
+from distmeta.listener.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import UpstreamConfig, prepare
-from distmeta.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
-from distmeta.protocol import ProtocolConfig, paired, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.listener.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
+from distmeta.listener.protocol import ProtocolConfig, paired, plot_sweep, run_episodes, sweep_table, table1, table2
 from distmeta.report import save_table
 
 
@@ -55,6 +55,9 @@ class MetaTrainConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     out: str = "runs/meta_train"
     models_dir: str = "runs/models"  # pretrained and meta-trained models, reused when settings match
+    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
+    # "": a folder under models_dir, enough on one node
+    storage: str = ""
     experiment: str = "distmeta-meta-train"
     ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
@@ -93,7 +96,8 @@ def pretrain_models(config: MetaTrainConfig, splits) -> dict:
                    | ({"ssl_e"} if "Meta-PerSER" in config.protocol.methods or config.protocol.table2 else set()))
     if "multi" in kinds and "linear" not in kinds:
         kinds.append("linear")  # Multi-Few adapts on the Linear model's frozen-upstream features
-    return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir)
+    return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir,
+                             config.storage)
 
 
 def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
@@ -229,7 +233,9 @@ def check_resumable(config: MetaTrainConfig) -> None:
 
 def main(argv=None) -> int:
     argv = resume_args(list(sys.argv[1:] if argv is None else argv))
-    config = cfg.parse_args(MetaTrainConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    config = cfg.parse_args(MetaTrainConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0],
+                            epilog="--resume DIR  continue the interrupted run in DIR with its own config.yaml (overrides "
+                                   "may follow; data, upstream, pretrain and meta settings must stay as they were)")
     if config.resume:
         check_resumable(config)
     started = time.time()

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from distmeta import config as cfg
-from distmeta import icl, tracking
+from distmeta import tracking
+from distmeta.speaker import baselines, evaluate, metaicl, tables
 from distmeta.cluster import connect
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.data.speakers import speaker_view
@@ -40,13 +41,16 @@ class MetaICLJobConfig:
     upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="fbank"))  # the frozen speech encoder
     encoder_layer: int = -1  # the upstream layer the speech LM reads (-1: the last)
     model: SpeechLMConfig = field(default_factory=SpeechLMConfig)
-    meta: icl.MetaICLConfig = field(default_factory=icl.MetaICLConfig)
-    evaluation: icl.EvaluationConfig = field(default_factory=icl.EvaluationConfig)
-    classifier: icl.ClassifierConfig = field(default_factory=icl.ClassifierConfig)
+    meta: metaicl.MetaICLConfig = field(default_factory=metaicl.MetaICLConfig)
+    evaluation: evaluate.EvaluationConfig = field(default_factory=evaluate.EvaluationConfig)
+    classifier: baselines.ClassifierConfig = field(default_factory=baselines.ClassifierConfig)
     ablation: bool = False  # Table IV: also meta-train with TO+LD (7 shots) and Neutral (0..7): two more stage-2 runs
     baselines: bool = True  # the classifier baselines and 1-shot_N
     out: str = "runs/metaicl"
     models_dir: str = "runs/icl-models"  # frames and trained speech LMs, reused when settings match
+    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
+    # "": a folder under models_dir, enough on one node
+    storage: str = ""
     experiment: str = "distmeta-metaicl"
     ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
@@ -72,11 +76,11 @@ def main(argv=None) -> int:
         if empty:
             raise SystemExit(f"corpus {corpus.name}: no speakers in split(s) {empty}; each of train/valid/test needs one")
         connect(config.ray_address)
-        frames = icl.frame_bank(corpus, config.upstream, config.encoder_layer, config.models_dir)
+        frames = metaicl.frame_bank(corpus, config.upstream, config.encoder_layer, config.models_dir)
         # train
         trainings = ["TU+LU"] + (["TO+LD", "Neutral"] if config.ablation else []) + (["Neutral1"] if config.baselines else [])
-        models = icl.metaicl_train_many(config.data, config.upstream, config.encoder_layer, config.model, config.meta,
-                                        trainings, frames, config.models_dir)
+        models = metaicl.metaicl_train_many(config.data, config.upstream, config.encoder_layer, config.model, config.meta,
+                                            trainings, frames, config.models_dir, config.storage)
         for training, path in models.items():
             sidecar = path.with_suffix(".json")
             mlflow.log_artifact(str(sidecar), artifact_path="models")
@@ -84,20 +88,20 @@ def main(argv=None) -> int:
         # baselines
         rows, bank = [], FrameBank.load(frames)
         if config.baselines:
-            fbank = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
+            fbank = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
             fbank_bank = bank if fbank == frames else FrameBank.load(fbank)  # Scratch reads log-mel frames
-            for name in icl.BASELINES:
+            for name in baselines.BASELINES:
                 print(f"classifier baseline {name}", flush=True)
-                rows.append(icl.evaluate_classifier(name, fbank_bank if name == "Scratch" else bank, data, config.classifier,
-                                                    config.evaluation.seed))
+                rows.append(baselines.evaluate_classifier(name, fbank_bank if name == "Scratch" else bank, data,
+                                                          config.classifier, config.evaluation.seed))
         # evaluate
         for training, path in models.items():
-            rows.append(icl.evaluate_speech_lm(icl.load_speech_lm(path), bank, data, training, config.evaluation))
+            rows.append(evaluate.evaluate_speech_lm(metaicl.load_speech_lm(path), bank, data, training, config.evaluation))
         results = pd.concat(rows, ignore_index=True)
-        paths = icl.save_results(results, data, config.out)
+        paths = tables.save_results(results, data, config.out)
         for path in paths.values():
             mlflow.log_artifact(str(path))
-        for name, row in icl.table2(results).iterrows():
+        for name, row in tables.table2(results).iterrows():
             key = f"UA_spk_{name}" + (f"_{row['ICL']}" if row["ICL"] != "-" else "")
             key = key.replace("+", "_").replace("-", "_")
             mlflow.log_metric(key, float(row["UA_spk"]))

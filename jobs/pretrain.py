@@ -19,7 +19,7 @@ from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.models.upstream import UpstreamConfig, prepare
-from distmeta.pretrain import PretrainConfig, pretrain_rotation
+from distmeta.listener.pretrain import PretrainConfig, pretrain_rotation
 
 
 @dataclass
@@ -37,6 +37,9 @@ class PretrainJobConfig:
     kinds: tuple[str, ...] = ("ssl_e", "linear", "multi")
     out: str = "runs/pretrain"
     models_dir: str = "runs/models"
+    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
+    # "": a folder under models_dir, enough on one node
+    storage: str = ""
     experiment: str = "distmeta-pretrain"
     ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
         corpus = load_corpus(config.data)
         prepare(config.upstream)
         splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
-        checkpoints = pretrain_rotation(config.kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir)
+        checkpoints = pretrain_rotation(config.kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir,
+                                        config.storage)
         for (scenario, test), paths in checkpoints.items():
             for kind, path in paths.items():
                 print(f"{scenario:7s} {test:5s} {kind:7s} {path}")

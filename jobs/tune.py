@@ -32,9 +32,10 @@ from distmeta.cluster import connect  # noqa: E402
 from distmeta.data.scenarios import rotation  # noqa: E402
 from distmeta.data.sources import load_corpus  # noqa: E402
 from distmeta.models.upstream import prepare  # noqa: E402
-from distmeta.pretrain import pretrain_rotation  # noqa: E402
+from distmeta.listener.pretrain import pretrain_rotation  # noqa: E402
 from distmeta.report import save_table  # noqa: E402
 from distmeta.sweep import METRIC, MODE, SweepConfig, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params  # noqa: E402
+from distmeta.training.launcher import storage_path  # noqa: E402
 
 
 def default_base() -> MetaTrainConfig:
@@ -78,7 +79,7 @@ def setup(config: TuneJobConfig):
     split = splits[0]
     check_shots(space, config.base.meta, split.train_tasks(corpus))
     checkpoints = pretrain_rotation(["ssl_e"], config.base.data, config.base.upstream, config.base.pretrain,
-                                    {config.sweep.scenario: [split]}, config.base.models_dir)
+                                    {config.sweep.scenario: [split]}, config.base.models_dir, config.base.storage)
     return space, corpus, split, checkpoints[(config.sweep.scenario, split.test_annotator)]["ssl_e"]
 
 
@@ -108,7 +109,7 @@ def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_i
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                     num_samples=options.num_samples),
         run_config=tune.RunConfig(
-            name="sweep", storage_path=str((Path(config.out) / "ray").resolve()), verbose=1,
+            name="sweep", storage_path=storage_path(base.storage, Path(config.out) / "ray"), verbose=1,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[MLflowLoggerCallback(tracking_uri=tracking.tracking_uri(), experiment_name=config.experiment,
                                             tags={"mlflow.parentRunId": parent_run_id})]))

@@ -47,5 +47,5 @@ def test_installs_with_the_readme_setup_command_and_starts_ray_from_the_venv_sec
         assert "RAY_AUTH_MODE=token" in commands and "distmeta/.venv/bin:$PATH" in commands
     assert "--dashboard-host=127.0.0.1" in head
     mounts = cluster["file_mounts"]
-    assert {"/home/ubuntu/distmeta", "/home/ubuntu/corpus", "/home/ubuntu/shared/models"} <= set(mounts)
+    assert {"/home/ubuntu/distmeta", "/home/ubuntu/corpus", "/home/ubuntu/runs/models"} <= set(mounts)
     assert mounts["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"

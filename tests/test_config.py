@@ -55,3 +55,12 @@ def test_bad_file_key_names_the_file(tmp_path):
 def test_parse_args_out_shorthand():
     loaded = cfg.parse_args(Outer, ["--out", "elsewhere", "inner.steps=2"])
     assert loaded.out == "elsewhere" and loaded.inner.steps == 2
+
+
+def test_print_config_prints_the_resolved_config_which_loads_back_unchanged(tmp_path, capsys):
+    presets = {"smoke": {"inner": {"steps": 1}}}
+    with pytest.raises(SystemExit) as exit_:
+        cfg.parse_args(Outer, ["--preset", "smoke", "--print-config", "inner.name=b", "--out", "o"], presets=presets)
+    assert exit_.value.code == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert cfg.load(Outer, tmp_path / "printed.yaml") == Outer(inner=Inner(steps=1, name="b"), out="o")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distmeta.config import ConfigError
-from distmeta.distributed import ActorConfig
+from distmeta.listener.distributed import ActorConfig
 from distmeta.sweep import load_space, trial_resources, with_params
 
 
@@ -83,7 +83,7 @@ def test_trial_reserves_its_actors():
 
 def test_shot_counts_a_task_cannot_supply_are_refused_before_any_trial(tmp_path, job_config, small_corpus):
     from distmeta.data.scenarios import rotation
-    from distmeta.metatrain import MetaConfig
+    from distmeta.listener.metatrain import MetaConfig
     from distmeta.sweep import check_shots
 
     tasks = rotation(small_corpus, "unseen")[0].train_tasks(small_corpus)

@@ -19,12 +19,14 @@ hidden states, ~2.5x cheaper for every scope that trains the rest
 """
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from distmeta.data.synthetic import default_cache_dir
+from distmeta.io import atomic_path
 from distmeta.models.s3prl_compat import import_s3prl_hub
 from distmeta.models.tiny_wavlm import build_pretrained_tiny, build_tiny_checkpoint, pretrained_tiny_path, tiny_checkpoint_path
 
@@ -38,15 +40,43 @@ class UpstreamConfig:
     pretrain_utterances: int = 2000  # tiny_pretrained: synthetic utterances it is pretrained on
 
 
+def _tiny_path(config: UpstreamConfig) -> Path:
+    if config.name == "tiny":
+        return tiny_checkpoint_path(config.seed)
+    return pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
+
+
 def prepare(config: UpstreamConfig) -> Path | None:
     """Build the locally made checkpoint a `tiny` name needs, once per machine (jobs call this on the
     driver before any worker or actor constructs the upstream); its path, or None for other names."""
     if config.name == "tiny":
-        return build_tiny_checkpoint(tiny_checkpoint_path(config.seed), config.seed)
+        return build_tiny_checkpoint(_tiny_path(config), config.seed)
     if config.name == "tiny_pretrained":
-        path = pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
-        return build_pretrained_tiny(path, config.seed, config.pretrain_epochs, config.pretrain_utterances)
+        return build_pretrained_tiny(_tiny_path(config), config.seed, config.pretrain_epochs, config.pretrain_utterances)
     return None
+
+
+def portable(config: UpstreamConfig) -> bytes | None:
+    """On the driver: the checkpoint file the upstream is built from, as bytes to ship to other nodes
+    (nodes share no disk), or None when there is none (s3prl downloads, feature extractors)."""
+    path = prepare(config) or (Path(config.path) if config.name.endswith(("_local", "_custom")) else None)
+    return path.read_bytes() if path is not None else None
+
+
+def landed(config: UpstreamConfig, checkpoint: bytes | None) -> UpstreamConfig:
+    """On a worker or actor: `config` for building the upstream from the driver's `checkpoint` bytes,
+    written into this node's cache first unless the same file is already there."""
+    if checkpoint is None:
+        return config
+    if config.name in ("tiny", "tiny_pretrained"):
+        path = _tiny_path(config)
+    else:
+        path = default_cache_dir() / "upstreams" / f"shipped-{hashlib.sha256(checkpoint).hexdigest()[:16]}.pt"
+        config = replace(config, path=str(path))
+    if not path.is_file() or path.read_bytes() != checkpoint:  # a tiny one built here may differ in its last bits
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(checkpoint)
+    return config
 
 
 class Upstream(nn.Module):

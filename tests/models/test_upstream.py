@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distmeta.models.s3prl_compat import import_s3prl_hub
-from distmeta.models.tiny_wavlm import build_tiny_checkpoint
+from distmeta.models.tiny_wavlm import build_tiny_checkpoint, tiny_checkpoint_path
 from distmeta.models.upstream import Upstream, UpstreamConfig
 
 
@@ -74,3 +74,24 @@ def test_cached_conv_features_give_the_same_hidden_states_and_gradients():
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6) for n in grads[0])
     # the extractor is itself again afterwards: raw audio still goes through it
     assert torch.allclose(up(wav[None], lengths)[0], from_audio)
+
+
+def test_an_upstream_shipped_to_a_node_without_the_drivers_files_is_the_drivers(tmp_path, monkeypatch):
+    """Nodes share no disk: a worker builds the upstream from the checkpoint bytes the driver ships
+    (`portable` -> `landed`), for a locally built tiny one and for a *_local checkpoint, and a tiny
+    checkpoint the node built differently itself is replaced by the driver's."""
+    from distmeta.models.upstream import landed, portable
+
+    local = UpstreamConfig(name="wavlm_local", path=str(build_tiny_checkpoint(tmp_path / "mine.pt", seed=3)))
+    for config in (UpstreamConfig(seed=4), local):
+        monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path / "driver"))
+        driver = Upstream(config).state_dict()
+        shipped = portable(config)
+        monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path / "node"))  # the node's own, empty cache
+        if config.name == "tiny":  # the node once built its own from other weights
+            build_tiny_checkpoint(tiny_checkpoint_path(config.seed), seed=9)
+        on_node = landed(config, shipped)
+        assert str(tmp_path / "driver") not in on_node.path
+        node = Upstream(on_node).state_dict()
+        assert all(torch.equal(driver[k], node[k]) for k in driver)
+    assert landed(UpstreamConfig(name="fbank"), portable(UpstreamConfig(name="fbank"))) == UpstreamConfig(name="fbank")

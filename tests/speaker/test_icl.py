@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-from distmeta import icl
+from distmeta.speaker import baselines, episodes, evaluate, metaicl, tables
 from distmeta.data.speakers import EMOTIONS, SpeakerData, SpeakerTask
 from distmeta.features import FrameBank
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
@@ -37,9 +37,9 @@ def toy_data(n_speakers=9, per_emotion=3, dim=8, seed=0):
 def test_evaluation_episodes_are_reproducible_and_cover_every_target():
     data, _ = toy_data()
     tasks = data.splits["test"]
-    first = icl.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
-    again = icl.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
-    other = icl.evaluation_episodes(tasks, 3, "TU+LD", seed=1)
+    first = episodes.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
+    again = episodes.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
+    other = episodes.evaluation_episodes(tasks, 3, "TU+LD", seed=1)
     assert [(e.task.speaker, e.target, e.shots) for e in first] == [(e.task.speaker, e.target, e.shots) for e in again]
     assert [e.shots for e in first] != [e.shots for e in other]
     assert [(e.task.speaker, e.target) for e in first] == [(t.speaker, i) for t in tasks for i in range(len(t.utterances))]
@@ -47,24 +47,24 @@ def test_evaluation_episodes_are_reproducible_and_cover_every_target():
         assert e.target not in e.shots and len(set(e.task.labels[e.shots])) == 3
         assert e.utterances[-1] == e.task.utterances[e.target] and len(e.utterances) == 4
     with pytest.raises(ValueError, match="speaker 's7'"):  # 7 emotions, the target's excluded: TE+LD has 6 at most
-        icl.evaluation_episodes(tasks, 7, "TE+LD", seed=0)
+        episodes.evaluation_episodes(tasks, 7, "TE+LD", seed=0)
 
 
 def test_stage_enrollment_ranges():
-    assert icl.stage_enrollment("TU+LU", EMOTIONS, 7) == ("TU+LU", (0, 7), None)
-    assert icl.stage_enrollment("TO+LD", EMOTIONS, 5) == ("TO+LD", (5, 5), None)
-    assert icl.stage_enrollment("TO+LD", EMOTIONS[:4], 7) == ("TO+LD", (4, 4), None)  # LD: one pair per emotion at most
-    assert icl.stage_enrollment("Neutral", EMOTIONS, 7) == ("TU+LO", (0, 7), 0)
-    assert icl.stage_enrollment("stage1", EMOTIONS, 7)[1] == (0, 0)
+    assert episodes.stage_enrollment("TU+LU", EMOTIONS, 7) == ("TU+LU", (0, 7), None)
+    assert episodes.stage_enrollment("TO+LD", EMOTIONS, 5) == ("TO+LD", (5, 5), None)
+    assert episodes.stage_enrollment("TO+LD", EMOTIONS[:4], 7) == ("TO+LD", (4, 4), None)  # LD: one pair per emotion at most
+    assert episodes.stage_enrollment("Neutral", EMOTIONS, 7) == ("TU+LO", (0, 7), 0)
+    assert episodes.stage_enrollment("stage1", EMOTIONS, 7)[1] == (0, 0)
     with pytest.raises(ValueError, match="TU\\+LX"):
-        icl.stage_enrollment("TU+LX", EMOTIONS, 7)
+        episodes.stage_enrollment("TU+LX", EMOTIONS, 7)
 
 
 def test_ua_spk_is_the_mean_of_per_speaker_accuracies():
     rng = np.random.default_rng(0)
     speakers = pd.Series(np.repeat(["a", "b", "c"], [10, 4, 7]))
     label, prediction = rng.integers(0, 3, 21), rng.integers(0, 3, 21)
-    stats = icl.ua_spk(pd.Series(label == prediction), speakers)
+    stats = episodes.ua_spk(pd.Series(label == prediction), speakers)
     per_speaker = [accuracy_score(label[speakers == s], prediction[speakers == s]) for s in "abc"]
     assert stats["UA_spk"] == pytest.approx(np.mean(per_speaker))
     assert stats["std"] == pytest.approx(np.std(per_speaker)) and stats["median"] == pytest.approx(np.median(per_speaker))
@@ -97,69 +97,69 @@ def fake_results():
 
 def test_tables_follow_the_results():
     results = fake_results()
-    two = icl.table2(results)
+    two = tables.table2(results)
     assert list(two.index) == ["Pretrained", "0-shot", "Proposed", "Proposed", "Proposed"]
     assert list(two["ICL"]) == ["-", "-", "0-shot", "1-shot", "2-shot"]
     assert two["UA_spk"].tolist() == pytest.approx([0.5] * 5)  # (a + 1 - a) / 2
     assert two["std"].tolist() == pytest.approx([0.0, 0.25, 0.25, 0.0, 0.0])
     assert two["max"].tolist() == pytest.approx([0.5, 0.75, 0.75, 0.5, 0.5])
-    three = icl.table3(results, WORDS, EMOTIONS)
+    three = tables.table3(results, WORDS, EMOTIONS)
     assert list(three.index) == ["1-shot", "2-shot"] and three.loc["1-shot", "TE+LU"] == pytest.approx(0.5)
     assert "TU+LO Neutral" in three.columns and three["TE+LD"].isna().all()
-    four = icl.table4(results)
+    four = tables.table4(results)
     assert list(four.index) == ["TU+LD / TU+LU", "TU+LO (Neutral) / TU+LU", "TU+LD / TO+LD", "TU+LO (Neutral) / TO+LD"]
     assert list(four.columns) == ["1-shot", "2-shot"]
 
 
 def test_conditions_cover_the_papers_tables():
-    config = icl.EvaluationConfig(max_lo_shots=4)
-    main = icl.conditions("TU+LU", 7, 7, config)
+    config = evaluate.EvaluationConfig(max_lo_shots=4)
+    main = evaluate.conditions("TU+LU", 7, 7, config)
     assert ("", "", 0) in main and ("TO+LD", "", 7) in main and ("TU+LD", "", 6) in main and ("TU+LD", "", 7) not in main
     for setting in ("TU+LU", "TE+LD", "TE+LU"):
         assert {k for s, _, k in main if s == setting} == set(range(1, 7))
     assert {k for s, e, k in main if s == "TU+LO" and e == "*"} == {1, 2, 3, 4}
-    ablation = icl.conditions("Neutral", 7, 7, config)
+    ablation = evaluate.conditions("Neutral", 7, 7, config)
     assert {(s, e) for s, e, _ in ablation} == {("TU+LD", ""), ("TO+LD", ""), ("TU+LO", "neutral")}
-    assert icl.conditions("stage1", 7, 7, config) == [("", "", 0)]
+    assert evaluate.conditions("stage1", 7, 7, config) == [("", "", 0)]
 
 
 def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_path):
     """A few hundred MetaICL steps on toy speakers lower the validation loss; the best trainable
     state reloads into a fresh model with identical predictions."""
     data, bank = toy_data()
-    config = icl.MetaICLConfig(batch_size=8, val_every=40, lr=3e-3)
+    config = metaicl.MetaICLConfig(batch_size=8, val_every=40, lr=3e-3)
     model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
     model = SpeechLM(model_config, bank.dim, data.words)
-    val = icl.random_episodes(data.splits["valid"], 32, "TU+LU", (0, 3), np.random.default_rng(1))
-    before = icl.validation_loss(model, bank, val, data.words, 32)
-    best = icl.train_stage(model, bank, data.splits["train"], val, data.words, steps=120, setting="TU+LU", shots=(0, 3),
-                           emotion=None, config=config, log=None)
+    val = episodes.random_episodes(data.splits["valid"], 32, "TU+LU", (0, 3), np.random.default_rng(1))
+    before = metaicl.validation_loss(model, bank, val, data.words, 32)
+    best = metaicl.train_stage(model, bank, data.splits["train"], val, data.words, steps=120, setting="TU+LU", shots=(0, 3),
+                               emotion=None, config=config, log=None)
     assert best["val_loss"] < 0.7 * before and best["step"] > 0
     assert set(best["state"]) == {n for n, p in model.named_parameters() if p.requires_grad}
-    fresh = icl.load_trainable(SpeechLM(model_config, bank.dim, data.words), best["state"]).eval()
+    fresh = metaicl.load_trainable(SpeechLM(model_config, bank.dim, data.words), best["state"]).eval()
     model.load_state_dict(best["state"], strict=False)
-    episodes = icl.evaluation_episodes(data.splits["test"], 2, "TU+LU", seed=0)
-    assert icl.predict(fresh, bank, episodes, data.words) == icl.predict(model.eval(), bank, episodes, data.words)
+    test_episodes = episodes.evaluation_episodes(data.splits["test"], 2, "TU+LU", seed=0)
+    assert evaluate.predict(fresh, bank, test_episodes, data.words) == evaluate.predict(model.eval(), bank, test_episodes, data.words)
     with pytest.raises(ValueError, match="missing"):
-        icl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
+        metaicl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
 
 
 def test_personalized_baseline_references():
     data, _ = toy_data()
     rng = np.random.default_rng(0)
-    for episode in icl.reference_episodes(data.splits["test"], "all", EMOTIONS, rng):
+    for episode in baselines.reference_episodes(data.splits["test"], "all", EMOTIONS, rng):
         assert episode.target not in episode.shots
         assert list(episode.task.labels[episode.shots]) == list(range(len(EMOTIONS)))  # one per emotion, in order
-    for episode in icl.reference_episodes(data.splits["test"], "neutral", EMOTIONS, rng):
+    for episode in baselines.reference_episodes(data.splits["test"], "neutral", EMOTIONS, rng):
         assert len(episode.shots) == 1 and episode.task.labels[episode.shots[0]] == 0 and episode.target not in episode.shots
 
 
 def test_classifier_baseline_beats_chance_on_toy_speakers():
     data, bank = toy_data()
-    results = icl.evaluate_classifier("Pretrained", bank, data, icl.ClassifierConfig(epochs=30, batch_size=16, lr=1e-2),
+    results = baselines.evaluate_classifier("Pretrained", bank, data, baselines.ClassifierConfig(epochs=30, batch_size=16, lr=1e-2),
                                       seed=0, log=None)
     assert len(results) == sum(len(t.utterances) for t in data.splits["test"])
-    assert icl.ua_spk(results["correct"], results["speaker"])["UA_spk"] > 0.6  # chance: 1/7
+    assert episodes.ua_spk(results["correct"], results["speaker"])["UA_spk"] > 0.6  # chance: 1/7
 
 
 def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
@@ -171,13 +171,13 @@ def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
     from distmeta.models.upstream import UpstreamConfig
 
     corpus = make_synthetic_corpus(tmp_path / "corpus", seed=2, n_utterances=10, progress=False)
-    first = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
-    assert icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models") == first  # reused
+    first = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
+    assert metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models") == first  # reused
     utterance, path = corpus.utterances.index[0], corpus.utterances["path"].iloc[0]
     wav, rate = sf.read(path)
     sf.write(path, wav[::-1].copy(), rate)  # same size, other audio
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    second = icl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
+    second = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, tmp_path / "models")
     assert second != first
     assert not torch.equal(FrameBank.load(second).items[utterance], FrameBank.load(first).items[utterance])
 
@@ -203,19 +203,19 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
                       speakers=SpeakerCorpusConfig(n_speakers=12, per_emotion=2, workers=2))
     corpus = load_corpus(data, progress=False)
     upstream = UpstreamConfig(name="fbank")
-    meta = icl.MetaICLConfig(stage1_steps=300, stage2_steps=1, val_every=20, val_episodes=8, batch_size=4)
+    meta = metaicl.MetaICLConfig(stage1_steps=300, stage2_steps=1, val_every=20, val_episodes=8, batch_size=4)
     model = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        frames = icl.frame_bank(corpus, upstream, -1, tmp_path / "models")
+        frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
         outcome = {}
-        thread = threading.Thread(target=lambda: outcome.update(paths=icl.metaicl_train_many(
+        thread = threading.Thread(target=lambda: outcome.update(paths=metaicl.metaicl_train_many(
             data, upstream, -1, model, meta, [], frames, tmp_path / "models")))
         thread.start()
         killed, deadline = None, time.time() + 300
         while killed is None and time.time() < deadline and thread.is_alive():
             # two checkpoints on disk: the first is surely registered with the controller by then
-            if len(list((tmp_path / "models" / "ray").glob("**/checkpoint_*/progress.json"))) >= 2:
+            if len(list((tmp_path / "models" / "ray").glob("**/checkpoint_*/progress/progress.json"))) >= 2:
                 # Ray titles each actor's process "ray::<class>...": the worker is the one running our loop
                 workers = [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
                 if workers:
@@ -230,3 +230,6 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     assert sidecar["resumed_from_step"] >= 20 and sidecar["resumed_from_step"] % 20 == 0
     assert sidecar["best_step"] > 0 and outcome["paths"]["stage1"].is_file()
     assert "use_gpu" not in sidecar["settings"]["meta"]  # the same run on GPUs reuses this model
+    stamp = outcome["paths"]["stage1"].stat().st_mtime_ns
+    again = metaicl.metaicl_train_many(data, upstream, -1, model, meta, [], frames, tmp_path / "models")  # Ray is down:
+    assert again == outcome["paths"] and again["stage1"].stat().st_mtime_ns == stamp  # a saved model is only reused

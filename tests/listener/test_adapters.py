@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from distmeta.adapters import AdaptConfig, Episode, FineTune, RandomGuess, Similarity
+from distmeta.listener.adapters import AdaptConfig, Episode, FineTune, RandomGuess, Similarity
 from distmeta.features import PooledBank
 from distmeta.metrics import multilabel_scores
 from distmeta.models import SERModel, Upstream, UpstreamConfig
@@ -82,7 +82,7 @@ def test_new_head_is_seeded_by_the_episode(setting):
 
 
 def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpus):
-    from distmeta.adapters import CeilingConfig, FitAll
+    from distmeta.listener.adapters import CeilingConfig, FitAll
     from distmeta.data import rotation
     from distmeta.features import AudioBank, input_bank
 
@@ -111,7 +111,7 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
 
 
 def test_oracles_are_the_generators_perception_models(small_corpus):
-    from distmeta.adapters import Oracle
+    from distmeta.listener.adapters import Oracle
     from distmeta.data.synthetic import perceive
 
     listeners = small_corpus.info["listeners"]

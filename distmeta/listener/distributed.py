@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from distmeta.models.upstream import portable
+
 
 @dataclass
 class ActorConfig:
@@ -77,12 +79,15 @@ class TaskActor:
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self.model, self.upstream_key = None, None
 
-    def setup(self, upstream_config, model_state, config, task, task_index, bank, layout) -> str:
-        from distmeta.metatrain import build_meta_model
+    def setup(self, upstream_config, upstream_checkpoint, model_state, config, task, task_index, bank, layout) -> str:
+        from distmeta.listener.metatrain import build_meta_model
         from distmeta.models.ser import set_scope
+        from distmeta.models.upstream import landed
 
         if self.model is None or self.upstream_key != repr(upstream_config):  # the upstream is built once per actor
-            self.model = build_meta_model(upstream_config, None, replace(config, ini=False)).to(self.device)
+            # from the driver's checkpoint bytes: this node need not see the driver's disk
+            built = landed(upstream_config, upstream_checkpoint)
+            self.model = build_meta_model(built, None, replace(config, ini=False)).to(self.device)
             self.upstream_key = repr(upstream_config)
         self.model.load_state_dict(model_state)
         set_scope(self.model, config.scope)
@@ -91,7 +96,7 @@ class TaskActor:
         return task.annotator
 
     def meta_gradient(self, flat: np.ndarray, step: int, second_order: bool) -> tuple[dict, np.ndarray]:
-        from distmeta.metatrain import task_meta_gradient
+        from distmeta.listener.metatrain import task_meta_gradient
 
         started = time.perf_counter()
         values = self.layout.unflatten(flat)
@@ -181,6 +186,7 @@ class ActorPool:
     def __init__(self, config: ActorConfig | None = None, log=print):
         self.config, self.log = config or ActorConfig(), log
         self.actors, self.setups, self.layout, self.annotators = [], [], None, []
+        self.upstream_checkpoints = {}  # repr(upstream config) -> object ref of its checkpoint's bytes
         self.last_metrics: dict[int, dict] = {}
         self.chaos = Chaos.from_environment()
 
@@ -200,7 +206,10 @@ class ActorPool:
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.layout = FlatLayout.of({**trainable, **{f"lr/{n}": torch.zeros(config.inner_steps) for n in trainable}})
         state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        self.setups = [(upstream_config, state, config, ray.put(task), i, ray.put(bank.subset(task.utterances)), self.layout)
+        if repr(upstream_config) not in self.upstream_checkpoints:
+            self.upstream_checkpoints[repr(upstream_config)] = ray.put(portable(upstream_config))
+        checkpoint = self.upstream_checkpoints[repr(upstream_config)]
+        self.setups = [(upstream_config, checkpoint, state, config, ray.put(task), i, ray.put(bank.subset(task.utterances)), self.layout)
                        for i, task in enumerate(tasks)]
         self.annotators = [task.annotator for task in tasks]
         if self.chaos:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from distmeta.data import rotation
-from distmeta.meta import meta_gradients
-from distmeta.metatrain import (MetaConfig, MetaLearner, build_meta_model, loss_fn, make_bank, meta_train_split,
+from distmeta.listener.meta import meta_gradients
+from distmeta.listener.metatrain import (MetaConfig, MetaLearner, build_meta_model, loss_fn, make_bank, meta_train_split,
                                 sample_batches, task_meta_gradient, train_serial)
 from distmeta.models import UpstreamConfig
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distmeta.meta import adapt, meta_gradients
+from distmeta.listener.meta import adapt, meta_gradients
 
 
 class MLP(nn.Module):

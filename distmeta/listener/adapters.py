@@ -123,7 +123,7 @@ class FitAll:
         self.model, self.bank, self.config = model, bank, config
 
     def predict(self, episode: Episode) -> np.ndarray:
-        from distmeta.train import fit
+        from distmeta.training.fit import fit
 
         if not len(episode.pool):
             raise ValueError("Entire-All needs the episode's pool (run_episodes fills it)")
@@ -190,7 +190,7 @@ class MetaPerSER:
         self.name, self.model, self.rates, self.bank, self.steps = name, model, rates, bank, steps
 
     def predict(self, episode: Episode) -> np.ndarray:
-        from distmeta.metatrain import adapted_probs
+        from distmeta.listener.metatrain import adapted_probs
 
         return adapted_probs(self.model, self.rates, self.bank, episode.support, episode.support_targets,
                              episode.query, self.steps).numpy()
@@ -198,7 +198,7 @@ class MetaPerSER:
 
 def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds, inputs=None) -> MetaPerSER:
     """A MetaPerSER adapter for the split's test task from a meta-trained state."""
-    from distmeta.metatrain import build_meta_model, make_bank, split_state
+    from distmeta.listener.metatrain import build_meta_model, make_bank, split_state
 
     model_state, rates = split_state(state)
     model = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
@@ -216,7 +216,7 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
     {"ssl_e"|"linear"|"multi": path}. The oracles need a synthetic corpus; elsewhere they are left out.
     `inputs`: a job-wide input bank to take the test pool's inputs from (see features.inputs_for)."""
     from distmeta.features import PooledBank, inputs_for
-    from distmeta.pretrain import load_pretrained
+    from distmeta.listener.pretrain import load_pretrained
 
     test = split.test_task(corpus)
     adapters = {}

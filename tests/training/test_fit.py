@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from distmeta.train import fit
+from distmeta.training.fit import fit
 
 
 class DictLinear(torch.nn.Linear):

@@ -11,8 +11,8 @@ from distmeta.data import rotation
 from distmeta.data.sources import DataConfig
 from distmeta.features import AudioBank, PooledBank, input_bank
 from distmeta.models.upstream import UpstreamConfig
-from distmeta.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
-from distmeta.train import fit
+from distmeta.listener.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
+from distmeta.training.fit import fit
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,11 @@ def test_training_rows_hold_out_whole_utterances(small_corpus):
 @pytest.mark.slow
 def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, ray_local):
     data = DataConfig(path=str(tmp_path / "corpus"), seed=3, n_utterances=300)
-    small_corpus.save(data.path)  # the workers load the same corpus (a cache hit: same seed and size)
+    small_corpus.save(data.path)  # the driver loads the same corpus (a cache hit: same seed and size)
     split = rotation(small_corpus, "unseen")[0]
     config = PretrainConfig(epochs=2, seed=5)
     requests = [(kind, data, UpstreamConfig(), split, config, tmp_path / f"{kind}.safetensors") for kind in ("ssl_e", "linear", "multi")]
-    paths = pretrain_many(requests, tmp_path / "ray")
+    paths = pretrain_many(requests, str(tmp_path / "ray"))
     sidecar = json.loads(paths[1].with_suffix(".json").read_text())
     assert sidecar["settings"]["kind"] == "linear" and sidecar["best"]["epoch"] in (1, 2)
     assert sidecar["settings"]["corpus"] == small_corpus.fingerprint()  # other audio or labels: not reused
@@ -63,12 +63,12 @@ def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, 
         assert torch.allclose(distributed[name], value, atol=1e-5), name
 
     stamp = [p.stat().st_mtime_ns for p in paths]
-    pretrain_many(requests, tmp_path / "ray")  # already done: nothing retrains
+    pretrain_many(requests, str(tmp_path / "ray"))  # already done: nothing retrains
     assert [p.stat().st_mtime_ns for p in paths] == stamp
 
 
 def test_multi_head_routes_each_row_to_its_annotators_head():
-    from distmeta.pretrain import MultiHeadSER
+    from distmeta.listener.pretrain import MultiHeadSER
     from distmeta.models.upstream import Upstream
 
     torch.manual_seed(0)

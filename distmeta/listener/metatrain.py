@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from distmeta.meta import adapt, meta_gradients
+from distmeta.listener.meta import adapt, meta_gradients
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 
 
@@ -317,7 +317,7 @@ def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds, inputs
 def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,
                      actors=None, on_step=None, inputs=None, **checkpointing) -> dict:
     """Meta-train Meta-PerSER for one split of the rotation: serially in process, or on `actors`
-    (a `distmeta.distributed.ActorPool`: one Ray actor per training annotator)."""
+    (a `distmeta.listener.distributed.ActorPool`: one Ray actor per training annotator)."""
     model = build_meta_model(upstream_config, ssl_e_path, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
     pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
@@ -356,7 +356,7 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     from safetensors.torch import load_file, save_file
 
     from distmeta.io import atomic_path, write_json
-    from distmeta.pretrain import is_done
+    from distmeta.training.artifacts import is_done
 
     path, ssl_e = Path(path), None if ssl_e_path is None else str(ssl_e_path)
     # The SSL-E it starts from counts by what shaped that model (its own settings), not by its file name.

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from distmeta.protocol import paired, table1
+from distmeta.listener.protocol import paired, table1
 
 
 @pytest.fixture

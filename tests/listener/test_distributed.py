@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from distmeta.data import rotation
-from distmeta.distributed import ActorConfig, ActorPool, FlatLayout
-from distmeta.metatrain import MetaConfig, meta_train_split
+from distmeta.listener.distributed import ActorConfig, ActorPool, FlatLayout
+from distmeta.listener.metatrain import MetaConfig, meta_train_split
 from distmeta.models import UpstreamConfig
 
 CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1, val_queries=8, test_steps=3,

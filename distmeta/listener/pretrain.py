@@ -11,7 +11,10 @@ class-balanced loss. Locally it is one CPU worker; `num_workers`/`use_gpu`
 scale it out (each worker takes its share of every epoch's batches; gradients
 are averaged by DDP).
 
-Library code never starts Ray: the job calls `ray.init` first.
+The run goes through `training.launcher` (the one Ray Train launcher): the
+workers get audio, rows and the upstream from the driver through Ray, their
+models come back as checkpoints in Ray's storage, and only the driver writes
+`models_dir`. Library code never starts Ray: the job calls `ray.init` first.
 """
 
 import functools
@@ -22,18 +25,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from distmeta.config import from_dict
 from distmeta.data.scenarios import Split
 from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.features import AudioBank, PooledBank, input_bank
-from distmeta.io import atomic_path, write_json
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
-from distmeta.models.upstream import Upstream, UpstreamConfig
-from distmeta.train import fit
+from distmeta.models.upstream import Upstream, UpstreamConfig, landed, portable
+from distmeta.training.artifacts import is_done, shaping
+from distmeta.training.fit import fit
+from distmeta.training.launcher import storage_path, train_many
 
 Kind = Literal["ssl_e", "linear", "multi"]
 
@@ -105,119 +108,80 @@ def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Spl
                                   "split": asdict(split), "pretrain": shaping(config)}))
 
 
-SCALING = ("use_gpu", "cpus_per_worker")  # where a training runs, not what it learns
-
-
-def shaping(config) -> dict:
-    """A training config as part of a model's cache key: without its scaling settings, so moving the same
-    run onto GPUs reuses its models. (`num_workers` stays: each worker takes its share of every epoch's
-    batches, so the worker count changes the steps taken.)"""
-    return {k: v for k, v in asdict(config).items() if k not in SCALING}
-
-
-def is_done(path: Path, settings: dict) -> bool:
-    sidecar = Path(path).with_suffix(".json")
-    return Path(path).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings
-
-
-def _train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: trains each requested model in turn, skipping finished ones."""
-    import ray.train
+def _train_loop(worker) -> None:
+    """Runs on every Ray Train worker (a `training.launcher.Worker`): trains each pending request in turn."""
     import ray.train.torch
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    requests = loop_config["requests"]
-    first = requests[0]["settings"]
-    config = PretrainConfig(**first["pretrain"])
-    corpus = load_corpus(from_dict(DataConfig, first["data"]), progress=False)
-    device = ray.train.torch.get_device()
-    audio = AudioBank(corpus, corpus.utterances.index, config.max_seconds)
+    audio = worker.shared["audio"]
     inputs = {}  # per upstream: its frozen conv encoder's outputs (or the audio), computed once
     frozen_pooled = None  # pooled features of the untrained upstream, shared by every linear/multi model
-    for number, request in enumerate(requests, 1):
-        settings, out_path = request["settings"], Path(request["out_path"])
-        if is_done(out_path, settings):
-            continue
-        kind, split = settings["kind"], Split(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["split"].items()})
+    for number, request in worker.pending():
+        settings, parts = request["settings"], request["rows"]
+        config, kind = PretrainConfig(**settings["pretrain"]), settings["kind"]
         torch.manual_seed(config.seed)
-        parts = training_rows(corpus, split, kind, config.val_fraction, config.seed)
-        model = build_model(kind, UpstreamConfig(**settings["upstream"]), len(split.train_annotators))
         upstream_key = json.dumps(settings["upstream"], sort_keys=True)
+        upstream = landed(UpstreamConfig(**settings["upstream"]), worker.shared["upstreams"][upstream_key])
+        model = build_model(kind, upstream, len(settings["split"]["train_annotators"]))
         if upstream_key not in inputs:
             inputs[upstream_key] = input_bank(model.upstream, audio)
         if kind != "ssl_e" and frozen_pooled is None:
             frozen_pooled = PooledBank(model.upstream, inputs[upstream_key])
         bank = inputs[upstream_key] if kind == "ssl_e" else frozen_pooled
         model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement
-        name = f"{kind} {split.scenario} test={split.test_annotator}"
-        if rank == 0:
-            print(f"[{number}/{len(requests)}] pretraining {name}: {len(parts['train'][0])} rows", flush=True)
+        name = f"{kind} {settings['split']['scenario']} test={settings['split']['test_annotator']}"
+        if worker.rank == 0:
+            print(f"[{number}/{len(worker.requests)}] pretraining {name}: {len(parts['train'][0])} rows", flush=True)
 
         def inputs_for(part):
             ids, _, heads = parts[part]
 
             def make(idx):
-                batch = {k: v.to(device) for k, v in bank.batch([ids[i] for i in idx]).items()}
-                batch["task"] = heads[idx].to(device)
+                batch = {k: v.to(worker.device) for k, v in bank.batch([ids[i] for i in idx]).items()}
+                batch["task"] = heads[idx].to(worker.device)
                 return batch
             return make
 
-        def report(epoch, metrics, is_best, state):
-            ray.train.report({**metrics, "model": name, "model_index": number})
+        def report(epoch, metrics, is_best, state, name=name, number=number):
+            worker.report({**metrics, "model": name, "model_index": number})
 
         result = fit(model, inputs_for("train"), parts["train"][1], parts["val"][1], inputs_for("val"),
                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                     seed=config.seed, rank=rank, world_size=world, on_epoch=report,
-                     log=functools.partial(print, flush=True) if rank == 0 else None)
-        if rank == 0:
-            state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in result["best_state"].items()}
-            with atomic_path(out_path) as tmp:
-                save_file(state, str(tmp))
-            best = result["history"][result["best_epoch"] - 1]
-            write_json(out_path.with_suffix(".json"), {"settings": settings, "best": best, "classes": list(CLASSES)})
+                     seed=config.seed, rank=worker.rank, world_size=worker.world, on_epoch=report,
+                     log=functools.partial(print, flush=True) if worker.rank == 0 else None)
+        state = {k.removeprefix("module."): v for k, v in result["best_state"].items()}
+        best = result["history"][result["best_epoch"] - 1]
+        worker.finish(request, state, {"settings": settings, "best": best, "classes": list(CLASSES)})
 
 
-def pretrain_many(requests, storage_path, name: str = "pretrain", max_failures: int = 2) -> list[Path]:
-    """Train every (kind, data, upstream, split, config, out_path) request in one Ray Train run.
+def pretrain_many(requests, storage: str, name: str = "pretrain", max_failures: int = 2) -> list[Path]:
+    """Train every (kind, data, upstream, split, config, out_path) request in one Ray Train run
+    (`training.launcher`: `storage` is Ray's storage, a shared folder or URI on a cluster).
 
     Models already saved with the same settings are skipped, so a rerun, or a
     worker restarted after a failure, picks up where it stopped. Saved files are
-    safetensors with a JSON sidecar (settings, best epoch and losses).
+    safetensors with a JSON sidecar (settings, best epoch and losses). The workers
+    get the audio, their training rows and the upstream's checkpoint from the
+    driver through the object store: they need nothing on their node's disk.
     """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     corpora = [json.dumps(asdict(r[1]), sort_keys=True) for r in requests]
     data_of = dict(zip(corpora, (r[1] for r in requests)))
+    corpus_of = {key: load_corpus(data, progress=False) for key, data in data_of.items()}
     # per corpus: a model trained on other audio or labels is never reused
-    fingerprints = {key: load_corpus(data, progress=False).fingerprint() for key, data in data_of.items()}
-    todo = [{"settings": _settings(*r[:5], fingerprints[key]), "out_path": str(Path(r[5]).resolve())}
+    todo = [{"settings": _settings(*r[:5], corpus_of[key].fingerprint()), "out_path": r[5], "split": r[3]}
             for key, r in zip(corpora, requests)]
-    paths = [Path(t["out_path"]) for t in todo]
-    todo = [t for t in todo if not is_done(Path(t["out_path"]), t["settings"])]
-    if not todo:
-        return paths
-    if len({json.dumps([t["settings"]["data"], t["settings"]["pretrain"]]) for t in todo}) != 1:
+    pending = [t for t in todo if not is_done(t["out_path"], t["settings"])]
+    if not pending:
+        return [Path(t["out_path"]) for t in todo]
+    if len({json.dumps([t["settings"]["data"], t["settings"]["pretrain"]]) for t in pending}) != 1:
         raise ValueError("one pretrain_many call trains models of one corpus and one PretrainConfig")
-    if not ray.is_initialized():
-        raise RuntimeError("pretrain_many() runs on Ray: call ray.init(...) in the job first")
-    config = requests[0][4]  # the scaling settings are not in the models' settings
-    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"requests": todo},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    result = trainer.fit()
-    missing = [str(p) for p in paths if not p.is_file()]
-    if result.error or missing:
-        raise RuntimeError(f"pretraining failed ({result.error}); models not written: {missing}")
-    return paths
+    config, corpus = requests[0][4], corpus_of[corpora[0]]  # the scaling settings are not in the models' settings
+    for t in pending:
+        t["rows"] = training_rows(corpus, t.pop("split"), t["settings"]["kind"], config.val_fraction, config.seed)
+    upstreams = {json.dumps(t["settings"]["upstream"], sort_keys=True): r[2] for t, r in zip(todo, requests)}
+    shared = {"audio": AudioBank(corpus, corpus.utterances.index, config.max_seconds),
+              "upstreams": {key: portable(upstream) for key, upstream in upstreams.items()}}
+    return train_many(_train_loop, [{k: v for k, v in t.items() if k != "split"} for t in todo], shared, config,
+                      storage, name, max_failures)
 
 
 def load_pretrained(kind: Kind, upstream: UpstreamConfig, path, num_heads: int = 1) -> nn.Module:
@@ -230,11 +194,12 @@ KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "
 
 
 def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config: PretrainConfig, splits: dict,
-                      models_dir) -> dict:
+                      models_dir, storage: str = "") -> dict:
     """Pretrain `kinds` for every split of every scenario in one Ray Train run.
 
     Returns {(scenario, test annotator): {kind: path}}; models live under
-    models_dir/<scenario>/<test annotator>/<kind>.safetensors.
+    models_dir/<scenario>/<test annotator>/<kind>.safetensors. `storage`: Ray's
+    storage (a folder every node sees, or a URI; "": models_dir/ray, one node).
     """
     checkpoints, requests = {}, []
     for scenario, scenario_splits in splits.items():
@@ -244,5 +209,5 @@ def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config:
                 checkpoints.setdefault((scenario, split.test_annotator), {})[kind] = path
                 requests.append((kind, data, upstream, split, config, path))
     if requests:
-        pretrain_many(requests, Path(models_dir) / "ray", name="pretrain")
+        pretrain_many(requests, storage_path(storage, Path(models_dir) / "ray"), name="pretrain")
     return checkpoints

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from distmeta.adapters import AdaptConfig, CeilingConfig, Episode
+from distmeta.listener.adapters import AdaptConfig, CeilingConfig, Episode
 from distmeta.data.scenarios import Task
 from distmeta.metrics import multilabel_scores
 

@@ -1,0 +1,10 @@
+"""Listener personalization (Meta-PerSER): an SER model pretrained on aggregated labels, meta-trained with
+MAML so it adapts to one annotator from a few of their labels.
+
+    pretrain     SSL-E / Linear / Multi pretraining, one Ray Train run (training.launcher)
+    meta         meta_gradients: the functional MAML entry point (CSMT, DA, LSLR)
+    metatrain    MetaLearner, the shared outer loop, checkpoints, the serial trainer
+    distributed  Ray task actors, one per training annotator; actor replacement; chaos
+    adapters     the few-shot methods (baselines, ceilings, Meta-PerSER) behind one predict(episode)
+    protocol     the meta-test protocol, Tables 1 and 2, the shots sweep, paired comparisons
+"""

@@ -1,0 +1,84 @@
+"""The classifier baselines of the ICL paper's Table II: Scratch, Pretrained, Personalized_N and
+Personalized_A, on the same frozen frames as the speech LM.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from distmeta.data.speakers import SpeakerTask, sample_enrollment
+from distmeta.models.speaker_classifier import SpeakerClassifier
+from distmeta.speaker.episodes import Episode, result_rows
+from distmeta.training.fit import fit
+
+
+# name -> (reference utterances: none / one neutral / one of each emotion, encoder layers trained from scratch)
+BASELINES = {"Scratch": ("none", 2), "Pretrained": ("none", 0), "Personalized_N": ("neutral", 0), "Personalized_A": ("all", 0)}
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def draw_references(task: SpeakerTask, target: int, references: str, emotions, rng: np.random.Generator) -> list[int]:
+    """A baseline's reference utterances for one target (never the target itself): none, one neutral
+    utterance, or one utterance of each emotion ordered by emotion (the classifier reads them in a fixed order)."""
+    if references == "none":
+        return []
+    if references == "neutral":
+        return sample_enrollment(task, target, 1, "TU+LO", rng, list(emotions).index("neutral"))
+    return sorted(sample_enrollment(task, target, len(emotions), "TO+LD", rng), key=lambda i: task.labels[i])
+
+
+def reference_episodes(tasks: list[SpeakerTask], references: str, emotions, rng: np.random.Generator) -> list[Episode]:
+    """Every utterance of every speaker as a target, its references as `shots`."""
+    return [Episode(task, target, draw_references(task, target, references, emotions, rng))
+            for task in tasks for target in range(len(task.utterances))]
+
+
+def classifier_inputs(bank, episodes: list[Episode]) -> dict:
+    inputs = bank.batch([e.task.utterances[e.target] for e in episodes])
+    if episodes[0].shots:
+        refs = bank.batch([e.task.utterances[i] for e in episodes for i in e.shots])
+        inputs.update(ref_frames=refs["frames"], ref_mask=refs["frame_mask"])
+    return inputs
+
+
+def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print):
+    """Train baseline `name` on the training speakers (model selection on the validation speakers' loss)."""
+    references, encoder_layers = BASELINES[name]
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    n_refs = {"none": 0, "neutral": 1, "all": len(data.emotions)}[references]
+    model = SpeakerClassifier(bank.dim, len(data.emotions), n_refs, encoder_layers)
+    train = reference_episodes(data.splits["train"], references, data.emotions, rng)
+    val = reference_episodes(data.splits["valid"], references, data.emotions, np.random.default_rng(config.seed + 1))
+    one_hot = lambda eps: np.eye(len(data.emotions), dtype=np.float32)[[e.task.labels[e.target] for e in eps]]
+
+    def train_inputs(idx):  # fresh references every batch: the model must not memorise one pairing
+        redrawn = [Episode(e.task, e.target, draw_references(e.task, e.target, references, data.emotions, rng))
+                   for e in (train[i] for i in idx)]
+        return classifier_inputs(bank, redrawn)
+
+    result = fit(model, train_inputs, one_hot(train), one_hot(val), lambda idx: classifier_inputs(bank, [val[i] for i in idx]),
+                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                 seed=config.seed, log=log)
+    model.load_state_dict(result["best_state"])
+    return model.eval(), result
+
+
+def evaluate_classifier(name: str, bank, data, config: ClassifierConfig, seed: int, log=print) -> pd.DataFrame:
+    """Train baseline `name`, then predict every test utterance (references drawn reproducibly from `seed`)."""
+    model, _ = train_classifier(name, bank, data, config, log=log)
+    episodes = reference_episodes(data.splits["test"], BASELINES[name][0], data.emotions, np.random.default_rng(seed))
+    with torch.no_grad():
+        predicted = torch.cat([model(classifier_inputs(bank, episodes[i:i + 64])).argmax(-1) for i in range(0, len(episodes), 64)])
+    return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model=name, training="",
+                       setting="", emotion="")

@@ -1,0 +1,223 @@
+"""MetaICL (ICL paper, section IV): the speech LM trained on episodes, as a Ray Train job.
+
+    stage 1  = episodes with k = 0 (Eq. 15: the speech LM learns SER before it sees long prompts)
+    stage 2  = MetaICL (Eq. 18-19): k drawn from 0..7 under the training setting (the paper: TU+LU)
+
+`train_stage` is plain PyTorch; `metaicl_train_many` runs it on every Ray Train worker
+(`training.launcher`) with that worker's rank (each rank draws its own episodes; DDP averages the
+gradients).
+"""
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmeta.config import from_dict
+from distmeta.data.sources import load_corpus
+from distmeta.data.speakers import SpeakerTask, speaker_view
+from distmeta.features import AudioBank, FrameBank
+from distmeta.io import write_json
+from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
+from distmeta.models.upstream import Upstream
+from distmeta.training.artifacts import digest, is_done, shaping
+from distmeta.training.launcher import storage_path, train_many
+from distmeta.speaker.episodes import Episode, episode_batch, random_episodes, stage_enrollment
+
+
+@dataclass
+class MetaICLConfig:
+    stage1_steps: int = 800  # episodes without enrollment pairs
+    stage2_steps: int = 2400  # MetaICL episodes
+    batch_size: int = 16  # episodes per step (per worker)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1  # the paper's
+    val_every: int = 200  # steps between validations (loss on the validation speakers; the best is kept)
+    val_episodes: int = 256
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP keeps the SpeechLM in .module
+
+
+def validation_loss(model, bank, episodes: list[Episode], words, batch_size: int, device="cpu") -> float:
+    """Mean target-label cross-entropy (no smoothing) over fixed episodes."""
+    inner = _unwrap(model)
+    inner.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(episodes), batch_size):
+            chunk = episodes[start:start + batch_size]
+            total += inner(*episode_batch(inner, bank, chunk, words, device)).item() * len(chunk)
+    inner.train()
+    return total / len(episodes)
+
+
+def make_optimizer(model, config: MetaICLConfig) -> torch.optim.Optimizer:
+    """RAdam (the paper's) over the trainable parameters."""
+    return torch.optim.RAdam([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[Episode], words: list[str], *,
+                steps: int, setting: str, shots: tuple[int, int], emotion: int | None, config: MetaICLConfig,
+                rank: int = 0, start_step: int = 0, optimizer=None, best: dict | None = None, device="cpu",
+                on_validation=None, log=print) -> dict:
+    """Train `model`'s trainable parameters for `steps` episodes batches; validate every `config.val_every` steps.
+
+    on_validation(step, metrics, optimizer, best) is called after each validation (the job reports and
+    checkpoints there). Returns the best {"val_loss", "step", "state"} (a resumed run passes its `best` so far).
+    """
+    inner = _unwrap(model)
+    optimizer = optimizer or make_optimizer(model, config)
+    rng = np.random.default_rng([config.seed, rank, start_step, steps])
+    best = best or {"val_loss": math.inf, "step": 0, "state": None}
+    started, running = time.time(), []
+    model.train()
+    for step in range(start_step + 1, steps + 1):
+        episodes = random_episodes(train_tasks, config.batch_size, setting, shots, rng, emotion)
+        loss = model(*episode_batch(inner, bank, episodes, words, device), label_smoothing=config.label_smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if step % config.val_every == 0 or step == steps:
+            val_loss = validation_loss(model, bank, val_episodes, words, config.batch_size * 4, device)
+            metrics = {"step": step, "train_loss": float(np.mean(running)), "val_loss": val_loss}
+            running = []
+            if val_loss < best["val_loss"]:
+                best = {"val_loss": val_loss, "step": step, "state": trainable_state(inner)}
+            elapsed = time.time() - started
+            if log:
+                log(f"step {step}/{steps}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}"
+                    f"{' (best)' if best['step'] == step else ''}, {elapsed:.0f}s, "
+                    f"ETA {elapsed / (step - start_step) * (steps - step):.0f}s")
+            if on_validation:
+                on_validation(step, metrics, optimizer, best)
+    return best
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """What training changes (LoRA, Q-Former, projection, segment and example embeddings), detached on CPU."""
+    return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+            for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict[str, torch.Tensor]):
+    """Put a `trainable_state` into a freshly built model; every trainable parameter must be in it."""
+    own = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise ValueError(f"speech LM state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
+    """The frozen encoder's frames of every utterance, computed once per (corpus, upstream, layer) and saved;
+    the corpus counts by its fingerprint (audio files' sizes and modification times, labels), so audio
+    changed in place gets new frames."""
+    key = json.dumps([corpus.fingerprint(), asdict(upstream_config), layer])
+    path = Path(models_dir).resolve() / f"frames-{upstream_config.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.safetensors"
+    if not path.is_file():
+        print(f"encoding {len(corpus.utterances)} utterances with {upstream_config.name} (layer {layer}) -> {path}", flush=True)
+        FrameBank(Upstream(upstream_config), AudioBank(corpus, corpus.utterances.index), layer).save(path)
+    return path
+
+
+def load_speech_lm(path):
+    """A trained speech LM from its safetensors file and JSON sidecar (config, encoder width, label words)."""
+    sidecar = json.loads(Path(path).with_suffix(".json").read_text())
+    model = SpeechLM(from_dict(SpeechLMConfig, sidecar["settings"]["model"]), sidecar["encoder_dim"], sidecar["words"])
+    return load_trainable(model, load_file(str(path))).eval()
+
+
+def _train_loop(worker) -> None:
+    """Runs on every Ray Train worker (a `training.launcher.Worker`): trains each pending speech LM in turn,
+    resuming an interrupted one from the run's latest progress checkpoint."""
+    import ray.train.torch
+
+    rank, world, device = worker.rank, worker.world, worker.device
+    data, bank = worker.shared["data"], worker.shared["frames"]
+    for number, request in worker.pending():
+        settings = request["settings"]
+        config = from_dict(MetaICLConfig, settings["meta"])
+        training = settings["training"]
+        model_config = from_dict(SpeechLMConfig, settings["model"])
+        model = SpeechLM(model_config, bank.dim, data.words)
+        if request["init"]:
+            load_trainable(model, worker.start_state(request))
+        optimizer = make_optimizer(model, config)
+        start_step, best = 0, None
+        folder = worker.resume_folder(request)
+        if folder is not None:  # a restarted worker group: continue the model it was training
+            progress = json.loads((folder / "progress.json").read_text())
+            load_trainable(model, load_file(str(folder / "latest.safetensors")))
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            best = {"val_loss": progress["best_val_loss"], "step": progress["best_step"],
+                    "state": load_file(str(folder / "best.safetensors"))}
+            start_step = progress["step"]
+            if rank == 0:
+                print(f"resuming {training} at step {start_step}", flush=True)
+        model.to(device)
+        if world > 1:
+            model = ray.train.torch.prepare_model(model, move_to_device=False)
+        setting, shots, emotion = stage_enrollment(training, data.emotions, model_config.max_shots)
+        steps = config.stage1_steps if training == "stage1" else config.stage2_steps
+        val_rng = np.random.default_rng([config.seed, 1])
+        val_episodes = random_episodes(data.splits["valid"], config.val_episodes, setting, shots, val_rng, emotion)
+        if rank == 0:
+            print(f"[{number}/{len(worker.requests)}] training speech LM {training}: {steps} steps of "
+                  f"{config.batch_size} x {world} episodes, {setting} with {shots[0]}..{shots[1]} pairs", flush=True)
+
+        def on_validation(step, metrics, optimizer, best, training=training, model=model, request=request):
+            def progress(folder):
+                save_file(trainable_state(model), str(folder / "latest.safetensors"))
+                save_file(best["state"], str(folder / "best.safetensors"))
+                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+                write_json(folder / "progress.json", {"step": step, "best_val_loss": best["val_loss"],
+                                                      "best_step": best["step"]})
+            worker.report({**metrics, "training": training}, request, progress)
+
+        torch.manual_seed(config.seed + rank)
+        best = train_stage(model, bank, data.splits["train"], val_episodes, data.words, steps=steps, setting=setting,
+                           shots=shots, emotion=emotion, config=config, rank=rank, start_step=start_step,
+                           optimizer=optimizer, best=best, device=device, on_validation=on_validation,
+                           log=(lambda line: print(f"{training} {line}", flush=True)) if rank == 0 else None)
+        worker.finish(request, best["state"], {"settings": settings, "best_val_loss": best["val_loss"],
+                                               "best_step": best["step"], "resumed_from_step": start_step,
+                                               "encoder_dim": bank.dim, "words": list(data.words)})
+
+
+def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_config, meta: MetaICLConfig,
+                       trainings, frames, models_dir, storage: str = "", max_failures: int = 2) -> dict:
+    """Stage 1, then each stage-2 `trainings` setting from it, in one Ray Train run (`training.launcher`).
+
+    Returns {"stage1": path, training: path, ...}: safetensors of the trainable parameters (best validation
+    step) with a JSON sidecar; models already saved with the same settings are reused. The workers get the
+    speaker data and the frames through Ray; `storage`: Ray's storage (a folder every node sees, or a URI;
+    "": models_dir/ray, one node).
+    """
+    common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
+                                    "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": shaping(meta)}))
+    models_dir = Path(models_dir).resolve()
+    name = f"speech_lm-{digest(common)}"
+    paths = {t: models_dir / f"{name}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
+    requests = [{"settings": {**common, "training": t}, "out_path": str(p), "init": "" if t == "stage1" else str(paths["stage1"])}
+                for t, p in paths.items()]
+    if all(is_done(r["out_path"], r["settings"]) for r in requests):
+        return paths
+    shared = {"data": speaker_view(load_corpus(data_config, progress=False)), "frames": FrameBank.load(frames)}
+    train_many(_train_loop, requests, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{digest(common)}",
+               max_failures)
+    return paths

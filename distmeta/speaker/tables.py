@@ -1,0 +1,115 @@
+"""The ICL paper's Tables II-IV and the shots plot, from the rows of every prediction.
+"""
+
+from pathlib import Path
+
+import pandas as pd
+
+from distmeta.io import atomic_path
+from distmeta.report import save_table
+from distmeta.speaker.baselines import BASELINES
+from distmeta.speaker.episodes import ua_spk
+
+
+def _stats(results: pd.DataFrame) -> pd.Series:
+    return pd.Series(ua_spk(results["correct"], results["speaker"]))
+
+
+def _by_k(results: pd.DataFrame) -> pd.Series:
+    """UA_spk per number of enrollment pairs."""
+    return pd.Series({k: _stats(part)["UA_spk"] for k, part in results.groupby("k")}, dtype=float)
+
+
+def table2(results: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E."""
+    rows = []
+    for name in [*BASELINES, "0-shot", "1-shot_N"]:
+        part = results[results["model"] == name]
+        if len(part):
+            rows.append({"model": name, "ICL": f"{part['k'].iloc[0]}-shot" if name == "1-shot_N" else "-",
+                         "setting": "Neutral" if name == "1-shot_N" else "-", **_stats(part)})
+    proposed = results[(results["model"] == "Proposed") & results["setting"].isin(["", "TU+LD", "TO+LD"])]
+    for k, part in proposed.groupby("k"):
+        rows.append({"model": "Proposed", "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
+    return pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
+
+
+def table3(results: pd.DataFrame, words, emotions) -> pd.DataFrame:
+    """The paper's Table III: UA_spk of the proposed model per enrollment setting (TU+LO per emotion) and k."""
+    proposed = results[(results["model"] == "Proposed") & (results["k"] > 0)]
+    columns = {}
+    for setting in ("TU+LD", "TU+LU", "TE+LD", "TE+LU"):
+        part = proposed[proposed["setting"] == setting]
+        columns[setting] = _by_k(part)
+    for emotion, word in zip(emotions, words):
+        part = proposed[(proposed["setting"] == "TU+LO") & (proposed["emotion"] == emotion)]
+        if len(part):
+            columns[f"TU+LO {word}"] = _by_k(part)
+    table = pd.DataFrame(columns)
+    table.index = [f"{k}-shot" for k in table.index]
+    table.index.name = "ICL"
+    return table
+
+
+def table4(results: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table IV: test setting TU+LD (TO+LD at k = E) and neutral TU+LO, per training setting and k."""
+    rows = {}
+    for training in ("TU+LU", "TO+LD", "Neutral"):
+        part = results[(results["training"] == training) & (results["k"] > 0)]
+        if not len(part):
+            continue
+        ld = part[part["setting"].isin(["TU+LD", "TO+LD"])]
+        lo = part[(part["setting"] == "TU+LO") & (part["emotion"] == "neutral")]
+        rows[("TU+LD", training)] = _by_k(ld)
+        rows[("TU+LO (Neutral)", training)] = _by_k(lo)
+    table = pd.DataFrame(rows).T
+    table.columns = [f"{k}-shot" for k in table.columns]
+    table.index = [f"{test} / {training}" for test, training in table.index]
+    table.index.name = "test setting / training setting"
+    return table
+
+
+def plot_shots(results: pd.DataFrame, path) -> None:
+    """UA_spk of the proposed model against the number of enrollment pairs, one line per test setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proposed = results[results["model"] == "Proposed"]
+    zero = _stats(proposed[proposed["k"] == 0])["UA_spk"] if (proposed["k"] == 0).any() else None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting in ("TU+LD", "TU+LU", "TE+LD", "TE+LU", "TU+LO"):
+        part = proposed[proposed["setting"].isin([setting] + (["TO+LD"] if setting == "TU+LD" else []))]
+        if len(part):
+            curve = _by_k(part)
+            if zero is not None:
+                curve = pd.concat([pd.Series({0: zero}), curve])
+            ax.plot(curve.index, curve.to_numpy(), marker="o", label=setting + (" (TO+LD at every emotion)" if setting == "TU+LD" else ""))
+    ax.set_xlabel("enrollment pairs k")
+    ax.set_ylabel("UA_spk")
+    ax.set_title("Personalization by ICL on the test speakers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def save_results(results: pd.DataFrame, data, out_dir) -> dict:
+    """results.csv and the tables (.md, .csv) and shots.png under `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    paths = {"results": out_dir / "results.csv",
+             "table2": save_table(table2(results), out_dir, "table2", "Table II: UA_spk on the test speakers", ".3f"),
+             "table3": save_table(table3(results, data.words, data.emotions), out_dir, "table3",
+                                  "Table III: UA_spk of ICL-based inference per enrollment setting", ".3f")}
+    if results["training"].isin(["TO+LD", "Neutral"]).any():
+        paths["table4"] = save_table(table4(results), out_dir, "table4",
+                                     "Table IV: UA_spk per training setting (MetaICL) and test setting", ".3f")
+    plot_shots(results, out_dir / "shots.png")
+    paths["shots"] = out_dir / "shots.png"
+    return paths

@@ -1,0 +1,189 @@
+"""The one Ray Train launcher: SSL-E/Linear/Multi pretraining and MetaICL both train through `train_many`.
+
+On a cluster the nodes share no disk except Ray's storage, so:
+
+- what the workers need reaches them through the object store (`shared`: audio, frame banks, upstream
+  checkpoints, and the saved models a request starts from);
+- what they produce comes back as Ray Train checkpoints in the storage (`storage`: a shared folder or a
+  pyarrow filesystem URI such as s3://bucket/distmeta): a finished model's checkpoint holds its weights
+  and sidecar, a progress checkpoint what resuming an interrupted model needs;
+- only the driver writes `models_dir`: after the run it copies each finished model out of its checkpoint.
+
+Every checkpoint also lists the models finished so far and carries the states that unfinished requests
+start from, so a worker group restarted after a worker died skips what is done and resumes what was
+interrupted. A run is named by what it trains, so a job started again after its driver died picks up the
+same run's checkpoints; a checkpoint counts only for a request with exactly its settings.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmeta.io import write_json
+from distmeta.training.artifacts import digest, is_done, save_model
+
+MANIFEST = "launcher.json"  # in every checkpoint: finished models, carried start states, what it holds
+
+
+def storage_path(storage: str, default) -> str:
+    """Ray's storage for a job: `storage` as given when it is a URI (s3://, gs://, ...), resolved when it is
+    a folder, and `default` (a local folder: one node) when it is empty."""
+    return storage if "://" in storage else str(Path(storage or default).resolve())
+
+
+def _key(request: dict) -> dict:
+    return {"out_path": request["out_path"], "digest": digest(request["settings"])}
+
+
+def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, name: str,
+               max_failures: int = 2) -> list[Path]:
+    """Train every request not saved yet in one Ray Train `TorchTrainer` run; returns the requests' paths.
+
+    A request is {"settings": what shapes the model, "out_path": where the driver saves it, "init": the
+    out_path of the model it starts from, or ""}. `loop(worker)` runs on every worker with a `Worker`;
+    `shared` values reach the workers through the object store. `scaling` has num_workers, use_gpu and
+    cpus_per_worker (0: the cluster's CPUs shared out among the workers).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    paths = [Path(r["out_path"]) for r in requests]
+    todo = [{**r, "out_path": str(Path(r["out_path"]).resolve()), "init": str(Path(r["init"]).resolve()) if r.get("init") else ""}
+            for r in requests if not is_done(r["out_path"], r["settings"])]
+    if not todo:
+        return paths
+    if not ray.is_initialized():
+        raise RuntimeError(f"{name}: training runs on Ray: call ray.init(...) in the job first")
+    in_run = {r["out_path"] for r in todo}
+    saved_starts = {r["init"]: load_file(r["init"]) for r in todo if r["init"] and r["init"] not in in_run}
+    shared = {key: ray.put(value) for key, value in {**shared, "saved_starts": saved_starts}.items()}
+    cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
+    trainer = TorchTrainer(
+        _worker_main, train_loop_config={"loop": loop, "requests": todo, "shared": shared},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"{name}-{digest([r['settings'] for r in todo])}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)))  # each finished model is one
+    result = trainer.fit()
+    save_finished(result, todo)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if result.error or missing:
+        raise RuntimeError(f"{name}: training failed ({result.error}); models not written: {missing}")
+    return paths
+
+
+def save_finished(result, todo: list[dict]) -> None:
+    """On the driver: every finished model of a run's checkpoints that a request asked for, into its out_path."""
+    wanted = [_key(r) for r in todo]
+    for checkpoint, _ in result.best_checkpoints or []:
+        with checkpoint.as_directory() as folder:
+            manifest = json.loads((Path(folder) / MANIFEST).read_text())
+            model = manifest["model"]
+            if model in wanted:
+                sidecar = json.loads((Path(folder) / "model.json").read_text())
+                save_model(model["out_path"], load_file(str(Path(folder) / "model.safetensors")), sidecar)
+
+
+def _worker_main(config: dict) -> None:
+    worker = Worker(config)
+    try:
+        config["loop"](worker)
+    finally:
+        shutil.rmtree(worker._scratch, ignore_errors=True)
+
+
+class Worker:
+    """What a training loop sees on one Ray Train worker: its rank and device, the shared inputs, the
+    requests still to train, and the two ways its results leave the node (`report`, `finish`)."""
+
+    def __init__(self, config: dict):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.requests = config["requests"]
+        self.shared = {key: ray.get(ref) for key, ref in config["shared"].items()}
+        self.starts = dict(self.shared.pop("saved_starts"))  # out_path -> trainable state a request starts from
+        self.finished, self._progress = [], None
+        self._scratch = Path(tempfile.mkdtemp(prefix="distmeta-train-"))
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # a restarted worker group, or a rerun of the same run
+            self._restore(checkpoint)
+
+    def _restore(self, checkpoint) -> None:
+        folder = self._scratch / "restored"
+        checkpoint.to_directory(str(folder))
+        manifest = json.loads((folder / MANIFEST).read_text())
+        keys = [_key(r) for r in self.requests]
+        self.finished = [k for k in manifest["finished"] if k in keys]
+        for kept in manifest["kept"]:
+            if kept["key"] in keys:
+                self.starts[kept["key"]["out_path"]] = load_file(str(folder / kept["file"]))
+        if manifest["progress"] in keys:
+            self._progress = (manifest["progress"], folder / "progress")
+
+    def pending(self):
+        """(number, request) of every request not finished yet, in order (numbers count from 1 over all)."""
+        for number, request in enumerate(self.requests, 1):
+            if _key(request) not in self.finished:
+                yield number, request
+
+    def start_state(self, request: dict) -> dict | None:
+        """The trainable state `request` starts from (its "init" model's), or None."""
+        return self.starts[request["init"]] if request["init"] else None
+
+    def resume_folder(self, request: dict) -> Path | None:
+        """What the last progress checkpoint of an interrupted `request` saved (`report(progress=...)`), or None."""
+        return self._progress[1] if self._progress and self._progress[0] == _key(request) else None
+
+    def report(self, metrics: dict, request: dict | None = None, progress=None) -> None:
+        """Metrics (every rank calls this the same number of times); on rank 0 with `progress(folder)`, also
+        a checkpoint holding what `progress` writes into folder, to resume `request` from."""
+        self._report(metrics, progress=(request, progress) if progress else None)
+
+    def finish(self, request: dict, state: dict[str, torch.Tensor], sidecar: dict, metrics: dict | None = None) -> None:
+        """`request`'s model is trained: rank 0's state and sidecar leave in a checkpoint the driver saves."""
+        self.finished.append(_key(request))
+        self._progress = None
+        if any(r["init"] == request["out_path"] for r in self.requests):
+            self.starts[request["out_path"]] = {k: v.detach().cpu() for k, v in state.items()}
+        self._report({**(metrics or {}), "finished": request["out_path"]}, model=(request, state, sidecar))
+
+    def _report(self, metrics: dict, model=None, progress=None) -> None:
+        import ray.train
+
+        if self.rank != 0 or (model is None and progress is None):  # only rank 0 has anything to checkpoint
+            ray.train.report(metrics)
+            return
+        folder = Path(tempfile.mkdtemp(dir=self._scratch))
+        try:
+            manifest = {"finished": self.finished, "kept": [], "model": None, "progress": None}
+            for request in self.requests:  # the in-run models that unfinished requests start from travel along
+                needed = any(r["init"] == request["out_path"] and _key(r) not in self.finished for r in self.requests)
+                if needed and request["out_path"] in self.starts:
+                    file = f"kept-{len(manifest['kept'])}.safetensors"
+                    save_file(self.starts[request["out_path"]], str(folder / file))
+                    manifest["kept"].append({"key": _key(request), "file": file})
+            if model:
+                request, state, sidecar = model
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+                write_json(folder / "model.json", sidecar)
+                manifest["model"] = _key(request)
+            if progress:
+                request, write = progress
+                (folder / "progress").mkdir()
+                write(folder / "progress")
+                manifest["progress"] = _key(request)
+            write_json(folder / MANIFEST, manifest)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
