@@ -353,10 +353,9 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     (safetensors + JSON sidecar); reused when the settings match."""
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from distmeta.io import atomic_path, write_json
-    from distmeta.training.artifacts import is_done
+    from distmeta.training.artifacts import is_done, save_model
 
     path, ssl_e = Path(path), None if ssl_e_path is None else str(ssl_e_path)
     # The SSL-E it starts from counts by what shaped that model (its own settings), not by its file name.
@@ -368,8 +367,6 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
         return load_file(str(path))
     result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log, settings=settings,
                               **training)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in result["best_state"].items()}, str(tmp))
-    write_json(path.with_suffix(".json"), {"settings": settings, "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
-                         "history": result["history"]})
+    save_model(path, result["best_state"], {"settings": settings, "best_step": result["best_step"],
+                                            "best_val_loss": result["best_val_loss"], "history": result["history"]})
     return result["best_state"]

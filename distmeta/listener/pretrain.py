@@ -167,21 +167,19 @@ def pretrain_many(requests, storage: str, name: str = "pretrain", max_failures: 
     data_of = dict(zip(corpora, (r[1] for r in requests)))
     corpus_of = {key: load_corpus(data, progress=False) for key, data in data_of.items()}
     # per corpus: a model trained on other audio or labels is never reused
-    todo = [{"settings": _settings(*r[:5], corpus_of[key].fingerprint()), "out_path": r[5], "split": r[3]}
-            for key, r in zip(corpora, requests)]
-    pending = [t for t in todo if not is_done(t["out_path"], t["settings"])]
+    todo = [{"settings": _settings(*r[:5], corpus_of[key].fingerprint()), "out_path": r[5]} for key, r in zip(corpora, requests)]
+    pending = [(t, r) for t, r in zip(todo, requests) if not is_done(t["out_path"], t["settings"])]
     if not pending:
         return [Path(t["out_path"]) for t in todo]
-    if len({json.dumps([t["settings"]["data"], t["settings"]["pretrain"]]) for t in pending}) != 1:
+    if len({json.dumps([t["settings"]["data"], t["settings"]["pretrain"]]) for t, _ in pending}) != 1:
         raise ValueError("one pretrain_many call trains models of one corpus and one PretrainConfig")
     config, corpus = requests[0][4], corpus_of[corpora[0]]  # the scaling settings are not in the models' settings
-    for t in pending:
-        t["rows"] = training_rows(corpus, t.pop("split"), t["settings"]["kind"], config.val_fraction, config.seed)
-    upstreams = {json.dumps(t["settings"]["upstream"], sort_keys=True): r[2] for t, r in zip(todo, requests)}
+    for t, r in pending:
+        t["rows"] = training_rows(corpus, r[3], t["settings"]["kind"], config.val_fraction, config.seed)
+    upstreams = {json.dumps(t["settings"]["upstream"], sort_keys=True): r[2] for t, r in pending}
     shared = {"audio": AudioBank(corpus, corpus.utterances.index, config.max_seconds),
               "upstreams": {key: portable(upstream) for key, upstream in upstreams.items()}}
-    return train_many(_train_loop, [{k: v for k, v in t.items() if k != "split"} for t in todo], shared, config,
-                      storage, name, max_failures)
+    return train_many(_train_loop, todo, shared, config, storage, name, max_failures)
 
 
 def load_pretrained(kind: Kind, upstream: UpstreamConfig, path, num_heads: int = 1) -> nn.Module:

@@ -210,14 +210,13 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     """
     common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
                                     "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": shaping(meta)}))
-    models_dir = Path(models_dir).resolve()
-    name = f"speech_lm-{digest(common)}"
-    paths = {t: models_dir / f"{name}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
+    models_dir, key = Path(models_dir).resolve(), digest(common)
+    paths = {t: models_dir / f"speech_lm-{key}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
     requests = [{"settings": {**common, "training": t}, "out_path": str(p), "init": "" if t == "stage1" else str(paths["stage1"])}
                 for t, p in paths.items()]
     if all(is_done(r["out_path"], r["settings"]) for r in requests):
         return paths
     shared = {"data": speaker_view(load_corpus(data_config, progress=False)), "frames": FrameBank.load(frames)}
-    train_many(_train_loop, requests, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{digest(common)}",
+    train_many(_train_loop, requests, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
                max_failures)
     return paths

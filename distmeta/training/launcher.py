@@ -175,8 +175,7 @@ class Worker:
                     manifest["kept"].append({"key": _key(request), "file": file})
             if model:
                 request, state, sidecar = model
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-                write_json(folder / "model.json", sidecar)
+                save_model(folder / "model.safetensors", state, sidecar)  # its sidecar: model.json
                 manifest["model"] = _key(request)
             if progress:
                 request, write = progress
