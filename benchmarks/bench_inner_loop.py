@@ -14,7 +14,7 @@ import time
 import torch
 from torch.func import functional_call, grad, vmap
 
-from distmeta.listener.meta import adapt, meta_gradients
+from distmeta.listener.maml import adapt, meta_gradients
 from distmeta.listener.metatrain import loss_fn
 from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
 from distmeta.models.ser import SERHead

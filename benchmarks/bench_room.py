@@ -39,7 +39,7 @@ import torchaudio
 
 from distmeta.listener.adapters import Oracle
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.data.synthetic import EXTERNAL_BIAS, evidence, voice_parameters
+from distmeta.data.synthetic.listeners import EXTERNAL_BIAS, evidence, voice_parameters
 from distmeta.features import AudioBank
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models import Upstream, UpstreamConfig

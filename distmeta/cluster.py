@@ -3,6 +3,11 @@
 Under `ray job submit` Ray sets `RAY_ADDRESS`, so a job joins the cluster it was
 submitted to; run by hand it starts a local instance; a job's `ray_address`
 setting overrides both (e.g. `ray_address=auto` to join the node's cluster).
+
+A local instance starts with its dashboard (bound to 127.0.0.1): Ray's State API
+lives there, and Ray Train's placement-group cleaner asks it, every second of a
+training, whether the run's controller is alive. Without it each ask fails with
+a warning line (about 1,200 of them in the default main job).
 """
 
 import os
@@ -13,5 +18,10 @@ def connect(address: str = "") -> None:
     nothing happens when this process is already connected."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    else:
+        ray.init(address=address)

@@ -1,7 +1,8 @@
 """Typed configs: dataclasses, loadable from YAML, overridable with `key.sub=value`.
 
-Precedence, lowest first: the dataclass defaults, a named preset, `--config
-FILE.yaml`, then `key.sub=value` overrides on the command line. Unknown keys and
+Precedence, lowest first: the dataclass defaults, a named preset
+(`configs/<job>/<name>.yaml`), `--config FILE.yaml`, then `key.sub=value`
+overrides on the command line. Unknown keys and
 values of the wrong type are errors that name the key and where it came from.
 """
 
@@ -154,43 +155,57 @@ def _coerce(tp, value, where, key):
     raise ConfigError(f"{where}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def load(cls, path=None, overrides=(), preset: dict | None = None):
-    """Defaults < preset < YAML file < overrides, checked against `cls`."""
+# The project's presets: configs/<job>/<name>.yaml (commented YAML a user can read and copy).
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets(job: str) -> dict[str, Path]:
+    """{preset name: its YAML file} for `job` (its folder under configs/)."""
+    return {path.stem: path for path in sorted((PRESETS / job).glob("*.yaml"))}
+
+
+def read_yaml(cls, path) -> dict:
+    """A YAML config file as a nested dict, checked against `cls`; errors name the file."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    from_dict(cls, loaded, where=str(path))  # names the file if a key is wrong
+    return loaded
+
+
+def load(cls, path=None, overrides=(), preset=None):
+    """Defaults < preset (a YAML file) < YAML file `path` < overrides, checked against `cls`."""
     data = to_dict(cls())
-    if preset:
-        data = merge(data, preset)
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from err
-        from_dict(cls, loaded, where=str(path))  # names the file if a key is wrong
-        data = merge(data, loaded)
+    for source in (preset, path):
+        if source is not None:
+            data = merge(data, read_yaml(cls, source))
     for text in overrides:
         data = merge(data, parse_override(text))
         from_dict(cls, data, where=f"override {text!r}")
     return from_dict(cls, data)
 
 
-def parse_args(cls, argv=None, *, presets: dict | None = None, description: str | None = None, epilog: str | None = None):
+def parse_args(cls, argv=None, *, job: str, description: str | None = None, epilog: str | None = None):
     """The job contract: `--config FILE.yaml`, `--preset NAME`, `--out DIR`, then `key.sub=value ...`;
     `--print-config` prints the resolved config as YAML (what the job would run with) and exits.
 
-    `cls` must have an `out` field; `--out DIR` is shorthand for `out=DIR`. `epilog`: the job's own
-    flags, which it handles before this, shown under --help.
+    `job` names the preset folder, configs/<job>/. `cls` must have an `out` field; `--out DIR` is
+    shorthand for `out=DIR`. `epilog`: the job's own flags, which it handles before this, shown under --help.
     """
-    presets = presets or {}
+    found = presets(job)
     parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--config", type=Path, help="YAML file with config values")
-    parser.add_argument("--preset", choices=sorted(presets), help="named size preset (smoke: minutes on 2 CPU cores)")
+    parser.add_argument("--preset", choices=sorted(found),
+                        help=f"a preset from configs/{job}/ (smoke: minutes on 2 CPU cores; default.yaml lists every key)")
     parser.add_argument("--out", help="output directory (same as out=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     try:
-        config = load(cls, args.config, overrides, presets.get(args.preset))
+        config = load(cls, args.config, overrides, found.get(args.preset))
     except ConfigError as err:
         parser.error(str(err))
     if args.print_config:

@@ -1,4 +1,5 @@
-"""Tables and plots a job leaves behind: CSV for programs, Markdown and PNG for people."""
+"""Tables and plots a job leaves behind: CSV for programs, Markdown and PNG for people (the one way
+every job saves a table, `save_table`, and a figure, `save_figure`)."""
 
 from pathlib import Path
 
@@ -27,13 +28,29 @@ def save_table(df: pd.DataFrame, out_dir, name: str, title: str = "", floatfmt: 
     return md
 
 
-def save_heatmap(df: pd.DataFrame, path, title: str, fmt: str = ".1f") -> Path:
+def figure(*args, **kwargs):
+    """`plt.subplots(*args, **kwargs)` on the file-only backend (jobs run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(df.columns), 0.6 + 0.45 * len(df.index)))
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path) -> Path:
+    """Write `fig` as PNG atomically and close it: the one way every plot is saved."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_heatmap(df: pd.DataFrame, path, title: str, fmt: str = ".1f") -> Path:
+    fig, ax = figure(figsize=(1.0 + 0.8 * len(df.columns), 0.6 + 0.45 * len(df.index)))
     image = ax.imshow(df.to_numpy(float), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(df.columns)), [str(c) for c in df.columns], rotation=45, ha="right")
     ax.set_yticks(range(len(df.index)), [str(i) for i in df.index])
@@ -41,8 +58,4 @@ def save_heatmap(df: pd.DataFrame, path, title: str, fmt: str = ".1f") -> Path:
         ax.text(j, i, format(value, fmt), ha="center", va="center", color="w", fontsize=7)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

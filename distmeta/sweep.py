@@ -178,14 +178,9 @@ def sweep_table(results, space: dict, outer_steps: int) -> pd.DataFrame:
 
 def plot_trials(results, path) -> None:
     """Validation loss against outer step, one line per trial."""
-    import matplotlib
+    from distmeta.report import figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distmeta.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for result in results:
         history = result.metrics_dataframe
         if history is not None and METRIC in history:
@@ -194,8 +189,5 @@ def plot_trials(results, path) -> None:
     ax.set_ylabel("validation loss (class-balanced CE)")
     ax.set_title("Sweep trials (ASHA-stopped lines end early)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 

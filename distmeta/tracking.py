@@ -1,25 +1,57 @@
-"""MLflow: every job run is an MLflow run.
+"""MLflow: every job run is an MLflow run, in one store a user finds.
 
-The tracking URI is `MLFLOW_TRACKING_URI` when set (e.g. a team server),
-otherwise a local SQLite store, `mlflow.db` in the working directory (browse it
-with `mlflow ui --backend-store-uri sqlite:///mlflow.db`, which binds to
-127.0.0.1). Library code only logs; it never starts a server.
+The tracking URI is `MLFLOW_TRACKING_URI` when set (a team server, see
+docs/outputs.md), otherwise one SQLite store per user, `$DISTMETA_HOME/mlflow.db`
+(`DISTMETA_HOME` defaults to ~/.local/share/distmeta), with run artifacts beside
+it in `mlartifacts/`. Absolute on purpose: under `ray job submit` the working
+directory is Ray's temporary copy, and a store there would vanish with it.
+Browse it with `mlflow ui --backend-store-uri sqlite:///$HOME/.local/share/distmeta/mlflow.db`
+(binds 127.0.0.1). Library code only logs; it never starts a server.
 """
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from distmeta.config import flatten
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+
+def home() -> Path:
+    """Where distmeta keeps what outlives a run's folder: the MLflow store."""
+    return Path(os.environ.get("DISTMETA_HOME") or Path.home() / ".local" / "share" / "distmeta").resolve()
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlartifacts/` beside its file (MLflow's own default is relative to the working
+    directory); a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+
+
+def use_experiment(mlflow, experiment: str) -> None:
+    """Set the tracking URI and experiment, creating the experiment with its artifacts beside the store."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by another process
+    mlflow.set_experiment(experiment)
+
+
+def metric_name(*parts) -> str:
+    """The one way a job names an MLflow metric: its parts joined with ".", each part's characters other than
+    letters, digits and "_" replaced by "_" (e.g. ("unseen", "Entire-Few", "maF1") -> "unseen.Entire_Few.maF1")."""
+    return ".".join(re.sub(r"[^A-Za-z0-9_]", "_", str(part)) for part in parts)
 
 
 @contextmanager
@@ -27,8 +59,7 @@ def run(experiment: str, run_name: str, params: dict):
     """Start an MLflow run with flattened `params`; yields the mlflow module for logging."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+    use_experiment(mlflow, experiment)
     with mlflow.start_run(run_name=run_name) as active:
         flat = flatten(params)
         for start in range(0, len(flat), 100):  # MLflow caps params per batch

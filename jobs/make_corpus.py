@@ -12,28 +12,19 @@ than the average listener's).
 
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from distmeta import config as cfg
-from distmeta.data.sources import DataConfig, load_corpus
+from distmeta.data.sources import load_corpus
 from distmeta.data.synthetic import oracle_gap
+from distmeta.jobs import MakeCorpusConfig
 from distmeta.report import markdown_table, save_heatmap, save_table
 
 
-@dataclass
-class MakeCorpusConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    out: str = "runs/corpus"
-
-
-PRESETS = {"smoke": {"data": {"n_utterances": 300}, "out": "runs/corpus-smoke"}}
-
-
 def main(argv=None) -> int:
-    config = cfg.parse_args(MakeCorpusConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    config = cfg.parse_args(MakeCorpusConfig, argv, job="make_corpus", description=__doc__.split("\n")[0])
     out = Path(config.out)
     cfg.save(config, out / "config.yaml")
     started = time.time()

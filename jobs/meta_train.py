@@ -17,10 +17,9 @@ Everything is logged to MLflow: the job is one run, each meta-training a nested 
 with its per-step outer and validation losses.
 """
 
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,57 +29,15 @@ from distmeta import tracking
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
-from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.listener.distributed import ActorConfig, ActorPool
+from distmeta.data.sources import load_corpus
+from distmeta.listener.distributed import ActorPool
 from distmeta.io import atomic_path
+from distmeta.jobs import MetaTrainConfig
 from distmeta.listener.metatrain import ABLATIONS, MetaConfig, meta_train_cached
-from distmeta.models.upstream import UpstreamConfig, prepare
-from distmeta.listener.pretrain import KIND_OF_METHOD, PretrainConfig, pretrain_rotation
-from distmeta.listener.protocol import ProtocolConfig, paired, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.models.upstream import prepare
+from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
+from distmeta.listener.protocol import paired, plot_sweep, run_episodes, sweep_table, table1, table2
 from distmeta.report import save_table
-
-
-@dataclass
-class MetaTrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    # Pretrained once per machine on synthetic audio of other speakers (models/tiny_wavlm.py); "tiny"
-    # is the same model with random weights, any s3prl name a real upstream.
-    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    meta: MetaConfig = field(default_factory=MetaConfig)
-    actors: ActorConfig = field(default_factory=ActorConfig)
-    distributed: bool = True  # false: the serial in-process trainer (the reference; same numbers)
-    checkpoint_every: int = 10  # outer steps between checkpoints
-    resume: bool = False  # continue from the checkpoints under out/checkpoints (`--resume DIR`)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    out: str = "runs/meta_train"
-    models_dir: str = "runs/models"  # pretrained and meta-trained models, reused when settings match
-    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
-    # "": a folder under models_dir, enough on one node
-    storage: str = ""
-    experiment: str = "distmeta-meta-train"
-    ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
-
-
-PRESETS = {
-    "smoke": {
-        "data": {"n_utterances": 300},
-        "upstream": {"pretrain_epochs": 1, "pretrain_utterances": 128},
-        "pretrain": {"epochs": 1},
-        "meta": {"outer_steps": 4, "val_every": 2, "val_seeds": 1, "shots": 8, "val_queries": 8, "test_steps": 5},
-        "protocol": {"test_annotators": ["E1", "E2"], "seeds": 1, "shots": 8, "queries": 16,
-                     "sweep_shots": [2, 8], "table2": ["none", "INI+CSMT+DA+LSLR"], "adapt": {"steps": 5},
-                     "ceiling": {"max_epochs": 2}},
-        "out": "runs/meta_train-smoke",
-        "models_dir": "runs/models-smoke",
-    },
-    # The paper's protocol and rates: the whole model adapts (meant for real upstreams on GPUs).
-    "paper": {
-        "meta": {"scope": "entire", "inner_lr": 1e-3, "outer_lr": 9e-5, "outer_steps": 2000, "val_every": 100},
-        "protocol": {"seeds": 10},
-        "out": "runs/meta_train-paper",
-    },
-}
 
 
 def setup(config: MetaTrainConfig):
@@ -219,12 +176,10 @@ SHAPING_SECTIONS = ("data", "upstream", "pretrain", "meta")
 
 def check_resumable(config: MetaTrainConfig) -> None:
     """Refuse to resume a run whose shaping settings changed, naming every differing key."""
-    import yaml
-
     saved_path = Path(config.out) / "config.yaml"
     if not saved_path.is_file():
         return  # nothing ran there yet: a fresh start
-    saved, now = yaml.safe_load(saved_path.read_text()) or {}, asdict(config)
+    saved, now = cfg.read_yaml(MetaTrainConfig, saved_path), asdict(config)
     changed = cfg.differences({k: saved.get(k, {}) for k in SHAPING_SECTIONS}, {k: now[k] for k in SHAPING_SECTIONS})
     if changed:
         raise SystemExit(f"--resume {config.out}: the run was made with other settings than these:\n  "
@@ -233,7 +188,7 @@ def check_resumable(config: MetaTrainConfig) -> None:
 
 def main(argv=None) -> int:
     argv = resume_args(list(sys.argv[1:] if argv is None else argv))
-    config = cfg.parse_args(MetaTrainConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0],
+    config = cfg.parse_args(MetaTrainConfig, argv, job="meta_train", description=__doc__.split("\n")[0],
                             epilog="--resume DIR  continue the interrupted run in DIR with its own config.yaml (overrides "
                                    "may follow; data, upstream, pretrain and meta settings must stay as they were)")
     if config.resume:
@@ -250,8 +205,7 @@ def main(argv=None) -> int:
         paths = save(config, corpus, splits, results)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):
             for metric in ("maF1", "miF1", "UA"):
-                name = f"{scenario}.{method}.{metric}"
-                mlflow.log_metric(re.sub(r"[^A-Za-z0-9_.]", "_", name), float(group[metric].mean()))
+                mlflow.log_metric(tracking.metric_name(scenario, method, metric), float(group[metric].mean()))
         for path in paths.values():
             mlflow.log_artifact(str(path))
         mlflow.log_artifact(str(Path(config.out) / "config.yaml"))

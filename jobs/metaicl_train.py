@@ -20,7 +20,7 @@ The job is one MLflow run: per-model training curves, the tables as metrics and 
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import pandas as pd
 
@@ -28,43 +28,15 @@ from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.speaker import baselines, evaluate, metaicl, tables
 from distmeta.cluster import connect
-from distmeta.data.sources import DataConfig, load_corpus
+from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
-from distmeta.models.speech_lm import SpeechLMConfig
+from distmeta.jobs import MetaICLJobConfig
 from distmeta.models.upstream import UpstreamConfig
 
 
-@dataclass
-class MetaICLJobConfig:
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="speakers"))
-    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="fbank"))  # the frozen speech encoder
-    encoder_layer: int = -1  # the upstream layer the speech LM reads (-1: the last)
-    model: SpeechLMConfig = field(default_factory=SpeechLMConfig)
-    meta: metaicl.MetaICLConfig = field(default_factory=metaicl.MetaICLConfig)
-    evaluation: evaluate.EvaluationConfig = field(default_factory=evaluate.EvaluationConfig)
-    classifier: baselines.ClassifierConfig = field(default_factory=baselines.ClassifierConfig)
-    ablation: bool = False  # Table IV: also meta-train with TO+LD (7 shots) and Neutral (0..7): two more stage-2 runs
-    baselines: bool = True  # the classifier baselines and 1-shot_N
-    out: str = "runs/metaicl"
-    models_dir: str = "runs/icl-models"  # frames and trained speech LMs, reused when settings match
-    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
-    # "": a folder under models_dir, enough on one node
-    storage: str = ""
-    experiment: str = "distmeta-metaicl"
-    ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
-
-
-PRESETS = {"smoke": {
-    "data": {"speakers": {"n_speakers": 24, "per_emotion": 3}},
-    "meta": {"stage1_steps": 20, "stage2_steps": 30, "val_every": 10, "val_episodes": 32, "batch_size": 8},
-    "evaluation": {"max_lo_shots": 2},
-    "classifier": {"epochs": 2}, "ablation": True,
-    "out": "runs/metaicl-smoke", "models_dir": "runs/icl-models-smoke"}}
-
-
 def main(argv=None) -> int:
-    config = cfg.parse_args(MetaICLJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    config = cfg.parse_args(MetaICLJobConfig, argv, job="metaicl_train", description=__doc__.split("\n")[0])
     started = time.time()
     cfg.save(config, f"{config.out}/config.yaml")
     with tracking.run(config.experiment, f"metaicl-{config.upstream.name}-{config.model.llm}", asdict(config)) as mlflow:
@@ -84,7 +56,7 @@ def main(argv=None) -> int:
         for training, path in models.items():
             sidecar = path.with_suffix(".json")
             mlflow.log_artifact(str(sidecar), artifact_path="models")
-            mlflow.log_metric(f"best_val_loss_{training.replace('+', '_')}", json.loads(sidecar.read_text())["best_val_loss"])
+            mlflow.log_metric(tracking.metric_name("best_val_loss", training), json.loads(sidecar.read_text())["best_val_loss"])
         # baselines
         rows, bank = [], FrameBank.load(frames)
         if config.baselines:
@@ -102,9 +74,8 @@ def main(argv=None) -> int:
         for path in paths.values():
             mlflow.log_artifact(str(path))
         for name, row in tables.table2(results).iterrows():
-            key = f"UA_spk_{name}" + (f"_{row['ICL']}" if row["ICL"] != "-" else "")
-            key = key.replace("+", "_").replace("-", "_")
-            mlflow.log_metric(key, float(row["UA_spk"]))
+            parts = ("UA_spk", name) + ((row["ICL"],) if row["ICL"] != "-" else ())
+            mlflow.log_metric(tracking.metric_name(*parts), float(row["UA_spk"]))
         for name in ("table2", "table3", "table4"):
             if name in paths:
                 print(paths[name].read_text())

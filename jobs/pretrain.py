@@ -11,46 +11,20 @@ same settings reuses them.
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
-from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.models.upstream import UpstreamConfig, prepare
-from distmeta.listener.pretrain import PretrainConfig, pretrain_rotation
-
-
-@dataclass
-class RotationConfig:
-    scenarios: tuple[str, ...] = ("seen", "unseen")
-    test_annotators: tuple[str, ...] = ()  # () = every annotator who labels all sessions
-
-
-@dataclass
-class PretrainJobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    protocol: RotationConfig = field(default_factory=RotationConfig)
-    kinds: tuple[str, ...] = ("ssl_e", "linear", "multi")
-    out: str = "runs/pretrain"
-    models_dir: str = "runs/models"
-    # Ray's storage on a cluster: a folder every node mounts, or a pyarrow URI (s3://bucket/distmeta);
-    # "": a folder under models_dir, enough on one node
-    storage: str = ""
-    experiment: str = "distmeta-pretrain"
-    ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
-
-
-PRESETS = {"smoke": {"data": {"n_utterances": 300}, "pretrain": {"epochs": 1},
-                     "upstream": {"pretrain_epochs": 1, "pretrain_utterances": 128},
-                     "protocol": {"test_annotators": ["E1", "E2"]}, "out": "runs/pretrain-smoke", "models_dir": "runs/models-smoke"}}
+from distmeta.data.sources import load_corpus
+from distmeta.jobs import PretrainJobConfig
+from distmeta.models.upstream import prepare
+from distmeta.listener.pretrain import pretrain_rotation
 
 
 def main(argv=None) -> int:
-    config = cfg.parse_args(PretrainJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    config = cfg.parse_args(PretrainJobConfig, argv, job="pretrain", description=__doc__.split("\n")[0])
     unknown = sorted(set(config.kinds) - {"ssl_e", "linear", "multi"})
     if unknown:
         raise SystemExit(f"kinds: unknown {unknown}; choose from ssl_e, linear, multi")

@@ -18,48 +18,20 @@
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling job whose config trials start from
-
-from meta_train import PRESETS as META_TRAIN_PRESETS  # noqa: E402
-from meta_train import MetaTrainConfig  # noqa: E402
-
-from distmeta import config as cfg  # noqa: E402
-from distmeta import tracking  # noqa: E402
-from distmeta.cluster import connect  # noqa: E402
-from distmeta.data.scenarios import rotation  # noqa: E402
-from distmeta.data.sources import load_corpus  # noqa: E402
-from distmeta.models.upstream import prepare  # noqa: E402
-from distmeta.listener.pretrain import pretrain_rotation  # noqa: E402
-from distmeta.report import save_table  # noqa: E402
-from distmeta.sweep import METRIC, MODE, SweepConfig, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params  # noqa: E402
-from distmeta.training.launcher import storage_path  # noqa: E402
-
-
-def default_base() -> MetaTrainConfig:
-    base = MetaTrainConfig()
-    base.meta.val_every = 1  # a validation report every outer step for ASHA
-    base.meta.val_shots = base.protocol.shots  # trials sweeping meta.shots are scored at the meta-test K
-    return base
-
-
-@dataclass
-class TuneJobConfig:
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    base: MetaTrainConfig = field(default_factory=default_base)  # what every trial starts from; best_config.yaml is one
-    out: str = "runs/tune"
-    experiment: str = "distmeta-tune"
-
-
-PRESETS = {
-    "smoke": {
-        "sweep": {"space": "tune_spaces/meta_perser_smoke.yaml", "num_samples": 2, "grace_period": 2},
-        "base": cfg.merge(META_TRAIN_PRESETS["smoke"], {"meta": {"val_every": 1, "val_shots": 8}}),
-        "out": "runs/tune-smoke",
-    },
-}
+from distmeta import config as cfg
+from distmeta import tracking
+from distmeta.cluster import connect
+from distmeta.data.scenarios import rotation
+from distmeta.data.sources import load_corpus
+from distmeta.jobs import MetaTrainConfig, TuneJobConfig
+from distmeta.models.upstream import prepare
+from distmeta.listener.pretrain import pretrain_rotation
+from distmeta.report import save_table
+from distmeta.sweep import METRIC, MODE, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params
+from distmeta.training.launcher import storage_path
 
 
 def space_path(name: str) -> Path:
@@ -136,7 +108,7 @@ def main(argv=None) -> int:
     if "--space" in argv:  # shorthand for sweep.space=FILE
         at = argv.index("--space")
         argv = argv[:at] + argv[at + 2:] + [f"sweep.space={argv[at + 1]}"]
-    config = cfg.parse_args(TuneJobConfig, argv, presets=PRESETS, description=__doc__.split("\n")[0])
+    config = cfg.parse_args(TuneJobConfig, argv, job="tune", description=__doc__.split("\n")[0])
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config)) as mlflow:

@@ -24,7 +24,9 @@ class Outer:
 def test_precedence_defaults_preset_file_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("inner:\n  steps: 7\n  lr: 0.5\n")
-    loaded = cfg.load(Outer, path, ["inner.lr=0.25", "shots=[8, 16]"], preset={"inner": {"steps": 1, "name": "b"}})
+    preset = tmp_path / "smoke.yaml"
+    preset.write_text("inner: {steps: 1, name: b}\n")
+    loaded = cfg.load(Outer, path, ["inner.lr=0.25", "shots=[8, 16]"], preset=preset)
     assert loaded == Outer(Inner(lr=0.25, steps=7, name="b"), shots=(8, 16))
 
 
@@ -53,14 +55,16 @@ def test_bad_file_key_names_the_file(tmp_path):
 
 
 def test_parse_args_out_shorthand():
-    loaded = cfg.parse_args(Outer, ["--out", "elsewhere", "inner.steps=2"])
+    loaded = cfg.parse_args(Outer, ["--out", "elsewhere", "inner.steps=2"], job="outer")
     assert loaded.out == "elsewhere" and loaded.inner.steps == 2
 
 
-def test_print_config_prints_the_resolved_config_which_loads_back_unchanged(tmp_path, capsys):
-    presets = {"smoke": {"inner": {"steps": 1}}}
+def test_print_config_prints_the_resolved_config_which_loads_back_unchanged(tmp_path, capsys, monkeypatch):
+    (tmp_path / "presets" / "outer").mkdir(parents=True)
+    (tmp_path / "presets" / "outer" / "smoke.yaml").write_text("inner:\n  steps: 1  # a comment\n")
+    monkeypatch.setattr(cfg, "PRESETS", tmp_path / "presets")
     with pytest.raises(SystemExit) as exit_:
-        cfg.parse_args(Outer, ["--preset", "smoke", "--print-config", "inner.name=b", "--out", "o"], presets=presets)
+        cfg.parse_args(Outer, ["--preset", "smoke", "--print-config", "inner.name=b", "--out", "o"], job="outer")
     assert exit_.value.code == 0
     (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
     assert cfg.load(Outer, tmp_path / "printed.yaml") == Outer(inner=Inner(steps=1, name="b"), out="o")

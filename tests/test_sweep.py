@@ -1,13 +1,12 @@
 """Search spaces from YAML: every key and value checked against the job config, errors naming file and key."""
 
-import importlib.util
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from distmeta.config import ConfigError
+from distmeta.jobs import MetaTrainConfig
 from distmeta.listener.distributed import ActorConfig
 from distmeta.sweep import load_space, trial_resources, with_params
 
@@ -15,10 +14,7 @@ from distmeta.sweep import load_space, trial_resources, with_params
 @pytest.fixture(scope="module")
 def job_config():
     """The main job's config class: what space keys are checked against."""
-    spec = importlib.util.spec_from_file_location("meta_train_job", Path(__file__).parents[1] / "jobs" / "meta_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MetaTrainConfig
+    return MetaTrainConfig
 
 
 def write(tmp_path, text):

@@ -6,8 +6,7 @@ from typing import Literal
 from distmeta.data.corpus import Corpus
 from distmeta.data.iemocap import read_iemocap
 from distmeta.data.manifest import read_manifest
-from distmeta.data.speakers import SpeakerCorpusConfig, make_speaker_corpus
-from distmeta.data.synthetic import SyntheticConfig, make_synthetic_corpus
+from distmeta.data.synthetic import SpeakerCorpusConfig, SyntheticConfig, make_speaker_corpus, make_synthetic_corpus
 
 
 @dataclass

@@ -2,7 +2,7 @@
 MAML so it adapts to one annotator from a few of their labels.
 
     pretrain     SSL-E / Linear / Multi pretraining, one Ray Train run (training.launcher)
-    meta         meta_gradients: the functional MAML entry point (CSMT, DA, LSLR)
+    maml         MetaModel (an SER model + its LSLR rates, with adapt and meta_gradients); the functional core
     metatrain    MetaLearner, the shared outer loop, checkpoints, the serial trainer
     distributed  Ray task actors, one per training annotator; actor replacement; chaos
     adapters     the few-shot methods (baselines, ceilings, Meta-PerSER) behind one predict(episode)

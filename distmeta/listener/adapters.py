@@ -149,7 +149,7 @@ class Oracle:
         self.name, self.corpus, self.annotator = name, corpus, annotator
 
     def predict(self, episode: Episode) -> np.ndarray:
-        from distmeta.data.synthetic import oracle_probs
+        from distmeta.data.synthetic.listeners import oracle_probs
 
         return oracle_probs(self.corpus, episode.query, self.annotator)
 
@@ -186,25 +186,24 @@ class MetaPerSER:
     """Adapt the meta-trained parameters with the learned LSLR rates for `steps` SGD steps; the
     steps past the trained ones reuse the last trained rate."""
 
-    def __init__(self, name: str, model, rates: dict, bank, steps: int):
-        self.name, self.model, self.rates, self.bank, self.steps = name, model, rates, bank, steps
+    def __init__(self, name: str, meta, bank, steps: int):
+        self.name, self.meta, self.bank, self.steps = name, meta, bank, steps
 
     def predict(self, episode: Episode) -> np.ndarray:
         from distmeta.listener.metatrain import adapted_probs
 
-        return adapted_probs(self.model, self.rates, self.bank, episode.support, episode.support_targets,
-                             episode.query, self.steps).numpy()
+        return adapted_probs(self.meta, self.bank, episode.support, episode.support_targets, episode.query,
+                             self.steps).numpy()
 
 
 def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds, inputs=None) -> MetaPerSER:
-    """A MetaPerSER adapter for the split's test task from a meta-trained state."""
-    from distmeta.listener.metatrain import build_meta_model, make_bank, split_state
+    """A MetaPerSER adapter for the split's test task from a meta-trained state (a MetaModel state dict)."""
+    from distmeta.listener.metatrain import build_meta_model, make_bank
 
-    model_state, rates = split_state(state)
-    model = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
-    model.load_state_dict(model_state)
-    bank = make_bank(model, corpus, split.test_task(corpus).utterances, meta_config, max_seconds, inputs)
-    return MetaPerSER(name, model, rates, bank, meta_config.test_steps)
+    meta = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
+    meta.load_state_dict(state)
+    bank = make_bank(meta, corpus, split.test_task(corpus).utterances, meta_config, max_seconds, inputs)
+    return MetaPerSER(name, meta, bank, meta_config.test_steps)
 
 
 ORACLES = ("Oracle-Listener", "Oracle-Aggregate")

@@ -6,8 +6,9 @@
 `ActorPool.setup` gives each training annotator's task to one `TaskActor`: its
 items, their inputs (cached pooled features for frozen-upstream scopes, audio for
 `entire`) and a model replica. The driver is `metatrain.train`, the same outer
-loop as the serial trainer: each step it puts the meta-parameters and LSLR rates
-into the object store once, as one flat float32 buffer; each chosen actor copies
+loop as the serial trainer: each step it puts the meta-model's trainable
+parameters (the model's and, with LSLR, its rates) into the object store once, as
+one flat float32 buffer; each chosen actor copies
 it into its replica, runs `task_meta_gradient` on its own K items and returns its
 loss, timing and meta-gradients as one flat buffer in the same layout. The
 frozen upstream travels once, at setup. A task's meta-gradient depends only on
@@ -38,6 +39,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from distmeta.models.ser import trainable_parameters
 from distmeta.models.upstream import portable
 
 
@@ -79,19 +81,18 @@ class TaskActor:
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self.model, self.upstream_key = None, None
 
-    def setup(self, upstream_config, upstream_checkpoint, model_state, config, task, task_index, bank, layout) -> str:
-        from distmeta.listener.metatrain import build_meta_model
-        from distmeta.models.ser import set_scope
+    def setup(self, upstream_config, upstream_checkpoint, meta_state, config, task, task_index, bank, layout) -> str:
+        from distmeta.listener.metatrain import build_meta_model, meta_model_of
         from distmeta.models.upstream import landed
 
         if self.model is None or self.upstream_key != repr(upstream_config):  # the upstream is built once per actor
             # from the driver's checkpoint bytes: this node need not see the driver's disk
             built = landed(upstream_config, upstream_checkpoint)
-            self.model = build_meta_model(built, None, replace(config, ini=False)).to(self.device)
+            self.model = build_meta_model(built, None, replace(config, ini=False)).model.to(self.device)
             self.upstream_key = repr(upstream_config)
-        self.model.load_state_dict(model_state)
-        set_scope(self.model, config.scope)
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.meta = meta_model_of(self.model, config).to(self.device)  # this training's scope, rates and LSLR
+        self.meta.load_state_dict(meta_state)
+        self.params = trainable_parameters(self.meta)
         self.config, self.task, self.task_index, self.bank, self.layout = config, task, task_index, bank, layout
         return task.annotator
 
@@ -103,9 +104,7 @@ class TaskActor:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(values[name])
-        rates = {name: values["lr/" + name] for name in self.params}
-        loss, grads = task_meta_gradient(self.model, self.bank, self.task, self.config, rates, step, self.task_index,
-                                         second_order)
+        loss, grads = task_meta_gradient(self.meta, self.bank, self.task, self.config, step, self.task_index, second_order)
         return {"loss": loss, "seconds": time.perf_counter() - started}, self.layout.flatten(grads)
 
     def pid(self) -> int:
@@ -197,15 +196,14 @@ class ActorPool:
                                                 max_restarts=0)
         return remote.remote()
 
-    def setup(self, upstream_config, model, config, tasks: list, bank) -> "ActorPool":
-        """One actor per task: its items (a subset of `bank`), the model's state, the meta settings."""
+    def setup(self, upstream_config, meta, config, tasks: list, bank) -> "ActorPool":
+        """One actor per task: its items (a subset of `bank`), the meta-model's state, the meta settings."""
         import ray
 
         while len(self.actors) < len(tasks):
             self.actors.append(self._start())
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.layout = FlatLayout.of({**trainable, **{f"lr/{n}": torch.zeros(config.inner_steps) for n in trainable}})
-        state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        self.layout = FlatLayout.of(trainable_parameters(meta))
+        state = ray.put({k: v.detach().cpu() for k, v in meta.state_dict().items()})
         if repr(upstream_config) not in self.upstream_checkpoints:
             self.upstream_checkpoints[repr(upstream_config)] = ray.put(portable(upstream_config))
         checkpoint = self.upstream_checkpoints[repr(upstream_config)]

@@ -1,7 +1,8 @@
 """Meta-PerSER meta-training: MAML with CSMT, derivative-order annealing and LSLR (paper 2.3).
 
-    learner = MetaLearner(model, config)          # the meta-parameters, the LSLR rates, AdamW
-    grads = task_meta_gradient(learner.model, bank, task, config, learner.rates(), step, second_order)
+    meta = build_meta_model(upstream_config, ssl_e_path, config)   # a maml.MetaModel: SSL-E + its LSLR rates
+    learner = MetaLearner(meta, config)           # its trainable parameters and AdamW
+    loss, grads = task_meta_gradient(learner.meta, bank, task, config, step, task_index, second_order)
     learner.outer_step([grads, ...])              # average over tasks, one AdamW step
 
 `task_meta_gradient` is everything one training annotator contributes to one
@@ -25,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
-from distmeta.listener.meta import adapt, meta_gradients
+from distmeta.listener.maml import MetaModel
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+from distmeta.models.ser import set_scope, trainable_parameters
 
 
 @dataclass
@@ -56,15 +57,6 @@ class MetaConfig:
     seed: int = 0
 
 
-def loss_fn(logits, targets):
-    """Class-balanced loss with class weights from the batch itself (its N items are the training items)."""
-    return class_balanced_cross_entropy(logits, targets, class_weights_of(targets))
-
-
-def class_weights_of(targets):
-    return class_balanced_weights(targets.detach()).to(targets.device)
-
-
 def task_seed(config: MetaConfig, step: int, task_index: int) -> int:
     return int(np.random.SeedSequence([config.seed, step, task_index]).generate_state(1)[0])
 
@@ -77,14 +69,14 @@ def sample_batches(task, config: MetaConfig, step: int, task_index: int):
     return task.sample(config.shots, config.shots, seed=seed)
 
 
-def task_meta_gradient(model, bank, task, config: MetaConfig, rates: dict, step: int, task_index: int,
+def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: int, task_index: int,
                        second_order: bool) -> tuple[float, dict]:
     """One training annotator's contribution to one outer step: (outer loss, meta-gradients).
 
     Depends only on its arguments: the items come from (seed, step, task_index) and torch's
     random state (dropout) is seeded the same way, so any process computes the same result.
     """
-    device = next(model.parameters()).device
+    device = next(meta.parameters()).device
     inner_idx, outer_idx = sample_batches(task, config, step, task_index)
 
     def batch(idx):
@@ -94,24 +86,18 @@ def task_meta_gradient(model, bank, task, config: MetaConfig, rates: dict, step:
     weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(task_seed(config, step, task_index))
-        loss, grads = meta_gradients(model, loss_fn, batch(inner_idx), None if outer_idx is None else batch(outer_idx),
-                                     lrs={n: r.to(device) for n, r in rates.items()}, steps=config.inner_steps,
-                                     second_order=second_order, step_weights=weights)
+        loss, grads = meta.meta_gradients(batch(inner_idx), None if outer_idx is None else batch(outer_idx),
+                                          steps=config.inner_steps, second_order=second_order, step_weights=weights)
     return loss.item(), {n: g.cpu() for n, g in grads.items()}
 
 
 class MetaLearner:
-    """The meta-parameters (the model's trainable parameters), the LSLR rates and the outer optimiser."""
+    """The meta-model's trainable parameters (the model's, and its rates with LSLR) and the outer optimiser."""
 
-    def __init__(self, model, config: MetaConfig):
-        self.model, self.config = model, config
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.lrs = {n: torch.nn.Parameter(torch.full((config.inner_steps,), config.inner_lr)) for n in self.params}
-        trained = list(self.params.values()) + (list(self.lrs.values()) if config.lslr else [])
-        self.optimizer = torch.optim.AdamW(trained, lr=config.outer_lr)
-
-    def rates(self) -> dict:
-        return {n: lr.detach().clone() for n, lr in self.lrs.items()}
+    def __init__(self, meta: MetaModel, config: MetaConfig):
+        self.meta, self.config = meta, config
+        self.params = trainable_parameters(meta)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.outer_lr)
 
     def second_order(self, step: int) -> bool:
         if not self.config.da:
@@ -122,41 +108,33 @@ class MetaLearner:
         """Average the tasks' meta-gradients and take one AdamW step."""
         for name, param in self.params.items():
             param.grad = torch.stack([g[name] for g in task_grads]).mean(0)
-        for name, lr in self.lrs.items():
-            lr.grad = torch.stack([g["lr/" + name] for g in task_grads]).mean(0) if self.config.lslr else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def trainable(self) -> dict:
-        """What meta-training changes: `<name>` for each meta-parameter, `lr/<name>` for its rates."""
-        state = {n: p.detach().clone() for n, p in self.params.items()}
-        state.update({f"lr/{n}": lr.detach().clone() for n, lr in self.lrs.items()})
-        return state
+        """What meta-training changes, by the meta-model's parameter names."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
 
     def load_trainable(self, state: dict) -> None:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(state[name])
-                self.lrs[name].copy_(state[f"lr/{name}"])
 
     def state(self, trainable: dict | None = None) -> dict:
-        """A meta-trained model: the full model state plus `lr/<name>` rates (of `trainable`, default now)."""
-        trainable = trainable if trainable is not None else self.trainable()
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        state.update(trainable)
+        """The meta-model's state dict, with `trainable` (default: now) in place of its trainable parameters."""
+        state = {k: v.detach().clone() for k, v in self.meta.state_dict().items()}
+        state.update(trainable if trainable is not None else self.trainable())
         return state
 
 
-def adapted_probs(model, rates: dict, bank, support_ids, support_targets, query_ids, steps: int) -> torch.Tensor:
+def adapted_probs(meta: MetaModel, bank, support_ids, support_targets, query_ids, steps: int) -> torch.Tensor:
     """Meta-test one episode: `steps` inner steps with the learned rates, then query probabilities."""
-    targets = torch.as_tensor(support_targets)
-    trajectory = adapt(model, loss_fn, (bank.batch(support_ids), targets), lrs=rates, steps=steps)
-    fast = {n: p.detach() for n, p in trajectory[-1].items()}
+    fast = meta.adapt(bank.batch(support_ids), torch.as_tensor(support_targets), steps)
     with torch.no_grad():
-        return torch.softmax(functional_call(model, fast, (bank.batch(query_ids),)), -1)
+        return torch.softmax(meta(bank.batch(query_ids), fast), -1)
 
 
-def validation_metrics(model, rates, bank, task, config: MetaConfig) -> dict:
+def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
     """Supplementary C: meta-test the validation annotator, averaged over `val_seeds` episodes:
     class-balanced loss on its queries (the selection criterion) and their macro/micro-F1."""
     from distmeta.metrics import multilabel_scores
@@ -167,7 +145,7 @@ def validation_metrics(model, rates, bank, task, config: MetaConfig) -> dict:
         ids = [task.utterances[i] for i in support]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            probs = adapted_probs(model, rates, bank, ids, task.targets[support], [task.utterances[i] for i in query],
+            probs = adapted_probs(meta, bank, ids, task.targets[support], [task.utterances[i] for i in query],
                                   config.test_steps)
         q_targets = torch.as_tensor(task.targets[query])
         weights = class_balanced_weights(torch.as_tensor(task.targets[support]))
@@ -184,8 +162,8 @@ class SerialGradients:
         self.bank, self.tasks = bank, tasks
 
     def __call__(self, learner: MetaLearner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:
-        return [task_meta_gradient(learner.model, self.bank, self.tasks[i], learner.config, learner.rates(), step, i,
-                                   second_order) for i in chosen]
+        return [task_meta_gradient(learner.meta, self.bank, self.tasks[i], learner.config, step, i, second_order)
+                for i in chosen]
 
 
 def chosen_tasks(rng: np.random.Generator, n_tasks: int, config: MetaConfig) -> list[int]:
@@ -268,7 +246,7 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
         learner.outer_step([g for _, g in results])
         record = {"step": step + 1, "outer_loss": float(np.mean([loss for loss, _ in results])), "second_order": second}
         if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
-            record.update(validation_metrics(learner.model, learner.rates(), bank, val_task, config))
+            record.update(validation_metrics(learner.meta, bank, val_task, config))
             last_val = record["val_loss"]
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "state": learner.trainable(), "step": step + 1}
@@ -291,49 +269,52 @@ def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, o
     return train(learner, SerialGradients(bank, tasks), len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
 
 
-def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig):
-    """The model meta-training starts from: SSL-E (INI) or the untrained upstream with a fresh head."""
+def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig) -> MetaModel:
+    """The meta-model meta-training starts from: SSL-E (INI) or the untrained upstream with a fresh head,
+    with every trainable parameter's rates at `inner_lr`."""
     from safetensors.torch import load_file
 
-    from distmeta.models.ser import SERModel, set_scope
+    from distmeta.models.ser import SERModel
     from distmeta.models.upstream import Upstream
 
     torch.manual_seed(config.seed)
     model = SERModel(Upstream(upstream_config))
     if config.ini:
         model.load_state_dict(load_file(str(ssl_e_path)))
-    return set_scope(model, config.scope)
+    return meta_model_of(model, config)
 
 
-def make_bank(model, corpus, utterances, config: MetaConfig, max_seconds, inputs=None):
+def meta_model_of(model, config: MetaConfig) -> MetaModel:
+    """`model` scoped by `config.scope`, with fresh rates; they train only with LSLR."""
+    meta = MetaModel(set_scope(model, config.scope), config.inner_steps, config.inner_lr)
+    meta.rates.requires_grad_(config.lslr)
+    return meta
+
+
+def make_bank(meta: MetaModel, corpus, utterances, config: MetaConfig, max_seconds, inputs=None):
     """What the meta-model reads for `utterances`: its input bank (scope entire) or its pooled features;
     `inputs`: a job-wide input bank to take them from (see features.inputs_for)."""
     from distmeta.features import PooledBank, inputs_for
 
-    inputs = inputs_for(model.upstream, utterances, inputs, corpus, max_seconds)
-    return inputs if config.scope == "entire" else PooledBank(model.upstream, inputs)
+    upstream = meta.model.upstream
+    inputs = inputs_for(upstream, utterances, inputs, corpus, max_seconds)
+    return inputs if config.scope == "entire" else PooledBank(upstream, inputs)
 
 
 def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,
                      actors=None, on_step=None, inputs=None, **checkpointing) -> dict:
     """Meta-train Meta-PerSER for one split of the rotation: serially in process, or on `actors`
     (a `distmeta.listener.distributed.ActorPool`: one Ray actor per training annotator)."""
-    model = build_meta_model(upstream_config, ssl_e_path, config)
+    meta = build_meta_model(upstream_config, ssl_e_path, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
     pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
-    bank = make_bank(model, corpus, pool, config, max_seconds, inputs)
-    learner = MetaLearner(model, config)
+    bank = make_bank(meta, corpus, pool, config, max_seconds, inputs)
+    learner = MetaLearner(meta, config)
     if actors is None:
         gradients = SerialGradients(bank, tasks)
     else:
-        gradients = actors.setup(upstream_config, model, config, tasks, bank)
+        gradients = actors.setup(upstream_config, meta, config, tasks, bank)
     return train(learner, gradients, len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
-
-
-def split_state(state: dict) -> tuple[dict, dict]:
-    """(model state, LSLR rates) from a meta-trained state."""
-    model = {k: v for k, v in state.items() if not k.startswith("lr/")}
-    return model, {k[3:]: v for k, v in state.items() if k.startswith("lr/")}
 
 
 # Table 2: the components added one by one (paper section 4.3).
@@ -350,7 +331,7 @@ ABLATIONS = {
 def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: MetaConfig, data_settings: dict,
                       max_seconds=None, log=print, **training) -> dict:
     """meta_train_split (`training`: its actors, checkpointing and on_step), saved to `path`
-    (safetensors + JSON sidecar); reused when the settings match."""
+    (safetensors + JSON sidecar): the MetaModel's state dict. Reused when the settings match."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -361,7 +342,8 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     # The SSL-E it starts from counts by what shaped that model (its own settings), not by its file name.
     if ssl_e is not None and Path(ssl_e).with_suffix(".json").is_file():
         ssl_e = json.loads(Path(ssl_e).with_suffix(".json").read_text())["settings"]
-    settings = json.loads(json.dumps({"meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
+    # "saved": what the file holds (a maml.MetaModel state dict), so files of an older layout are retrained
+    settings = json.loads(json.dumps({"saved": "MetaModel", "meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
                                       "data": data_settings, "corpus": corpus.fingerprint(), "ssl_e": ssl_e}))
     if is_done(path, settings):
         return load_file(str(path))

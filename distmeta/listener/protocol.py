@@ -125,16 +125,11 @@ def sweep_table(results: pd.DataFrame, methods) -> pd.DataFrame:
 
 def plot_sweep(results: pd.DataFrame, methods, path) -> None:
     """Figure 2: one panel per metric, score against shots, a line per method and scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distmeta.io import atomic_path
+    from distmeta.report import figure, save_figure
 
     chosen = results[results["method"].isin(list(methods))]
     means = chosen.groupby(["scenario", "method", "shots"])[list(METRICS)].mean().mul(100)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = figure(1, 3, figsize=(13, 3.8))
     for ax, metric in zip(axes, METRICS):
         for (scenario, method), group in means.groupby(level=[0, 1]):
             shots = group.index.get_level_values("shots")
@@ -144,10 +139,7 @@ def plot_sweep(results: pd.DataFrame, methods, path) -> None:
         ax.set_title(f"{metric} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table2(results: pd.DataFrame, variants) -> pd.DataFrame:

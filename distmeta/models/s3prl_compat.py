@@ -8,12 +8,19 @@ audio loading or sox effects (distmeta reads audio with soundfile), so:
 - `set_audio_backend` becomes a no-op;
 - `torchaudio.sox_effects` becomes a module whose functions raise a clear error.
 
+s3prl's upstreams also log their whole config at INFO, s3prl warns on import that
+ESPnet (for an upstream we never use) is missing, and its positional convolution
+uses torch's deprecated `weight_norm` (a FutureWarning): on every Ray worker that
+builds an upstream. All three are silenced here, where s3prl is imported.
+
 Import `s3prl` only through `import_s3prl_hub()` so the shim is always in place.
 """
 
 import importlib
+import logging
 import sys
 import types
+import warnings
 
 import torchaudio
 
@@ -38,6 +45,10 @@ def install() -> None:
 
 def import_s3prl_hub():
     install()
+    logging.getLogger("s3prl").setLevel(logging.WARNING)
+    # an upstream we never build, announced on every import
+    logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated", category=FutureWarning)
     import s3prl.hub
 
     return s3prl.hub

@@ -14,9 +14,10 @@ else (the enrollment labels are encoder input). Prediction scores the closed
 set of label words by their log-likelihood (`score`); `generate` decodes freely.
 Trainable: LoRA, Q-Former, projection, segment and example embeddings (and, with
 `train_token_embeddings`, the LLM's token embeddings); the LLM's other weights and
-the speech encoder stay frozen (`trainable_names`).
+the speech encoder stay frozen (`distmeta.models.trainable_parameters` lists what trains).
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,10 @@ class SpeechLM(nn.Module):
         for p in llm.parameters():
             p.requires_grad_(False)
         targets = [t for t in config.lora_targets if any(n.split(".")[-1] == t for n, _ in llm.named_modules())]
-        self.llm = get_peft_model(llm, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                  lora_dropout=config.lora_dropout, target_modules=targets))
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated property on every wrap
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            self.llm = get_peft_model(llm, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                      lora_dropout=config.lora_dropout, target_modules=targets))
         self.llm.get_input_embeddings().weight.requires_grad_(config.train_token_embeddings)
         d_model = llm.get_input_embeddings().embedding_dim
         torch.manual_seed(config.seed)
@@ -200,7 +203,3 @@ class SpeechLM(nn.Module):
         out = self.llm.generate(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
                                 num_beams=num_beams, max_new_tokens=16)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def trainable_names(model: SpeechLM) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -35,9 +35,9 @@ import torchaudio
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from distmeta.data.synthetic import (GENERATOR_VERSION, SyntheticConfig, default_cache_dir, draw_speakers,
-                                     draw_utterances, render_all, voice_utterance)
-from distmeta.data.voice import Prosody
+from distmeta.data.synthetic.cache import GENERATOR_VERSION, default_cache_dir, render_all
+from distmeta.data.synthetic.listeners import SyntheticConfig, draw_speakers, draw_utterances, voice_utterance
+from distmeta.data.synthetic.voice import Prosody
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES
 from distmeta.models.s3prl_compat import import_s3prl_hub

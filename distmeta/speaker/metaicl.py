@@ -24,6 +24,7 @@ from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import SpeakerTask, speaker_view
 from distmeta.features import AudioBank, FrameBank
 from distmeta.io import write_json
+from distmeta.models import trainable_parameters
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 from distmeta.models.upstream import Upstream
 from distmeta.training.artifacts import digest, is_done, shaping
@@ -110,12 +111,12 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """What training changes (LoRA, Q-Former, projection, segment and example embeddings), detached on CPU."""
     return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
-            for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+            for name, p in trainable_parameters(_unwrap(model)).items()}
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]):
     """Put a `trainable_state` into a freshly built model; every trainable parameter must be in it."""
-    own = {name for name, p in model.named_parameters() if p.requires_grad}
+    own = set(trainable_parameters(model))
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise ValueError(f"speech LM state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

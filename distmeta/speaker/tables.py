@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from distmeta.io import atomic_path
-from distmeta.report import save_table
+from distmeta.report import figure, save_figure, save_table
 from distmeta.speaker.baselines import BASELINES
 from distmeta.speaker.episodes import ua_spk
 
@@ -71,14 +71,9 @@ def table4(results: pd.DataFrame) -> pd.DataFrame:
 
 def plot_shots(results: pd.DataFrame, path) -> None:
     """UA_spk of the proposed model against the number of enrollment pairs, one line per test setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     proposed = results[results["model"] == "Proposed"]
     zero = _stats(proposed[proposed["k"] == 0])["UA_spk"] if (proposed["k"] == 0).any() else None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for setting in ("TU+LD", "TU+LU", "TE+LD", "TE+LU", "TU+LO"):
         part = proposed[proposed["setting"].isin([setting] + (["TO+LD"] if setting == "TU+LD" else []))]
         if len(part):
@@ -91,10 +86,7 @@ def plot_shots(results: pd.DataFrame, path) -> None:
     ax.set_title("Personalization by ICL on the test speakers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_results(results: pd.DataFrame, data, out_dir) -> dict:

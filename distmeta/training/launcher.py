@@ -16,6 +16,8 @@ same run's checkpoints; a checkpoint counts only for a request with exactly its 
 """
 
 import json
+import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,6 +64,9 @@ def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, 
     in_run = {r["out_path"] for r in todo}
     saved_starts = {r["init"]: load_file(r["init"]) for r in todo if r["init"] and r["init"] not in in_run}
     shared = {key: ray.put(value) for key, value in {**shared, "saved_starts": saved_starts}.items()}
+    # Ray Train replaces `print` on its workers with a logger that also tees to stdout: every progress
+    # line would reach the driver twice. The setting travels from this process to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
     trainer = TorchTrainer(
         _worker_main, train_loop_config={"loop": loop, "requests": todo, "shared": shared},
@@ -91,6 +96,10 @@ def save_finished(result, todo: list[dict]) -> None:
 
 
 def _worker_main(config: dict) -> None:
+    # Ray Train logs every report, checkpoint and device move at INFO, some of it through a logger named by
+    # its file path (under the root logger): bookkeeping, not progress. Our loops print their own progress.
+    for name in ("", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     worker = Worker(config)
     try:
         config["loop"](worker)

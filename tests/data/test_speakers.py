@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from distmeta.data.corpus import Corpus, build_annotations
-from distmeta.data.speakers import (EMOTIONS, ENROLLMENT, SpeakerCorpusConfig, SpeakerTask, make_speaker_corpus,
-                                    sample_enrollment, speaker_view)
+from distmeta.data.speakers import EMOTIONS, ENROLLMENT, SpeakerTask, sample_enrollment, speaker_view
+from distmeta.data.synthetic import SpeakerCorpusConfig, make_speaker_corpus
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,8 @@
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
-JOB = Path(__file__).parents[2] / "jobs" / "make_corpus.py"
 
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("make_corpus", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_preset_writes_tables_and_prints_them(tmp_path, capsys):
-    job = load_job()
+def test_smoke_preset_writes_tables_and_prints_them(load_job, tmp_path, capsys):
+    job = load_job("make_corpus")
     assert job.main(["--preset", "smoke", "--out", str(tmp_path / "out"), f"data.path={tmp_path / 'corpus'}"]) == 0
     printed = capsys.readouterr().out
     assert "Table A1" in printed and "Oracle gap" in printed

@@ -1,27 +1,18 @@
 """The main job end to end on its smoke preset: real Ray Train pretraining, Ray task actors, real MLflow."""
 
-import importlib.util
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-JOB = Path(__file__).parents[2] / "jobs" / "meta_train.py"
 COLUMNS = ["method", "scenario", "upstream", "annotator", "seed", "shots", "maF1", "miF1", "UA"]
 
 
-def load_job():
-    spec = importlib.util.spec_from_file_location("meta_train_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_resume_with_other_data_or_model_settings_is_refused_naming_each_key(tmp_path):
+def test_resume_with_other_data_or_model_settings_is_refused_naming_each_key(load_job, tmp_path):
     from distmeta import config as cfg
+    from distmeta.jobs import MetaTrainConfig
 
-    job = load_job()
-    cfg.save(job.MetaTrainConfig(out=str(tmp_path)), tmp_path / "config.yaml")  # as a run there wrote it
+    job = load_job("meta_train")
+    cfg.save(MetaTrainConfig(out=str(tmp_path)), tmp_path / "config.yaml")  # as a run there wrote it
     saved = (tmp_path / "config.yaml").read_text()
     with pytest.raises(SystemExit) as refused:
         job.main(["--resume", str(tmp_path), "data.seed=1", "upstream.name=tiny", "protocol.seeds=1"])
@@ -32,20 +23,28 @@ def test_resume_with_other_data_or_model_settings_is_refused_naming_each_key(tmp
 
 
 @pytest.mark.slow
-def test_smoke_run_tables_mlflow_and_determinism(tmp_path, monkeypatch):
+def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch, capfd):
     import mlflow
     import ray
 
+    ray.shutdown()  # the job starts its own local instance, as a user's would
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # MLflow's artifact store goes under the test folder
-    job = load_job()
+    job = load_job("meta_train")
     args = ["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", f"models_dir={tmp_path / 'models'}", "experiment=test"]
     try:
         assert job.main(args + ["--out", str(tmp_path / "a")]) == 0
+        printed = "".join(capfd.readouterr())
         assert job.main(args + ["--out", str(tmp_path / "b")]) == 0  # reuses the pretrained models
         assert job.main(["--resume", str(tmp_path / "a")]) == 0  # same config and folder; everything is reused
     finally:
         ray.shutdown()
+    # A log a person reads: Ray Train's workers print each progress line once; no State API failures (the
+    # local instance has its dashboard); s3prl's config dumps and deprecation warnings are silenced.
+    progress = [line for line in printed.splitlines() if "] pretraining " in line]
+    assert len(progress) == 12 and len(set(progress)) == 12, progress
+    assert "State API" not in printed and "WavLM Config" not in printed and "weight_norm" not in printed
+    assert "Reporting training result" not in printed
     a = pd.read_csv(tmp_path / "a" / "results.csv")
     b = pd.read_csv(tmp_path / "b" / "results.csv")
     assert list(a.columns) == COLUMNS

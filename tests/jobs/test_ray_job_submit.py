@@ -120,10 +120,10 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
 
     mlflow.set_tracking_uri(tracking_uri)
     run = mlflow.search_runs(experiment_names=["submitted"], filter_string="tags.mlflow.runName LIKE 'metaicl-%'").iloc[0]
-    assert run["status"] == "FINISHED" and run["params.model.llm"] == "tiny" and run["metrics.best_val_loss_TU_LU"] > 0
-    assert run["metrics.UA_spk_Proposed_7_shot"] == pytest.approx(ua_spk_reference(
+    assert run["status"] == "FINISHED" and run["params.model.llm"] == "tiny" and run["metrics.best_val_loss.TU_LU"] > 0
+    assert run["metrics.UA_spk.Proposed.7_shot"] == pytest.approx(ua_spk_reference(
         results[(results["model"] == "Proposed") & (results["k"] == 7)]))
-    assert run["metrics.UA_spk_Pretrained"] == pytest.approx(ua_spk_reference(results[results["model"] == "Pretrained"]))
+    assert run["metrics.UA_spk.Pretrained"] == pytest.approx(ua_spk_reference(results[results["model"] == "Pretrained"]))
     sidecars = sorted(models.glob("speech_lm-*.json"))  # stage 1, TU+LU, TO+LD, Neutral, Neutral1
     assert len(sidecars) == 5 and all(json.loads(p.read_text())["best_step"] > 0 for p in sidecars)
     assert len(list(models.glob("speech_lm-*.safetensors"))) == 5

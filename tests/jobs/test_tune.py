@@ -1,21 +1,12 @@
 """The sweep job end to end: real Ray Tune trials over the meta-trainer, real MLflow, the best config fed back."""
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-JOBS = Path(__file__).parents[2] / "jobs"
 SPACE = Path(__file__).parents[2] / "tune_spaces" / "meta_perser_smoke.yaml"  # the smoke preset's
-
-
-def load_job(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_job", JOBS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def child_runs(experiment):
@@ -26,7 +17,7 @@ def child_runs(experiment):
 
 
 @pytest.mark.slow
-def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(tmp_path, monkeypatch):
+def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, tmp_path, monkeypatch):
     import ray
     from mlflow import MlflowClient
 
@@ -80,7 +71,7 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(tmp_path, 
 
 
 @pytest.mark.slow
-def test_optuna_search_with_the_serial_trainer(tmp_path, monkeypatch):
+def test_optuna_search_with_the_serial_trainer(load_job, tmp_path, monkeypatch):
     import ray
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -112,7 +112,7 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
 
 def test_oracles_are_the_generators_perception_models(small_corpus):
     from distmeta.listener.adapters import Oracle
-    from distmeta.data.synthetic import perceive
+    from distmeta.data.synthetic.listeners import perceive
 
     listeners = small_corpus.info["listeners"]
     ids = list(small_corpus.utterances.index[:20])

@@ -12,14 +12,14 @@ CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1,
 
 
 def test_flat_layout_round_trip_keeps_names_shapes_and_values():
-    tensors = {"w": torch.randn(3, 4), "b": torch.randn(4), "lr/w": torch.rand(5)}
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(4), "rates.w": torch.rand(5)}
     layout = FlatLayout.of(tensors)
     flat = layout.flatten(tensors)
     assert flat.dtype == np.float32 and flat.shape == (12 + 4 + 5,)
     back = layout.unflatten(flat)
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     with pytest.raises(KeyError, match="b"):
-        layout.flatten({"w": tensors["w"], "lr/w": tensors["lr/w"]})
+        layout.flatten({"w": tensors["w"], "rates.w": tensors["rates.w"]})
 
 
 @pytest.fixture(scope="module")

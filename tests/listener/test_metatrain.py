@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from distmeta.data import rotation
-from distmeta.listener.meta import meta_gradients
-from distmeta.listener.metatrain import (MetaConfig, MetaLearner, build_meta_model, loss_fn, make_bank, meta_train_split,
-                                sample_batches, task_meta_gradient, train_serial)
+from distmeta.listener.maml import MetaModel
+from distmeta.listener.metatrain import (MetaConfig, MetaLearner, build_meta_model, make_bank, meta_train_split,
+                                         sample_batches, task_meta_gradient, train_serial)
 from distmeta.models import UpstreamConfig
 
 
@@ -21,9 +21,10 @@ def setting(small_corpus):
 
 
 def test_derivative_order_annealing_schedule():
-    learner = MetaLearner(torch.nn.Linear(2, 2), MetaConfig(outer_steps=10, da_first_order_fraction=0.3))
+    meta = MetaModel(torch.nn.Linear(2, 2), inner_steps=1, inner_lr=0.1)
+    learner = MetaLearner(meta, MetaConfig(outer_steps=10, da_first_order_fraction=0.3))
     assert [learner.second_order(s) for s in range(10)] == [False] * 3 + [True] * 7
-    learner = MetaLearner(torch.nn.Linear(2, 2), MetaConfig(outer_steps=10, da=False))
+    learner = MetaLearner(meta, MetaConfig(outer_steps=10, da=False))
     assert all(learner.second_order(s) for s in range(10))
 
 
@@ -39,30 +40,27 @@ def test_csmt_shares_the_batch_and_the_classic_split_does_not(setting):
 def test_outer_step_is_adamw_on_the_averaged_meta_gradients(setting):
     config, model, bank, tasks, _ = setting
     learner = MetaLearner(model.clone(), config)
-    results = [task_meta_gradient(learner.model, bank, tasks[i], config, learner.rates(), 0, i, True) for i in range(3)]
+    results = [task_meta_gradient(learner.meta, bank, tasks[i], config, 0, i, True) for i in range(3)]
+    assert {n for n in results[0][1] if n.startswith("rates.")}  # LSLR: the rates are meta-parameters too
     # independent: torch's AdamW on a copy, fed the mean of the three tasks' gradients
-    reference = {n: p.detach().clone().requires_grad_(True) for n, p in learner.params.items()}
-    rates = {n: r.detach().clone().requires_grad_(True) for n, r in learner.lrs.items()}
-    optimizer = torch.optim.AdamW(list(reference.values()) + list(rates.values()), lr=config.outer_lr)
+    reference = {n: p.detach().clone().requires_grad_(True) for n, p in learner.meta.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(reference.values()), lr=config.outer_lr)
     for name, p in reference.items():
         p.grad = sum(g[name] for _, g in results) / 3
-    for name, r in rates.items():
-        r.grad = sum(g["lr/" + name] for _, g in results) / 3
     optimizer.step()
     learner.outer_step([g for _, g in results])
-    for name in reference:
-        assert torch.allclose(learner.params[name], reference[name], atol=1e-7), name
-        assert torch.allclose(learner.lrs[name], rates[name], atol=1e-7), name
+    for name, p in learner.meta.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, reference[name], atol=1e-7), name
 
 
 def test_task_meta_gradient_is_meta_gradients_on_the_sampled_batch(setting):
     config, model, bank, tasks, _ = setting
     learner = MetaLearner(model.clone(), config)
-    loss, grads = task_meta_gradient(learner.model, bank, tasks[1], config, learner.rates(), 2, 1, False)
+    loss, grads = task_meta_gradient(learner.meta, bank, tasks[1], config, 2, 1, False)
     idx, _ = sample_batches(tasks[1], config, 2, 1)
     batch = (bank.batch([tasks[1].utterances[i] for i in idx]), torch.as_tensor(tasks[1].targets[idx]))
-    expected_loss, expected = meta_gradients(learner.model, loss_fn, batch, lrs=learner.rates(), steps=config.inner_steps,
-                                             second_order=False)
+    expected_loss, expected = learner.meta.meta_gradients(batch, steps=config.inner_steps, second_order=False)
     assert loss == pytest.approx(expected_loss.item())
     assert all(torch.equal(grads[k], expected[k]) for k in expected)
 
@@ -70,16 +68,17 @@ def test_task_meta_gradient_is_meta_gradients_on_the_sampled_batch(setting):
 def test_serial_training_learns_rates_and_keeps_the_best_validation_state(setting):
     config, model, bank, tasks, val_task = setting
     learner = MetaLearner(model.clone(), config)
-    start = learner.rates()
+    start = {n: r.detach().clone() for n, r in learner.meta.learning_rates().items()}
     result = train_serial(learner, bank, tasks, val_task, log=None)
     validated = [h for h in result["history"] if "val_loss" in h]
     assert [h["step"] for h in validated] == [2, 4]
     best = min(validated, key=lambda h: h["val_loss"])
     assert result["best_step"] == best["step"] and result["best_val_loss"] == best["val_loss"]
-    assert any(not torch.equal(start[n], r) for n, r in learner.rates().items())  # LSLR trained
-    frozen = MetaLearner(model.clone(), MetaConfig(**{**config.__dict__, "lslr": False}))
+    assert any(not torch.equal(start[n], r) for n, r in learner.meta.learning_rates().items())  # LSLR trained
+    frozen_config = MetaConfig(**{**config.__dict__, "lslr": False})
+    frozen = MetaLearner(build_meta_model(UpstreamConfig(), None, frozen_config), frozen_config)
     train_serial(frozen, bank, tasks, val_task, log=None)
-    assert all(torch.equal(start[n], r) for n, r in frozen.rates().items())
+    assert all(torch.equal(start[n], r) for n, r in frozen.meta.learning_rates().items())
 
 
 def test_meta_training_is_reproducible(small_corpus, setting):

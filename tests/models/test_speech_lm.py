@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distmeta.models.speech_lm import SPEECH, TEXT, SpeechLM, SpeechLMConfig, trainable_names
+from distmeta.models import trainable_parameters
+from distmeta.models.speech_lm import SPEECH, TEXT, SpeechLM, SpeechLMConfig
 
 WORDS = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
 DIM = 12  # speech encoder width
@@ -96,7 +97,7 @@ def test_loss_covers_only_the_target_label(model):
 
 def test_only_lora_and_the_connector_train():
     model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
-    names = trainable_names(model)
+    names = list(trainable_parameters(model))
     connector = ("qformer.", "projection.", "segment.", "example.")
     assert all("lora_" in n or n.startswith(connector) for n in names)
     for module in model.config.lora_targets:  # every targeted T5 projection got both LoRA factors
@@ -112,7 +113,7 @@ def test_only_lora_and_the_connector_train():
     assert moved and moved <= set(names)
     assert any("lora_B" in n for n in moved) and any(n.startswith("qformer.") for n in moved)
     # with train_token_embeddings, exactly the (tied) token embedding table is added
-    with_tokens = set(trainable_names(SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS)))
+    with_tokens = set(trainable_parameters(SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS)))
     assert with_tokens - set(names) == {"llm.base_model.model.shared.weight"} and set(names) < with_tokens
 
 

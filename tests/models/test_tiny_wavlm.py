@@ -3,7 +3,7 @@ import re
 import numpy as np
 import torch
 
-from distmeta.data.synthetic import draw_speakers
+from distmeta.data.synthetic.listeners import draw_speakers
 from distmeta.models.tiny_wavlm import PRETRAINING_STREAM, build_tiny_checkpoint, pretrained_tiny_path
 from distmeta.models.upstream import Upstream, UpstreamConfig
 

@@ -196,7 +196,7 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     import ray
 
     from distmeta.data.sources import DataConfig, load_corpus
-    from distmeta.data.speakers import SpeakerCorpusConfig
+    from distmeta.data.synthetic import SpeakerCorpusConfig
     from distmeta.models.upstream import UpstreamConfig
 
     data = DataConfig(source="speakers", path=str(tmp_path / "speakers"),

@@ -1,4 +1,4 @@
-"""The embedded default corpus: synthetic speakers expressing emotion, heard by synthetic listeners.
+"""The embedded default corpus (listener path): synthetic speakers expressing emotion, heard by synthetic listeners.
 
 Generative story, all from one seed:
 - 10 speakers, one F and one M per session (5 sessions), each with their own
@@ -21,20 +21,16 @@ Generative story, all from one seed:
 listener's labels, compared with knowing only the average listener.
 """
 
-import hashlib
-import json
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from distmeta.data.corpus import Corpus, CorpusError, build_annotations
-from distmeta.data.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
+from distmeta.data.corpus import Corpus, build_annotations
+from distmeta.data.synthetic.cache import cached_corpus, config_hash, render_all, save_generated
+from distmeta.data.synthetic.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES, NUM_CLASSES
 from distmeta.metrics import multilabel_scores
@@ -231,61 +227,6 @@ def _annotate(rng, plan: pd.DataFrame, listeners: dict) -> pd.DataFrame:
     return build_annotations(records)
 
 
-GENERATOR_VERSION = 2  # bump when the generative model changes, so caches of the old one are not reused
-
-
-def config_hash(config) -> str:
-    """A generator config's identity (any of our corpus generators' dataclasses), for its cache folder."""
-    fields = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change the corpus
-    fields["generator_version"] = GENERATOR_VERSION
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
-
-
-def render_all(render, jobs: list, workers: int, what: str | None, every: int, started: float) -> list:
-    """`render(job)` for every job in a process pool (`workers` 0: one per core), results in order (the
-    corpora's renderers return the seconds of audio written); with `what`, a progress line with ETA
-    every `every` jobs."""
-    results = []
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for i, result in enumerate(pool.map(render, jobs, chunksize=16), 1):
-            results.append(result)
-            if what and (i % every == 0 or i == len(jobs)):
-                elapsed = time.time() - started
-                eta = elapsed / i * (len(jobs) - i)
-                print(f"{what}: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
-    return results
-
-
-def load_cached(out_dir: Path, digest: str) -> Corpus | None:
-    """The corpus saved in `out_dir` if it was generated from the config with this hash and its audio
-    files are those it wrote (same sizes and modification times), else None (regenerate)."""
-    if (out_dir / "corpus.json").is_file():
-        try:
-            cached = Corpus.load(out_dir)
-        except CorpusError:
-            return None  # incomplete or foreign: regenerate
-        if cached.info.get("config_hash") != digest:
-            return None
-        recorded = cached.info.get("audio_fingerprint")
-        if recorded != cached.audio_fingerprint():
-            why = "audio files changed since they were generated" if recorded else "no audio fingerprint recorded (older version)"
-            print(f"{out_dir}: {why}; generating the corpus again", flush=True)
-            return None
-        return cached
-    return None
-
-
-def save_generated(corpus: Corpus, out_dir: Path) -> Corpus:
-    """Save a freshly generated corpus, recording its audio files' fingerprint for `load_cached`."""
-    corpus.info["audio_fingerprint"] = corpus.audio_fingerprint()
-    corpus.save(out_dir)
-    return corpus
-
-
 def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000, config: SyntheticConfig | None = None,
                           progress: bool = True) -> Corpus:
     """Generate (or load, when `out_dir` already holds the same corpus) the synthetic listeners corpus.
@@ -295,8 +236,7 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2000,
     config = config or SyntheticConfig(seed=seed, n_utterances=n_utterances)
     if config.n_utterances < 10:
         raise ValueError(f"n_utterances must be at least 10 (one per speaker), got {config.n_utterances}")
-    out_dir = Path(out_dir) if out_dir else default_cache_dir() / f"synthetic-{config_hash(config)}"
-    cached = load_cached(out_dir, config_hash(config))
+    out_dir, cached = cached_corpus(out_dir, "synthetic", config)
     if cached is not None:
         return cached
     started = time.time()

@@ -1,10 +1,11 @@
-"""meta_gradients against independent computations: finite differences and closed forms."""
+"""The MAML core against independent computations (finite differences, closed forms), and the MetaModel
+that wraps it: the same numbers, keyed by its own parameter names, saved as a plain state dict."""
 
 import pytest
 import torch
 from torch import nn
 
-from distmeta.listener.meta import adapt, meta_gradients
+from distmeta.listener.maml import MetaModel, adapt, meta_gradients
 
 
 class MLP(nn.Module):
@@ -40,7 +41,7 @@ def _meta_loss(model, inner, outer, lrs, steps):
 def test_second_order_matches_finite_differences(setting, csmt):
     model, inner, outer, lrs = setting
     outer = None if csmt else outer
-    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True)
+    _, grads, rate_grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True)
     eps = 1e-6
     for name, param in model.named_parameters():
         flat = param.data.view(-1)
@@ -59,7 +60,7 @@ def test_second_order_matches_finite_differences(setting, csmt):
             up = _meta_loss(model, inner, outer, shifted, 3)
             shifted[name][step] -= 2 * eps
             down = _meta_loss(model, inner, outer, shifted, 3)
-            assert grads["lr/" + name][step].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+            assert rate_grads[name][step].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
 class Quadratic(nn.Module):
@@ -84,19 +85,19 @@ def test_quadratic_closed_form():
     lrs = {"theta": torch.tensor([a], dtype=torch.float64)}
     theta1 = theta - a * (A @ theta - b)
     grad_at_1 = A @ theta1 - b
-    _, second = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=True)
+    _, second, second_rate = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=True)
     assert torch.allclose(second["theta"], (torch.eye(4, dtype=torch.float64) - a * A).T @ grad_at_1)
-    _, first = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=False)
+    _, first, first_rate = meta_gradients(model, loss, (None, None), lrs=lrs, steps=1, second_order=False)
     assert torch.allclose(first["theta"], grad_at_1)
     # d L(theta1) / d a = grad L(theta1) . d theta1 / d a = -grad L(theta1) . grad L(theta)
     expected_lr = -grad_at_1 @ (A @ theta - b)
-    assert torch.allclose(second["lr/theta"], expected_lr.reshape(1))
-    assert torch.allclose(first["lr/theta"], expected_lr.reshape(1))
+    assert torch.allclose(second_rate["theta"], expected_lr.reshape(1))
+    assert torch.allclose(first_rate["theta"], expected_lr.reshape(1))
 
 
 def test_first_order_is_the_outer_gradient_at_the_adapted_parameters(setting):
     model, inner, outer, lrs = setting
-    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=False)
+    _, grads, _ = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=False)
     # independent: plain SGD on copies with the same rates, then the outer gradient there
     twin = MLP().double()
     twin.load_state_dict(model.state_dict())
@@ -115,8 +116,8 @@ def test_first_order_is_the_outer_gradient_at_the_adapted_parameters(setting):
 def test_frozen_parameters_stay_fixed_and_rates_extend(setting):
     model, inner, outer, lrs = setting
     model.a.weight.requires_grad_(False)
-    _, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=5, second_order=True)
-    assert "a.weight" not in grads and "lr/a.weight" not in grads
+    _, grads, rate_grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=5, second_order=True)
+    assert "a.weight" not in grads and "a.weight" not in rate_grads
     trajectory = adapt(model, ce, inner, lrs=lrs, steps=5)
     assert all("a.weight" not in p for p in trajectory)
     # steps 3 and 4 reuse the last rate: the same as a 5-entry vector ending in that rate twice
@@ -130,12 +131,11 @@ def test_frozen_parameters_stay_fixed_and_rates_extend(setting):
 def test_multi_step_loss_is_the_weighted_sum(setting):
     model, inner, outer, lrs = setting
     weights = [0.2, 0.3, 0.5]
-    loss, grads = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True, step_weights=weights)
+    loss, grads, _ = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True, step_weights=weights)
     parts = [meta_gradients(model, ce, inner, outer, lrs=lrs, steps=k, second_order=True) for k in (1, 2, 3)]
     assert loss.item() == pytest.approx(sum(w * p[0].item() for w, p in zip(weights, parts)))
     for name in grads:
-        if not name.startswith("lr/"):
-            assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
+        assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
 
 
 def test_second_order_through_the_real_upstream_on_cpu():
@@ -147,7 +147,43 @@ def test_second_order_through_the_real_upstream_on_cpu():
     inputs = {"wavs": torch.randn(2, 8000) * 0.1, "lengths": torch.tensor([8000, 6000])}
     targets = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0] + [0.0] * 7])
     lrs = {n: torch.tensor([1e-3]) for n, p in model.named_parameters() if p.requires_grad}
-    _, second = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=True)
-    _, first = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=False)
+    _, second, _ = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=True)
+    _, first, _ = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=False)
     name = "head.classifier.weight"
     assert second[name].abs().sum() > 0 and not torch.equal(second[name], first[name])
+
+
+def test_meta_model_is_the_core_keyed_by_its_own_parameters(setting):
+    model, inner, outer, lrs = setting
+    model.a.weight.requires_grad_(False)  # a scope: frozen parameters get neither rates nor gradients
+    meta = MetaModel(model, inner_steps=3, inner_lr=0.0, loss_fn=ce).double()
+    with torch.no_grad():
+        for name, rates in meta.learning_rates().items():
+            rates.copy_(lrs[name])
+    loss, grads = meta.meta_gradients(inner, outer, steps=3, second_order=True)
+    expected_loss, expected, expected_rates = meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=True)
+    assert loss.item() == expected_loss.item()
+    assert set(grads) == {n for n, p in meta.named_parameters() if p.requires_grad}
+    assert set(grads) == {"model.a.bias", "model.b.weight", "model.b.bias", "rates.a/bias", "rates.b/weight", "rates.b/bias"}
+    for name in expected:
+        assert torch.equal(grads[f"model.{name}"], expected[name])
+        assert torch.equal(grads[f"rates.{name.replace('.', '/')}"], expected_rates[name])
+    meta.rates.requires_grad_(False)  # without LSLR the rates are not meta-parameters
+    assert {n for n in meta.meta_gradients(inner, outer, steps=3, second_order=False)[1]} == {
+        "model.a.bias", "model.b.weight", "model.b.bias"}
+
+
+def test_meta_model_adapts_with_its_rates_and_round_trips_as_a_state_dict(setting):
+    model, inner, _, lrs = setting
+    meta = MetaModel(model, inner_steps=3, inner_lr=0.0, loss_fn=ce).double()
+    with torch.no_grad():
+        for name, rates in meta.learning_rates().items():
+            rates.copy_(lrs[name])
+    fast = meta.adapt(*inner, steps=3)
+    expected = adapt(model, ce, inner, lrs=lrs, steps=3)[-1]
+    assert all(torch.equal(fast[n], expected[n].detach()) for n in expected)
+    assert torch.equal(meta(inner[0], fast), torch.func.functional_call(model, expected, (inner[0],)))
+    twin = MLP().double()
+    again = MetaModel(twin, inner_steps=3, inner_lr=0.5, loss_fn=ce).double()
+    again.load_state_dict(meta.state_dict())  # an ordinary state dict: model.<name>, rates.<name>
+    assert all(torch.equal(again.adapt(*inner, steps=3)[n], fast[n]) for n in fast)

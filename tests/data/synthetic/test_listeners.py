@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 
 from distmeta.data import make_synthetic_corpus, oracle_gap
-from distmeta.data.synthetic import EXTERNAL_BIAS, prosody_for
-from distmeta.data.voice import SAMPLE_RATE, Speaker, synthesize
+from distmeta.data.synthetic.listeners import EXTERNAL_BIAS, prosody_for
+from distmeta.data.synthetic.voice import SAMPLE_RATE, Speaker, synthesize
 from distmeta.labels import CLASSES
 
 
