@@ -130,18 +130,22 @@ def trial_resources(trial_cpus: float, actors, n_actors: int):
     return tune.PlacementGroupFactory([{"CPU": trial_cpus}] + ([actor] * n_actors if actor else []), strategy="PACK")
 
 
-def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: str) -> None:
+def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: dict, upstream_checkpoint: bytes | None, inputs) -> None:
     """A Ray Tune trainable: meta-train `split` with the base config + `params`, reporting after
-    every validation. Task actors started here live in the trial's placement group."""
+    every validation. Task actors started here live in the trial's placement group.
+
+    A trial reads nothing from the driver's disk, so it may run on any node: the corpus table, the
+    split's input bank (`inputs`), SSL-E's weights and the upstream's checkpoint come through the object
+    store (`tune.with_parameters`)."""
     from ray import tune
 
     from distmeta.listener.distributed import ActorConfig, ActorPool
     from distmeta.listener.metatrain import MetaConfig, meta_train_split
-    from distmeta.models.upstream import UpstreamConfig
+    from distmeta.models.upstream import UpstreamConfig, landed
 
     merged = with_params(base, params)
     meta = cfg.from_dict(MetaConfig, merged["meta"], where="trial", prefix="meta.")
-    upstream = cfg.from_dict(UpstreamConfig, merged["upstream"], where="trial", prefix="upstream.")
+    upstream = landed(cfg.from_dict(UpstreamConfig, merged["upstream"], where="trial", prefix="upstream."), upstream_checkpoint)
     actors = ActorPool(cfg.from_dict(ActorConfig, merged["actors"], where="trial", prefix="actors.")) if merged["distributed"] else None
 
     def report(record: dict) -> None:
@@ -150,7 +154,7 @@ def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: str) -> None:
 
     try:
         meta_train_split(corpus, split, upstream, ssl_e, meta, merged["pretrain"]["max_seconds"], log=None,
-                         actors=actors, on_step=report)
+                         actors=actors, on_step=report, inputs=inputs)
     finally:
         if actors is not None:
             actors.shutdown()

@@ -6,7 +6,9 @@
     python jobs/meta_train.py --config runs/tune/best_config.yaml   # the winner, end to end
 
 1. setup:   the corpus, the split whose validation annotator scores trials (its test
-            annotator is never looked at), SSL-E for that split (reused from `base.models_dir`).
+            annotator is never looked at), SSL-E for that split (reused from `base.models_dir`),
+            and what trials read, handed to them through the object store (SSL-E's weights,
+            the upstream's checkpoint, the split's input bank): trials may run on any node.
 2. sweep:   a Tuner over `distmeta.sweep.meta_trial` (the distributed meta-trainer, its task
             actors inside the trial's placement group), ASHA on the validation loss
             reported after every validation (`base.meta.val_every`, 1 here = every outer step),
@@ -55,6 +57,20 @@ def setup(config: TuneJobConfig):
     return space, corpus, split, checkpoints[(config.sweep.scenario, split.test_annotator)]["ssl_e"]
 
 
+def trial_inputs(config: TuneJobConfig, corpus, split, ssl_e) -> dict:
+    """What every trial needs besides its config, read here once and handed to trials through the object
+    store: SSL-E's weights, the upstream's checkpoint and the split's input bank (audio or conv features)."""
+    from safetensors.torch import load_file
+
+    from distmeta.features import AudioBank, input_bank
+    from distmeta.listener.metatrain import training_pool
+    from distmeta.models.upstream import Upstream, portable
+
+    audio = AudioBank(corpus, training_pool(corpus, split), config.base.pretrain.max_seconds)
+    return {"ssl_e": load_file(str(ssl_e)), "upstream_checkpoint": portable(config.base.upstream),
+            "inputs": input_bank(Upstream(config.base.upstream), audio)}
+
+
 def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_id: str):
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -70,11 +86,9 @@ def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_i
         searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
     scheduler = (ASHAScheduler(time_attr="step", max_t=base.meta.outer_steps, grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor) if options.asha else FIFOScheduler())
-    base_dict = cfg.to_dict(base)
-    if base.upstream.path:  # trials run in their own folders: hand them absolute paths
-        base_dict["upstream"]["path"] = str(Path(base.upstream.path).resolve())
     trainable = tune.with_resources(
-        tune.with_parameters(meta_trial, base=base_dict, corpus=corpus, split=split, ssl_e=str(Path(ssl_e).resolve())),
+        tune.with_parameters(meta_trial, base=cfg.to_dict(base), corpus=corpus, split=split,
+                             **trial_inputs(config, corpus, split, ssl_e)),
         trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
     tuner = tune.Tuner(
         trainable, param_space=space,

@@ -269,9 +269,9 @@ def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, o
     return train(learner, SerialGradients(bank, tasks), len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
 
 
-def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig) -> MetaModel:
-    """The meta-model meta-training starts from: SSL-E (INI) or the untrained upstream with a fresh head,
-    with every trainable parameter's rates at `inner_lr`."""
+def build_meta_model(upstream_config, ssl_e, config: MetaConfig) -> MetaModel:
+    """The meta-model meta-training starts from: SSL-E (INI; `ssl_e` its file or its state dict) or the
+    untrained upstream with a fresh head, with every trainable parameter's rates at `inner_lr`."""
     from safetensors.torch import load_file
 
     from distmeta.models.ser import SERModel
@@ -280,7 +280,7 @@ def build_meta_model(upstream_config, ssl_e_path, config: MetaConfig) -> MetaMod
     torch.manual_seed(config.seed)
     model = SERModel(Upstream(upstream_config))
     if config.ini:
-        model.load_state_dict(load_file(str(ssl_e_path)))
+        model.load_state_dict(ssl_e if isinstance(ssl_e, dict) else load_file(str(ssl_e)))
     return meta_model_of(model, config)
 
 
@@ -301,14 +301,19 @@ def make_bank(meta: MetaModel, corpus, utterances, config: MetaConfig, max_secon
     return inputs if config.scope == "entire" else PooledBank(upstream, inputs)
 
 
-def meta_train_split(corpus, split, upstream_config, ssl_e_path, config: MetaConfig, max_seconds=None, log=print,
+def training_pool(corpus, split) -> list[str]:
+    """Every utterance meta-training reads for a split: its training annotators' and its validation annotator's."""
+    tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
+    return sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
+
+
+def meta_train_split(corpus, split, upstream_config, ssl_e, config: MetaConfig, max_seconds=None, log=print,
                      actors=None, on_step=None, inputs=None, **checkpointing) -> dict:
     """Meta-train Meta-PerSER for one split of the rotation: serially in process, or on `actors`
     (a `distmeta.listener.distributed.ActorPool`: one Ray actor per training annotator)."""
-    meta = build_meta_model(upstream_config, ssl_e_path, config)
+    meta = build_meta_model(upstream_config, ssl_e, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
-    pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
-    bank = make_bank(meta, corpus, pool, config, max_seconds, inputs)
+    bank = make_bank(meta, corpus, training_pool(corpus, split), config, max_seconds, inputs)
     learner = MetaLearner(meta, config)
     if actors is None:
         gradients = SerialGradients(bank, tasks)

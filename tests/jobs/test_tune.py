@@ -24,7 +24,7 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     tune_job, meta_job = load_job("tune"), load_job("meta_train")
-    common = [f"base.data.path={tmp_path / 'corpus'}", "base.models_dir=models"]  # relative: trials run in their own folders
+    common = [f"base.data.path={tmp_path / 'corpus'}", "base.models_dir=models"]  # trials read neither: both reach them through Ray
     # Each trial reserves 0.2 + 9 x 0.1 CPUs: two do not fit on 2 CPUs at once, and the 9 task actors
     # only find CPUs if they are scheduled inside their trial's placement group.
     args = ["--preset", "smoke", "--out", str(tmp_path / "tune"), "experiment=sweep-test",
@@ -60,12 +60,13 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
         # ... and the main job takes the exported file unchanged
         out = tmp_path / "meta"
         assert meta_job.main(["--preset", "smoke", "--config", str(tmp_path / "tune" / "best_config.yaml"), "--out", str(out),
-                              "protocol.scenarios=[unseen]", "protocol.methods=[Meta-PerSER]", "protocol.table2=[]",
+                              "protocol.scenarios=[unseen]", "protocol.test_annotators=[E1]", "protocol.methods=[Meta-PerSER]",
+                              "protocol.table2=[]",
                               "protocol.sweep_shots=[]", "experiment=main-test"]) == 0
     finally:
         ray.shutdown()
     results = pd.read_csv(out / "results.csv")
-    assert set(results["method"]) == {"Meta-PerSER"} and len(results) == 2  # E1, E2 x 1 seed
+    assert set(results["method"]) == {"Meta-PerSER"} and len(results) == 1  # E1 x 1 seed
     used = yaml.safe_load((out / "config.yaml").read_text())["meta"]
     assert used == exported["meta"]
 
