@@ -20,6 +20,7 @@ This answers it on the unseen scenario with the protocol's own episodes
     tiny      mean of each hidden layer of the tiny upstream, random weights (the tests' upstream)
     tiny_pretrained   the same, pretrained (models/tiny_wavlm.py; the listener jobs' upstream)
     wavlm_local:PATH  the same for any WavLM checkpoint in s3prl's format
+    KIND+spk  any of these standardised within each speaker (speaker-level normalisation)
 - the label shares behind the paper's Table A1 (neutral and frustration spread).
 
 Room = All - Zero in maF1 points (issue 13 asks >= 6 for the real model).
@@ -49,7 +50,12 @@ K, Q, SEEDS = 32, 128, 3
 
 
 def pooled_features(corpus, kind: str) -> pd.DataFrame:
-    """One row of frozen features per utterance."""
+    """One row of frozen features per utterance; `KIND+spk`: KIND standardised within each speaker (the
+    speaker's mean and spread over all their utterances removed, as speaker-level normalisation in SER does)."""
+    if kind.endswith("+spk"):
+        table = pooled_features(corpus, kind[:-len("+spk")])
+        by_speaker = table.groupby(corpus.utterances.loc[table.index, "speaker"])
+        return (table - by_speaker.transform("mean")) / (by_speaker.transform("std") + 1e-6)
     utterances = corpus.utterances
     if kind == "evidence":
         conveyed = evidence(utterances)

@@ -1,6 +1,6 @@
 """The nine emotion classes and the label strings that map onto them.
 
-Order is fixed (DESIGN.md): every multi-hot vector, logit and metric in distmeta
+Order is fixed: every multi-hot vector, logit and metric in distmeta
 uses it. IEMOCAP's tenth category, "Other", is dropped.
 """
 

@@ -1,4 +1,4 @@
-"""Multi-label SER metrics and the class-balanced soft-target cross-entropy (DESIGN.md).
+"""Multi-label SER metrics and the class-balanced soft-target cross-entropy (Meta-PerSER's loss and metrics).
 
 Metrics are computed over a whole evaluation set at once, never averaged over
 batches: a class is predicted when its softmax probability exceeds 1/C.

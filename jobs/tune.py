@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     if "--space" in argv:  # shorthand for sweep.space=FILE
         at = argv.index("--space")
         argv = argv[:at] + argv[at + 2:] + [f"sweep.space={argv[at + 1]}"]
-    config = cfg.parse_args(TuneJobConfig, argv, job="tune", description=__doc__.split("\n")[0])
+    config = cfg.parse_args(TuneJobConfig, argv, job="tune", description=__doc__.split("\n")[0],
+                            epilog="--space FILE  the search space YAML (same as sweep.space=FILE)")
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config)) as mlflow:

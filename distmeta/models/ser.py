@@ -1,4 +1,4 @@
-"""The SER model of DESIGN.md, small enough to read in one sitting.
+"""The SER model of Meta-PerSER, small enough to read in one sitting.
 
     waveform -> upstream (s3prl) -> hidden states [L, B, F, D]
              -> softmax-weighted sum over L -> per-frame Linear(D, 256)

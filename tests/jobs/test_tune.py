@@ -60,13 +60,12 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
         # ... and the main job takes the exported file unchanged
         out = tmp_path / "meta"
         assert meta_job.main(["--preset", "smoke", "--config", str(tmp_path / "tune" / "best_config.yaml"), "--out", str(out),
-                              "protocol.scenarios=[unseen]", "protocol.test_annotators=[E1]", "protocol.methods=[Meta-PerSER]",
-                              "protocol.table2=[]",
+                              "protocol.scenarios=[unseen]", "protocol.methods=[Meta-PerSER]", "protocol.table2=[]",
                               "protocol.sweep_shots=[]", "experiment=main-test"]) == 0
     finally:
         ray.shutdown()
     results = pd.read_csv(out / "results.csv")
-    assert set(results["method"]) == {"Meta-PerSER"} and len(results) == 1  # E1 x 1 seed
+    assert set(results["method"]) == {"Meta-PerSER"} and len(results) == 2  # E1, E2 x 1 seed
     used = yaml.safe_load((out / "config.yaml").read_text())["meta"]
     assert used == exported["meta"]
 

@@ -6,7 +6,7 @@ Generative story, all from one seed:
 - Each utterance has a latent emotion: one class drawn with IEMOCAP-like
   frequencies, sometimes blended with a second (often a look-alike), and a
   strength (speaker expressiveness x utterance intensity). Its audio realises
-  the emotion's acoustic correlates (DESIGN.md appendix) through `voice.py`.
+  the emotion's acoustic correlates (`CORRELATES`) through `voice.py`.
 - 11 listeners: 5 external (`E1`..`E5`) who label all sessions and 6
   self-reports (the actors of sessions 1-3, ids = speaker ids) who label only
   their own session; every utterance gets at least 3 listeners. A listener
@@ -41,7 +41,7 @@ FREQUENCY = {"frustrated": 0.22, "angry": 0.11, "sad": 0.11, "disgust": 0.03, "e
              "fear": 0.03, "neutral": 0.22, "surprise": 0.04, "happy": 0.12}
 CONFUSABLE = [("angry", "frustrated"), ("happy", "excited"), ("neutral", "sad"), ("neutral", "frustrated"), ("fear", "surprise")]
 
-# Acoustic correlates relative to the speaker's neutral voice (DESIGN.md appendix); magnitudes are ours.
+# Acoustic correlates relative to the speaker's neutral voice (as the SER literature reports them); magnitudes are ours.
 CORRELATES = {
     "neutral": Prosody(),
     "angry": Prosody(f0_st=3, f0_range=1.5, rate=1.15, gain_db=8, tilt=1.5, open_quotient=-0.2, jitter=0.004),
