@@ -39,6 +39,13 @@ class AudioBank(Bank):
         paths = corpus.utterances["path"]
         self.items = {u: load_audio(paths[u], max_seconds=max_seconds) for u in dict.fromkeys(utterances)}
 
+    @classmethod
+    def of_waveforms(cls, waveforms: dict) -> "AudioBank":
+        """A bank of waveforms already loaded (id -> [T]), e.g. files outside any corpus."""
+        bank = object.__new__(cls)
+        bank.items = dict(waveforms)
+        return bank
+
     def length(self, u) -> int:
         return len(self.items[u])
 

@@ -49,7 +49,8 @@ def class_balanced_weights(targets, beta: float | None = None) -> torch.Tensor:
     A class counts an item when its target exceeds 1/C. beta defaults to
     (N-1)/N. A class with no items is weighted as if it had one. Weights sum to C.
     """
-    targets = torch.as_tensor(targets, dtype=torch.float64)
+    # a copy: arrays from Ray's object store are read-only, which torch warns about on every view
+    targets = torch.tensor(targets, dtype=torch.float64) if not torch.is_tensor(targets) else targets.double()
     n, c = targets.shape
     beta = (n - 1) / n if beta is None else beta
     counts = (targets > 1.0 / c).sum(0).clamp(min=1).double()

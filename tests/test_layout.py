@@ -17,7 +17,8 @@ LEVELS = [
     {"listener"},
     {"speaker"},
     {"sweep"},
-    {"jobs"},
+    {"jobs", "profiles"},
+    {"cli"},
 ]
 
 

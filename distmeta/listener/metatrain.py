@@ -355,5 +355,6 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
     result = meta_train_split(corpus, split, upstream_config, ssl_e_path, config, max_seconds, log, settings=settings,
                               **training)
     save_model(path, result["best_state"], {"settings": settings, "best_step": result["best_step"],
-                                            "best_val_loss": result["best_val_loss"], "history": result["history"]})
+                                            "best_val_loss": result["best_val_loss"], "history": result["history"],
+                                            "max_seconds": max_seconds})  # what enrollment reads audio with
     return result["best_state"]

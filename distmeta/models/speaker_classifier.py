@@ -33,7 +33,8 @@ class SpeakerClassifier(nn.Module):
         if encoder_layers:
             self.encoder_in = nn.Linear(dim, encoder_dim)
             layer = nn.TransformerEncoderLayer(encoder_dim, 4, 2 * encoder_dim, dropout=0.1, batch_first=True, norm_first=True)
-            self.encoder = nn.TransformerEncoder(layer, encoder_layers)
+            # nested tensors do not apply with norm_first (torch would say so on every build)
+            self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
             dim = encoder_dim
         else:
             self.encoder = None

@@ -1,0 +1,149 @@
+"""The `distmeta` command: personalized models in use.
+
+    distmeta enroll --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors --person alice alice.csv
+    distmeta predict --profile alice clips/ > alice.csv
+    distmeta predict --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors a.wav b.wav
+    distmeta profiles list | show alice | delete alice
+
+Profiles live in `--store` (default ~/.local/share/distmeta/profiles). Exit status: 0 when every file was
+predicted, 1 when some could not be read (their rows say why), 2 on bad usage.
+"""
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+AUDIO = (".wav", ".flac", ".ogg")
+
+
+def audio_files(items: list[str]) -> list[str]:
+    """Files as given; a folder: its audio files (sorted); a .csv: its `path` column."""
+    files = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in AUDIO]
+        elif path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                files += [row["path"] if Path(row["path"]).is_absolute() else str(path.parent / row["path"])
+                          for row in csv.DictReader(f)]
+        else:
+            files.append(item)
+    return files
+
+
+def progress_line(done: int, total: int, started: float) -> None:
+    elapsed = time.time() - started
+    print(f"\rpredicted {done}/{total} files, {elapsed:.0f}s, ETA {elapsed / done * (total - done):.0f}s", end="",
+          file=sys.stderr, flush=True)
+
+
+def enroll(args) -> int:
+    from distmeta.profiles.listener import ListenerBase, enroll as adapt, read_labelled
+    from distmeta.profiles.store import ProfileStore
+
+    base = ListenerBase.load(args.model)
+    tensors, meta = adapt(base, read_labelled(args.labels))  # warns (stderr) below 8 clips
+    path = ProfileStore(args.store).save(args.person, tensors, meta)
+    print(f"enrolled {args.person!r} from {meta['shots']} clips on base {base.digest}: {path}")
+    return 0
+
+
+def predict(args) -> int:
+    from distmeta.profiles.listener import ListenerBase, predict as run
+    from distmeta.profiles.store import ProfileStore
+
+    adapted, profile = None, {}
+    if args.profile:
+        adapted, profile = ProfileStore(args.store).load(args.profile)
+    model = args.model or profile.get("base_path")
+    base = ListenerBase.load(model)
+    if profile and profile["base"] != base.digest:
+        raise SystemExit(f"profile {args.profile!r} belongs to base model {profile['base']}, not {base.digest} ({model})")
+    files = audio_files(args.inputs)
+    started = time.time()
+    rows = run(base, files, adapted, progress=lambda d, n: progress_line(d, n, started))
+    print(file=sys.stderr)
+    for row in rows:
+        row.update({"profile": args.profile or "", "base": base.digest})
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            columns = list(dict.fromkeys(k for row in rows if not row["error"] for k in row)) or ["path", "error"]
+            columns = [c for c in columns if c != "error"] + ["error"]
+            writer = csv.DictWriter(out, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    finally:
+        if args.output:
+            out.close()
+    failed = [row for row in rows if row["error"]]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} files could not be read (see their error column)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def profiles(args) -> int:
+    from distmeta.profiles.store import ProfileStore
+
+    store = ProfileStore(args.store)
+    if args.action == "list":
+        for meta in store.list():
+            print(f"{meta['person']}\t{meta['kind']}\tK={meta['shots']}\tbase {meta['base']}\t{meta['created']}")
+    elif args.action == "show":
+        print(json.dumps(store.meta(args.person), indent=2))
+    else:
+        store.delete(args.person)
+        print(f"deleted {args.person!r} from {store.folder}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="distmeta", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="profile folder (default ~/.local/share/distmeta/profiles)")
+    commands = main.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("enroll", parents=[common], help="adapt a meta-trained model to one person's labelled clips")
+    e.add_argument("--kind", choices=["listener"], default="listener",
+                   help="listener: Meta-PerSER adapted with its learned rates (speaker profiles: not yet)")
+    e.add_argument("--model", required=True, help="a meta-trained model: models_dir/<scenario>/<annotator>/meta-*.safetensors")
+    e.add_argument("--person", required=True, help="the profile id (letters, digits, _ . -)")
+    e.add_argument("labels", help="CSV with columns path,labels (labels joined by ';'; paths relative to the CSV)")
+    e.set_defaults(run=enroll)
+    p = commands.add_parser("predict", parents=[common], help="emotions of audio files, with a profile or the unpersonalized model")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--profile", help="a profile id from `distmeta enroll`")
+    who.add_argument("--model", help="the meta-trained model alone (no personalization)")
+    p.add_argument("inputs", nargs="+", help="audio files, folders of them, or a CSV with a path column")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    p.add_argument("--output", help="file to write (default: stdout)")
+    p.set_defaults(run=predict)
+    s = commands.add_parser("profiles", parents=[common], help="list, show or delete profiles")
+    s.add_argument("action", choices=["list", "show", "delete"])
+    s.add_argument("person", nargs="?", help="the profile id (show, delete)")
+    s.set_defaults(run=profiles)
+    return main
+
+
+def main(argv=None) -> int:
+    from distmeta.profiles.store import ProfileError
+
+    args = parser().parse_args(argv)
+    if args.command == "profiles" and args.action != "list" and not args.person:
+        parser().error(f"profiles {args.action} needs a profile id")
+    try:
+        return args.run(args)
+    except (ProfileError, FileNotFoundError, ValueError) as err:
+        print(f"distmeta {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Listener profiles: the meta-trained Meta-PerSER model adapted to one person's labelled clips.
+
+    base = ListenerBase.load("runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors")
+    tensors, meta = enroll(base, read_labelled("my_labels.csv"))      # adapt with the learned rates
+    rows = predict(base, ["a.wav", "b.wav"], tensors)                  # per-file probabilities and labels
+
+Enrollment is exactly the meta-test protocol's Meta-PerSER adaptation (`metatrain.adapted_probs`):
+`meta.test_steps` inner steps on all K clips with the learned per-layer per-step rates, from the
+meta-trained parameters. A profile holds the adapted trainable parameters (the head, for scope `head`).
+"""
+
+import csv
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from distmeta import __version__
+from distmeta.data.audio import AudioError, load_audio
+from distmeta.features import AudioBank, input_bank
+from distmeta.labels import CLASSES, UnknownLabel, canonical_label
+from distmeta.listener.maml import MetaModel
+from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank
+from distmeta.models.upstream import UpstreamConfig
+
+FEW_CLIPS = 8  # below this many enrollment clips, a warning
+
+
+@dataclass
+class ListenerBase:
+    """A meta-trained Meta-PerSER model as saved by jobs/meta_train.py (safetensors + JSON sidecar)."""
+    meta: MetaModel
+    config: MetaConfig
+    max_seconds: float | None
+    digest: str
+    path: Path
+
+    @classmethod
+    def load(cls, path) -> "ListenerBase":
+        path = Path(path)
+        sidecar = path.with_suffix(".json")
+        if not path.is_file() or not sidecar.is_file():
+            raise FileNotFoundError(f"{path}: not a meta-trained model (a .safetensors file with its .json sidecar, "
+                                    f"as jobs/meta_train.py writes under models_dir/<scenario>/<annotator>/meta-*)")
+        saved = json.loads(sidecar.read_text())
+        settings = saved["settings"]
+        if settings.get("saved") != "MetaModel":
+            raise ValueError(f"{path}: not a Meta-PerSER meta-model (rerun jobs/meta_train.py to write one)")
+        config = MetaConfig(**settings["meta"])
+        meta = build_meta_model(UpstreamConfig(**settings["upstream"]), None, replace(config, ini=False))
+        meta.load_state_dict(load_file(str(path)))  # train mode, as the protocol adapts it
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return cls(meta, config, saved.get("max_seconds"), digest, path)
+
+    def bank(self, waveforms: dict):
+        """What the meta-model reads for these waveforms: their pooled features (scope head) or inputs."""
+        inputs = input_bank(self.meta.model.upstream, AudioBank.of_waveforms(waveforms))
+        return make_bank(self.meta, None, list(waveforms), self.config, self.max_seconds, inputs)
+
+
+def read_labelled(path) -> list[tuple[str, np.ndarray]]:
+    """A person's labelled clips from a CSV with the manifest's `path` and `labels` columns (labels joined by
+    ';'); relative paths are relative to the CSV. Errors name the line."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "labels"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected path,labels")
+        clips = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                names = {canonical_label(s) for s in (row["labels"] or "").split(";") if s.strip()} - {None}
+            except UnknownLabel as err:
+                raise ValueError(f"{path}, line {line}: {err}") from None
+            if not names:
+                raise ValueError(f"{path}, line {line}: no label in the nine classes")
+            clip = Path(row["path"])
+            clips.append((str(clip if clip.is_absolute() else path.parent / clip),
+                          np.array([float(c in names) for c in CLASSES], dtype=np.float32)))
+    if not clips:
+        raise ValueError(f"{path}: no clips")
+    return clips
+
+
+def enroll(base: ListenerBase, clips: list[tuple[str, np.ndarray]], kind: str = "listener") -> tuple[dict, dict]:
+    """(adapted parameters, profile metadata) from a person's labelled clips; any K >= 1."""
+    if len(clips) < FEW_CLIPS:
+        warnings.warn(f"enrolling with {len(clips)} clips; Meta-PerSER was meta-trained with K={base.config.shots} "
+                      f"and is unreliable below {FEW_CLIPS}", stacklevel=2)
+    waveforms = {}
+    for clip, _ in clips:
+        try:
+            waveforms[clip] = load_audio(clip, max_seconds=base.max_seconds)
+        except AudioError as err:
+            raise ValueError(f"enrollment clip: {err}") from None
+    bank = base.bank(waveforms)
+    targets = torch.as_tensor(np.stack([t for _, t in clips]))
+    adapted = base.meta.adapt(bank.batch([c for c, _ in clips]), targets, base.config.test_steps)
+    from datetime import datetime, timezone
+
+    meta = {"kind": kind, "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(clips),
+            "classes": list(CLASSES), "steps": base.config.test_steps, "distmeta": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return adapted, meta
+
+
+def probabilities(base: ListenerBase, bank, ids, adapted: dict | None = None) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(base.meta(bank.batch(ids), adapted), -1).numpy()
+
+
+def predict(base: ListenerBase, files, adapted: dict | None = None, batch_size: int = 32, progress=None) -> list[dict]:
+    """One row per file: path, a probability per class, the predicted labels (every class above 1/C), or
+    the error that kept the file from being read."""
+    rows, good = {}, {}
+    for file in map(str, files):
+        try:
+            good[file] = load_audio(file, max_seconds=base.max_seconds)
+        except AudioError as err:
+            rows[file] = {"path": file, "error": str(err)}
+    ids = list(good)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        probs = probabilities(base, base.bank({u: good[u] for u in chunk}), chunk, adapted)
+        for file, p in zip(chunk, probs):
+            rows[file] = {"path": file, **{c: float(v) for c, v in zip(CLASSES, p)},
+                          "labels": ";".join(c for c, v in zip(CLASSES, p) if v > 1 / len(CLASSES)), "error": ""}
+        if progress:
+            progress(min(start + batch_size, len(ids)), len(ids))
+    return [rows[file] for file in map(str, files)]

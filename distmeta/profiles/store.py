@@ -1,0 +1,60 @@
+"""The profile store: one folder, one `<person>.safetensors` + `<person>.json` per person.
+
+The JSON names the person, the kind, the base model it belongs to (its digest), K, the classes, when it was
+made and by which distmeta. The tensors are written first and the JSON last, each atomically, so a profile
+whose JSON is on disk is complete. The default folder is `$DISTMETA_HOME/profiles`
+(~/.local/share/distmeta/profiles).
+"""
+
+import json
+import re
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from distmeta.io import atomic_path, write_json
+from distmeta.tracking import home
+
+VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ProfileError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ProfileStore:
+    def __init__(self, folder=None):
+        self.folder = Path(folder) if folder else home() / "profiles"
+
+    def _paths(self, person: str) -> tuple[Path, Path]:
+        if not VALID_ID.match(person):
+            raise ProfileError(f"profile id {person!r}: use letters, digits, '_', '.' and '-' (at most 128)")
+        return self.folder / f"{person}.safetensors", self.folder / f"{person}.json"
+
+    def save(self, person: str, tensors: dict, meta: dict) -> Path:
+        weights, sidecar = self._paths(person)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        write_json(sidecar, {**meta, "person": person})
+        return sidecar
+
+    def load(self, person: str) -> tuple[dict, dict]:
+        weights, sidecar = self._paths(person)
+        if not sidecar.is_file():
+            raise ProfileError(f"no profile {person!r} in {self.folder}")
+        return load_file(str(weights)), json.loads(sidecar.read_text())
+
+    def meta(self, person: str) -> dict:
+        return self.load(person)[1]
+
+    def list(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.folder.glob("*.json"))] if self.folder.is_dir() else []
+
+    def delete(self, person: str) -> None:
+        weights, sidecar = self._paths(person)
+        if not sidecar.is_file():
+            raise ProfileError(f"no profile {person!r} in {self.folder}")
+        sidecar.unlink()  # first: a weights file without its JSON is not a profile
+        weights.unlink(missing_ok=True)
