@@ -73,9 +73,11 @@ def kill_a_train_worker_mid_pretraining(storage: Path, total: int, outcome: dict
     def done() -> int:
         return len(list(storage.glob("pretrain-*/checkpoint_*/model.json")))
 
+    since = time.time()  # a lingering worker of an earlier job must not be the one killed
     while not stop.is_set():
         finished = done()
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                   if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= since]
         if 0 < finished < total and workers:
             os.kill(workers[0].pid, signal.SIGKILL)
             outcome.update(pid=workers[0].pid, done_before=finished, done_after=done(), time=time.time())

@@ -211,13 +211,16 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.update(paths=metaicl.metaicl_train_many(
             data, upstream, -1, model, meta, [], frames, tmp_path / "models")))
+        started = time.time()
         thread.start()
         killed, deadline = None, time.time() + 300
         while killed is None and time.time() < deadline and thread.is_alive():
             # two checkpoints on disk: the first is surely registered with the controller by then
             if len(list((tmp_path / "models" / "ray").glob("**/checkpoint_*/progress/progress.json"))) >= 2:
-                # Ray titles each actor's process "ray::<class>...": the worker is the one running our loop
-                workers = [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                # Ray titles each actor's process "ray::<class>...": the worker is the one running our loop, started
+                # by this training (a lingering worker of an earlier test in the session must not be the one killed)
+                workers = [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+                           if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= started]
                 if workers:
                     killed = workers[0]
                     os.kill(killed, signal.SIGKILL)
