@@ -6,7 +6,9 @@ docs/outputs.md), otherwise one SQLite store per user, `$DISTMETA_HOME/mlflow.db
 it in `mlartifacts/`. Absolute on purpose: under `ray job submit` the working
 directory is Ray's temporary copy, and a store there would vanish with it.
 Browse it with `mlflow ui --backend-store-uri sqlite:///$HOME/.local/share/distmeta/mlflow.db`
-(binds 127.0.0.1). Library code only logs; it never starts a server.
+(binds 127.0.0.1). The main jobs register their models in its Model Registry (`distmeta-listener`,
+`distmeta-speaker`), so `models:/distmeta-listener/1` names one. Library code only logs; it never starts a
+server.
 """
 
 import os
@@ -66,3 +68,36 @@ def run(experiment: str, run_name: str, params: dict):
             mlflow.log_params(dict(list(flat.items())[start:start + 100]))
         print(f"MLflow: experiment {experiment!r}, run {active.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
         yield mlflow
+
+
+def register_model(files, name: str) -> int:
+    """Register `files` (a model and its sidecar) in the tracking store's Model Registry under `name`, from the
+    active run; returns the new version (`models:/<name>/<version>` then names it). Files only: nothing a
+    loader would unpickle."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as folder:
+        for file in files:
+            shutil.copy(file, folder)
+        model = mlflow.initialize_logged_model(name=name)
+        MlflowClient().log_model_artifacts(model.model_id, folder)
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return int(mlflow.register_model(f"models:/{model.model_id}", name).version)
+
+
+def registered_files(uri: str) -> Path:
+    """The folder holding a registered model's files (`models:/<name>/<version>`), downloaded once into
+    $DISTMETA_HOME/registry."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    folder = home() / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("models:/"):])
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + ".partial")
+        mlflow.artifacts.download_artifacts(uri, dst_path=str(staging))
+        staging.rename(folder)
+    return folder

@@ -68,14 +68,31 @@ def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
     return variants
 
 
+def meta_model_path(config: MetaTrainConfig, scenario: str, split, meta_config: MetaConfig) -> Path:
+    tag = "-".join(f"{k}{int(getattr(meta_config, k))}" for k in ("ini", "csmt", "da", "lslr"))
+    return Path(config.models_dir) / scenario / split.test_annotator / f"meta-{tag}.safetensors"
+
+
+def register_meta_perser(config: MetaTrainConfig, splits) -> int | None:
+    """Register the Meta-PerSER model of the first unseen split (else the first split) as `distmeta-listener`:
+    what `distmeta enroll --model models:/distmeta-listener/<version>` adapts."""
+    if "Meta-PerSER" not in config.protocol.methods:
+        return None
+    scenario = "unseen" if "unseen" in splits else next(iter(splits))
+    path = meta_model_path(config, scenario, splits[scenario][0], config.meta)
+    version = tracking.register_model([path, path.with_suffix(".json")], "distmeta-listener")
+    print(f"registered {path} as models:/distmeta-listener/{version}", flush=True)
+    return version
+
+
 def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, actors, inputs) -> dict:
     """Meta-train (or reuse) every Meta-PerSER variant for one split; each is a nested MLflow run."""
     import mlflow
 
     adapters = {}
     for method, meta_config in meta_variants(config, scenario).items():
-        tag = "-".join(f"{k}{int(getattr(meta_config, k))}" for k in ("ini", "csmt", "da", "lslr"))
-        name = f"{scenario}/{split.test_annotator}/meta-{tag}"
+        path = meta_model_path(config, scenario, split, meta_config)
+        name = str(path.relative_to(config.models_dir).with_suffix(""))
         print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
         with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True):
             mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
@@ -84,7 +101,7 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
             def log_step(record):
                 mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step"}, step=record["step"])
 
-            state = meta_train_cached(Path(config.models_dir) / f"{name}.safetensors", corpus, split, config.upstream,
+            state = meta_train_cached(path, corpus, split, config.upstream,
                                       checkpoints["ssl_e"], meta_config, asdict(config.data), config.pretrain.max_seconds,
                                       actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / f"{name}.safetensors",
                                       checkpoint_every=config.checkpoint_every, resume=config.resume, inputs=inputs)
@@ -203,6 +220,7 @@ def main(argv=None) -> int:
         seconds["pretrain"] = time.time() - started - seconds["setup"]
         results = evaluate(config, corpus, splits, checkpoints, seconds)
         paths = save(config, corpus, splits, results)
+        register_meta_perser(config, splits)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):
             for metric in ("maF1", "miF1", "UA"):
                 mlflow.log_metric(tracking.metric_name(scenario, method, metric), float(group[metric].mean()))

@@ -57,6 +57,9 @@ def main(argv=None) -> int:
             sidecar = path.with_suffix(".json")
             mlflow.log_artifact(str(sidecar), artifact_path="models")
             mlflow.log_metric(tracking.metric_name("best_val_loss", training), json.loads(sidecar.read_text())["best_val_loss"])
+        # the proposed model (TU+LU), for use: models:/distmeta-speaker/<version>
+        version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json")], "distmeta-speaker")
+        print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
         # baselines
         rows, bank = [], FrameBank.load(frames)
         if config.baselines:

@@ -42,6 +42,14 @@ class ListenerBase:
 
     @classmethod
     def load(cls, path) -> "ListenerBase":
+        """From a meta-trained model file, or a registered one (`models:/distmeta-listener/<version>`)."""
+        if str(path).startswith("models:/"):
+            from distmeta.tracking import registered_files
+
+            found = sorted(registered_files(str(path)).glob("*.safetensors"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{path}: expected one .safetensors model, found {[p.name for p in found]}")
+            path = found[0]
         path = Path(path)
         sidecar = path.with_suffix(".json")
         if not path.is_file() or not sidecar.is_file():

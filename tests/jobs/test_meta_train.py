@@ -97,5 +97,12 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert set(runs["params.protocol.shots"]) == {"8"}
     assert runs["metrics.unseen.Entire_Few.maF1"].notna().all()
+    # each run registered the Meta-PerSER model it used; a registered version is what `distmeta enroll` adapts
+    from distmeta.profiles.listener import ListenerBase
+
+    versions = mlflow.MlflowClient().search_model_versions("name='distmeta-listener'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    on_disk = ListenerBase.load(tmp_path / "models" / "unseen" / "E1" / "meta-ini1-csmt1-da1-lslr1.safetensors")
+    assert ListenerBase.load("models:/distmeta-listener/2").digest == on_disk.digest
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(first)}
     assert {"results.csv", "table1.md", "shots_sweep.png"} <= artifacts

@@ -126,6 +126,8 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     assert run["metrics.UA_spk.Proposed.7_shot"] == pytest.approx(ua_spk_reference(
         results[(results["model"] == "Proposed") & (results["k"] == 7)]))
     assert run["metrics.UA_spk.Pretrained"] == pytest.approx(ua_spk_reference(results[results["model"] == "Pretrained"]))
+    registered = mlflow.MlflowClient().search_model_versions("name='distmeta-speaker'")
+    assert len(registered) == 1 and registered[0].status == "READY"  # the TU+LU speech LM, for use
     sidecars = sorted(models.glob("speech_lm-*.json"))  # stage 1, TU+LU, TO+LD, Neutral, Neutral1
     assert len(sidecars) == 5 and all(json.loads(p.read_text())["best_step"] > 0 for p in sidecars)
     assert len(list(models.glob("speech_lm-*.safetensors"))) == 5
