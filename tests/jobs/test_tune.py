@@ -61,7 +61,7 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
         out = tmp_path / "meta"
         assert meta_job.main(["--preset", "smoke", "--config", str(tmp_path / "tune" / "best_config.yaml"), "--out", str(out),
                               "protocol.scenarios=[unseen]", "protocol.methods=[Meta-PerSER]", "protocol.table2=[]",
-                              "protocol.sweep_shots=[]", "experiment=main-test"]) == 0
+                              "protocol.sweep_shots=[]", "distributed=false", "experiment=main-test"]) == 0
     finally:
         ray.shutdown()
     results = pd.read_csv(out / "results.csv")

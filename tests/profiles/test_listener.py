@@ -76,7 +76,7 @@ def test_command_round_trip_with_a_corrupt_and_a_missing_file(small_corpus, trai
     rows = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert list(rows["path"]) == [*good, str(tmp_path / "corrupt.wav"), str(tmp_path / "missing.wav")]
     assert (rows["error"][:4] == "").all() and rows["error"][4] and rows["error"][5]
-    assert np.allclose(rows.loc[:3, list(CLASSES)].astype(float).sum(1), 1, atol=1e-5) and (rows["profile"] == "alice").all()
+    assert np.allclose(rows.loc[:3, list(CLASSES)].astype(float).sum(axis=1), 1, atol=1e-5) and (rows["profile"] == "alice").all()
     # the same files in process, with the same profile
     adapted, _ = ProfileStore(tmp_path / "store").load("alice")
     base = ListenerBase.load(path)
