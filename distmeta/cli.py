@@ -75,7 +75,8 @@ def predict(args) -> int:
             for row in rows:
                 out.write(json.dumps(row) + "\n")
         else:
-            columns = list(dict.fromkeys(k for row in rows if not row["error"] for k in row)) or ["path", "error"]
+            # the columns of a predicted row first (path, classes, labels, ...), then any only a failed row has
+            columns = list(dict.fromkeys([k for row in rows if not row["error"] for k in row] + [k for row in rows for k in row]))
             columns = [c for c in columns if c != "error"] + ["error"]
             writer = csv.DictWriter(out, fieldnames=columns, restval="")
             writer.writeheader()

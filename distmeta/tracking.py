@@ -28,19 +28,24 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store; None for any other store (a server)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_location(uri: str) -> str | None:
     """For a SQLite store, `mlartifacts/` beside its file (MLflow's own default is relative to the working
     directory); a server decides for itself (None)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
 
 
 def use_experiment(mlflow, experiment: str) -> None:
     """Set the tracking URI and experiment, creating the experiment with its artifacts beside the store."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         try:
@@ -91,11 +96,15 @@ def register_model(files, name: str) -> int:
 
 def registered_files(uri: str) -> Path:
     """The folder holding a registered model's files (`models:/<name>/<version>`), downloaded once into
-    $DISTMETA_HOME/registry."""
+    $DISTMETA_HOME/registry; kept per tracking store, since another store's version 1 is another model."""
+    import hashlib
+
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    folder = home() / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("models:/"):])
+    store = tracking_uri()
+    mlflow.set_tracking_uri(store)
+    folder = (home() / "registry" / hashlib.sha256(store.encode()).hexdigest()[:12]
+              / re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("models:/"):]))
     if not folder.is_dir():
         staging = folder.with_name(folder.name + ".partial")
         mlflow.artifacts.download_artifacts(uri, dst_path=str(staging))

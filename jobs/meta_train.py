@@ -92,7 +92,6 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
     adapters = {}
     for method, meta_config in meta_variants(config, scenario).items():
         path = meta_model_path(config, scenario, split, meta_config)
-        name = str(path.relative_to(config.models_dir).with_suffix(""))
         print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
         with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True):
             mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
@@ -103,7 +102,7 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
 
             state = meta_train_cached(path, corpus, split, config.upstream,
                                       checkpoints["ssl_e"], meta_config, asdict(config.data), config.pretrain.max_seconds,
-                                      actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / f"{name}.safetensors",
+                                      actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / path.relative_to(config.models_dir),
                                       checkpoint_every=config.checkpoint_every, resume=config.resume, inputs=inputs)
         adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds,
                                         inputs)

@@ -66,7 +66,7 @@ def trial_inputs(config: TuneJobConfig, corpus, split, ssl_e) -> dict:
     from distmeta.listener.metatrain import training_pool
     from distmeta.models.upstream import Upstream, portable
 
-    audio = AudioBank(corpus, training_pool(corpus, split), config.base.pretrain.max_seconds)
+    audio = AudioBank(corpus, training_pool(split.train_tasks(corpus), split.val_task(corpus)), config.base.pretrain.max_seconds)
     return {"ssl_e": load_file(str(ssl_e)), "upstream_checkpoint": portable(config.base.upstream),
             "inputs": input_bank(Upstream(config.base.upstream), audio)}
 

@@ -26,3 +26,14 @@ def test_a_server_uri_is_used_as_given(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
     assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_a_registered_model_is_the_one_of_the_store_it_is_read_from(tmp_path, monkeypatch):
+    """`models:/distmeta-listener/1` of two tracking stores are two models; the download cache must tell them apart."""
+    for store, content in (("a", b"first"), ("b", b"second")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / store / 'mlflow.db'}")
+        (tmp_path / f"{store}.safetensors").write_bytes(content)
+        with tracking.run("registry-test", store, {}):
+            assert tracking.register_model([tmp_path / f"{store}.safetensors"], "distmeta-listener") == 1
+        folder = tracking.registered_files("models:/distmeta-listener/1")
+        assert (folder / f"{store}.safetensors").read_bytes() == content

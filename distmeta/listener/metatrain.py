@@ -130,8 +130,13 @@ class MetaLearner:
 def adapted_probs(meta: MetaModel, bank, support_ids, support_targets, query_ids, steps: int) -> torch.Tensor:
     """Meta-test one episode: `steps` inner steps with the learned rates, then query probabilities."""
     fast = meta.adapt(bank.batch(support_ids), torch.as_tensor(support_targets), steps)
+    return query_probs(meta, bank, query_ids, fast)
+
+
+def query_probs(meta: MetaModel, bank, query_ids, adapted: dict | None = None) -> torch.Tensor:
+    """Class probabilities of `query_ids` with `adapted` parameters (a person's; None: the meta-trained ones)."""
     with torch.no_grad():
-        return torch.softmax(meta(bank.batch(query_ids), fast), -1)
+        return torch.softmax(meta(bank.batch(query_ids), adapted), -1)
 
 
 def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
@@ -301,9 +306,8 @@ def make_bank(meta: MetaModel, corpus, utterances, config: MetaConfig, max_secon
     return inputs if config.scope == "entire" else PooledBank(upstream, inputs)
 
 
-def training_pool(corpus, split) -> list[str]:
+def training_pool(tasks: list, val_task) -> list[str]:
     """Every utterance meta-training reads for a split: its training annotators' and its validation annotator's."""
-    tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
     return sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
 
 
@@ -313,7 +317,7 @@ def meta_train_split(corpus, split, upstream_config, ssl_e, config: MetaConfig, 
     (a `distmeta.listener.distributed.ActorPool`: one Ray actor per training annotator)."""
     meta = build_meta_model(upstream_config, ssl_e, config)
     tasks, val_task = split.train_tasks(corpus), split.val_task(corpus)
-    bank = make_bank(meta, corpus, training_pool(corpus, split), config, max_seconds, inputs)
+    bank = make_bank(meta, corpus, training_pool(tasks, val_task), config, max_seconds, inputs)
     learner = MetaLearner(meta, config)
     if actors is None:
         gradients = SerialGradients(bank, tasks)

@@ -4,7 +4,7 @@
     tensors, meta = enroll(base, read_labelled("my_labels.csv"))      # adapt with the learned rates
     rows = predict(base, ["a.wav", "b.wav"], tensors)                  # per-file probabilities and labels
 
-Enrollment is exactly the meta-test protocol's Meta-PerSER adaptation (`metatrain.adapted_probs`):
+Enrollment and prediction are exactly the meta-test protocol's Meta-PerSER (`metatrain.adapted_probs`, split in two):
 `meta.test_steps` inner steps on all K clips with the learned per-layer per-step rates, from the
 meta-trained parameters. A profile holds the adapted trainable parameters (the head, for scope `head`).
 """
@@ -14,6 +14,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from distmeta.data.audio import AudioError, load_audio
 from distmeta.features import AudioBank, input_bank
 from distmeta.labels import CLASSES, UnknownLabel, canonical_label
 from distmeta.listener.maml import MetaModel
-from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank
+from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
 from distmeta.models.upstream import UpstreamConfig
 
 FEW_CLIPS = 8  # below this many enrollment clips, a warning
@@ -110,17 +111,10 @@ def enroll(base: ListenerBase, clips: list[tuple[str, np.ndarray]], kind: str = 
     bank = base.bank(waveforms)
     targets = torch.as_tensor(np.stack([t for _, t in clips]))
     adapted = base.meta.adapt(bank.batch([c for c, _ in clips]), targets, base.config.test_steps)
-    from datetime import datetime, timezone
-
     meta = {"kind": kind, "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(clips),
             "classes": list(CLASSES), "steps": base.config.test_steps, "distmeta": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return adapted, meta
-
-
-def probabilities(base: ListenerBase, bank, ids, adapted: dict | None = None) -> np.ndarray:
-    with torch.no_grad():
-        return torch.softmax(base.meta(bank.batch(ids), adapted), -1).numpy()
 
 
 def predict(base: ListenerBase, files, adapted: dict | None = None, batch_size: int = 32, progress=None) -> list[dict]:
@@ -135,7 +129,7 @@ def predict(base: ListenerBase, files, adapted: dict | None = None, batch_size: 
     ids = list(good)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        probs = probabilities(base, base.bank({u: good[u] for u in chunk}), chunk, adapted)
+        probs = query_probs(base.meta, base.bank({u: good[u] for u in chunk}), chunk, adapted).numpy()
         for file, p in zip(chunk, probs):
             rows[file] = {"path": file, **{c: float(v) for c, v in zip(CLASSES, p)},
                           "labels": ";".join(c for c, v in zip(CLASSES, p) if v > 1 / len(CLASSES)), "error": ""}

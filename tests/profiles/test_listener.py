@@ -1,6 +1,7 @@
 """Listener profiles against the meta-test protocol, and the `distmeta` command round trip on generated audio."""
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -11,9 +12,9 @@ from distmeta import cli
 from distmeta.data import rotation
 from distmeta.labels import CLASSES
 from distmeta.listener.adapters import Episode, meta_adapter
-from distmeta.listener.metatrain import MetaConfig, meta_train_cached
+from distmeta.listener.metatrain import MetaConfig, meta_train_cached, query_probs
 from distmeta.models import UpstreamConfig
-from distmeta.profiles.listener import ListenerBase, enroll, probabilities, read_labelled
+from distmeta.profiles.listener import ListenerBase, enroll, read_labelled
 from distmeta.profiles.store import ProfileStore
 
 CONFIG = MetaConfig(ini=False, outer_steps=2, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=4,
@@ -52,9 +53,9 @@ def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(sma
     bank = base.bank({p: load_audio(p) for p in paths})
     # 1e-4, not 1e-5: pooled features pass the upstream in batches of similar length, and the padding of a batch
     # moves the last frames' positional convolution by ~1e-5 (the protocol batches the whole test pool)
-    assert np.allclose(probabilities(base, bank, paths, adapted), protocol, atol=1e-4)
+    assert np.allclose(query_probs(base.meta, bank, paths, adapted).numpy(), protocol, atol=1e-4)
     assert meta["shots"] == 8 and meta["base"] == base.digest and meta["classes"] == list(CLASSES)
-    unpersonalized = probabilities(base, bank, paths)
+    unpersonalized = query_probs(base.meta, bank, paths).numpy()
     assert not np.allclose(unpersonalized, protocol, atol=1e-3)  # the profile is what moved them
 
 
@@ -82,8 +83,11 @@ def test_command_round_trip_with_a_corrupt_and_a_missing_file(small_corpus, trai
     base = ListenerBase.load(path)
     from distmeta.data.audio import load_audio
 
-    expected = probabilities(base, base.bank({p: load_audio(p) for p in good}), good, adapted)
+    expected = query_probs(base.meta, base.bank({p: load_audio(p) for p in good}), good, adapted).numpy()
     assert np.allclose(rows.loc[:3, list(CLASSES)].astype(float).to_numpy(), expected, atol=1e-5)
+    assert cli.main(["predict", *store, "--profile", "alice", str(tmp_path / "missing.wav")]) == 1  # every file failed
+    failed = pd.read_csv(io.StringIO(capsys.readouterr().out), keep_default_na=False)
+    assert list(failed["path"]) == [str(tmp_path / "missing.wav")] and failed["error"][0] and list(failed.columns)[-1] == "error"
     assert cli.main(["predict", *store, "--model", str(path), *good[:2], "--format", "jsonl"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["path"] for row in lines] == good[:2] and all(row["profile"] == "" for row in lines)
