@@ -18,6 +18,7 @@ from distmeta.models.speech_lm import SpeechLMConfig
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.speaker.baselines import ClassifierConfig
 from distmeta.speaker.evaluate import EvaluationConfig
+from distmeta.speaker.maml import SpeakerMAMLConfig
 from distmeta.speaker.metaicl import MetaICLConfig
 from distmeta.sweep import SweepConfig
 
@@ -83,6 +84,7 @@ class MetaICLJobConfig:
     meta: MetaICLConfig = field(default_factory=MetaICLConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    maml: SpeakerMAMLConfig = field(default_factory=SpeakerMAMLConfig)  # MAML on speaker tasks (Table II's MAML rows)
     ablation: bool = False  # Table IV: also meta-train with TO+LD (7 shots) and Neutral (0..7): two more stage-2 runs
     baselines: bool = True  # the classifier baselines and 1-shot_N
     out: str = "runs/metaicl"

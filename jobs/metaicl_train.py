@@ -11,7 +11,9 @@
               for TU+LU, and with `ablation=true` TO+LD (7 shots) and Neutral (0..7) for Table IV, with
               `baselines` 1-shot_N (one neutral pair). Models already in `models_dir` with the same
               settings are reused; an interrupted model resumes from its last Ray Train checkpoint.
-3. baselines: the classifier baselines Scratch, Pretrained, Personalized_N, Personalized_A.
+3. baselines: the classifier baselines Scratch, Pretrained, Personalized_N, Personalized_A; then MAML
+              on speaker tasks from Pretrained (the listener path's meta-learner, one Ray task actor per
+              group of training speakers), adapted at test time on the same enrollment pairs the LM reads.
 4. evaluate:  k-shot inference on the test speakers; results.csv (one row per prediction),
               table2 / table3 / table4 (.md, .csv), shots.png, config.yaml under `out`.
 The job is one MLflow run: per-model training curves, the tables as metrics and artifacts.
@@ -27,10 +29,12 @@ import pandas as pd
 from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.speaker import baselines, evaluate, metaicl, tables
+from distmeta.speaker import maml as speaker_maml
 from distmeta.cluster import connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
+from distmeta.listener.distributed import ActorPool
 from distmeta.jobs import MetaICLJobConfig
 from distmeta.models.upstream import UpstreamConfig
 
@@ -61,14 +65,27 @@ def main(argv=None) -> int:
         version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json")], "distmeta-speaker")
         print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
         # baselines
-        rows, bank = [], FrameBank.load(frames)
+        rows, bank, pretrained = [], FrameBank.load(frames), None
         if config.baselines:
             fbank = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
             fbank_bank = bank if fbank == frames else FrameBank.load(fbank)  # Scratch reads log-mel frames
             for name in baselines.BASELINES:
                 print(f"classifier baseline {name}", flush=True)
-                rows.append(baselines.evaluate_classifier(name, fbank_bank if name == "Scratch" else bank, data,
-                                                          config.classifier, config.evaluation.seed))
+                reads = fbank_bank if name == "Scratch" else bank
+                model, _ = baselines.train_classifier(name, reads, data, config.classifier)
+                rows.append(baselines.evaluate_classifier(name, model, reads, data, config.evaluation.seed))
+                pretrained = model if name == "Pretrained" else pretrained
+        # MAML on speaker tasks, from the Pretrained classifier, on Ray task actors
+        if config.maml.enabled:
+            if pretrained is None:
+                pretrained, _ = baselines.train_classifier("Pretrained", bank, data, config.classifier)
+            actors = ActorPool(config.maml.actors) if config.maml.distributed else None
+            print(f"MAML on {len(data.splits['train'])} training speakers" + (f", {config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else ", serial"), flush=True)
+            meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
+            if actors:
+                actors.shutdown()
+            mlflow.log_metric(tracking.metric_name("best_val_loss", "MAML"), result["best_val_loss"])
+            rows.append(speaker_maml.evaluate(meta, bank, data, config.maml.meta, config.evaluation.seed))
         # evaluate
         for training, path in models.items():
             rows.append(evaluate.evaluate_speech_lm(metaicl.load_speech_lm(path), bank, data, training, config.evaluation))

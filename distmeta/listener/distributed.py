@@ -1,18 +1,23 @@
-"""Distributed meta-training on Ray: one actor per training annotator, the driver aggregates.
+"""Distributed meta-training on Ray: one actor per training task (annotator or speaker), the driver aggregates.
 
     actors = ActorPool(ActorConfig(num_gpus=0.25))
     result = meta_train_split(corpus, split, upstream, ssl_e, meta, actors=actors)   # metatrain.py
+    result = speaker.maml.meta_train(bank, data, pretrained, meta, actors=actors)    # speaker tasks
 
-`ActorPool.setup` gives each training annotator's task to one `TaskActor`: its
-items, their inputs (cached pooled features for frozen-upstream scopes, audio for
-`entire`) and a model replica. The driver is `metatrain.train`, the same outer
-loop as the serial trainer: each step it puts the meta-model's trainable
-parameters (the model's and, with LSLR, its rates) into the object store once, as
-one flat float32 buffer; each chosen actor copies
-it into its replica, runs `task_meta_gradient` on its own K items and returns its
-loss, timing and meta-gradients as one flat buffer in the same layout. The
-frozen upstream travels once, at setup. A task's meta-gradient depends only on
-(parameters, step, task), so the averaged update equals the serial one.
+`ActorPool.setup` gives each training task (an annotator's labels, or a speaker's
+utterances) to one `TaskActor`: its items, their inputs (cached pooled features
+for frozen-upstream scopes, audio for `entire`, a speaker's frames) and a model
+replica, built by a `replica` object (`ListenerReplica` here, the speaker path's
+`ClassifierReplica`). With `max_actors` below the number of tasks, each actor
+holds several tasks (task i on actor i mod max_actors). The driver is
+`metatrain.train`, the same outer loop as the serial trainer: each step it puts
+the meta-model's trainable parameters (the model's and, with LSLR, its rates)
+into the object store once, as one flat float32 buffer; each actor holding a
+chosen task copies it into its replica, runs `task_meta_gradient` on each of its
+chosen tasks' items and returns their losses, timings and meta-gradients as flat
+buffers in the same layout. The frozen upstream travels once, at setup. A task's
+meta-gradient depends only on (parameters, step, task), so the averaged update
+equals the serial one.
 
 Fault tolerance: every call the pool makes on an actor (setting up a split, an
 outer step's meta-gradient) goes through `ActorPool._call`. An actor that dies
@@ -48,6 +53,7 @@ class ActorConfig:
     num_cpus: float = 0.0  # per actor; 0 shares the node's CPUs (a 2-core laptop holds all nine actors)
     num_gpus: float = 0.0  # per actor; fractions pack several actors on one GPU
     max_restarts: int = 3  # replacements of one actor within one call before the run fails
+    max_actors: int = 0  # 0: one actor per task; fewer: each actor holds several tasks (many speakers, few cores)
 
 
 class FlatLayout:
@@ -72,40 +78,63 @@ class FlatLayout:
                 for name, shape in self.shapes.items()}
 
 
+class ListenerReplica:
+    """How a task actor builds the SER meta-model: the upstream from the driver's checkpoint bytes (`shared`,
+    so the node need not see the driver's disk), once per actor; each training re-scopes it."""
+
+    def __init__(self, upstream_config):
+        self.upstream_config = upstream_config
+        self.key = repr(upstream_config)
+
+    def shared(self):
+        return portable(self.upstream_config)
+
+    def model(self, config, shared):
+        from distmeta.listener.metatrain import build_meta_model
+        from distmeta.models.upstream import landed
+
+        return build_meta_model(landed(self.upstream_config, shared), None, replace(config, ini=False)).model
+
+    def meta_model(self, model, config):
+        from distmeta.listener.metatrain import meta_model_of
+
+        return meta_model_of(model, config)  # this training's scope, rates and LSLR
+
+
 class TaskActor:
-    """Holds one training annotator's task and a model replica; returns that task's meta-gradients."""
+    """Holds one or more training tasks and a model replica; returns those tasks' meta-gradients."""
 
     def __init__(self):
         import ray
 
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-        self.model, self.upstream_key = None, None
+        self.model, self.replica_key = None, None
 
-    def setup(self, upstream_config, upstream_checkpoint, meta_state, config, task, task_index, bank, layout) -> str:
-        from distmeta.listener.metatrain import build_meta_model, meta_model_of
-        from distmeta.models.upstream import landed
-
-        if self.model is None or self.upstream_key != repr(upstream_config):  # the upstream is built once per actor
-            # from the driver's checkpoint bytes: this node need not see the driver's disk
-            built = landed(upstream_config, upstream_checkpoint)
-            self.model = build_meta_model(built, None, replace(config, ini=False)).model.to(self.device)
-            self.upstream_key = repr(upstream_config)
-        self.meta = meta_model_of(self.model, config).to(self.device)  # this training's scope, rates and LSLR
+    def setup(self, replica, shared, meta_state, config, tasks: list, bank, layout) -> list[str]:
+        """`tasks`: [(task index, task)]; `shared`: what the replica builds from (sent once per pool)."""
+        if self.model is None or self.replica_key != replica.key:  # built once per actor
+            self.model = replica.model(config, shared).to(self.device)
+            self.replica_key = replica.key
+        self.meta = replica.meta_model(self.model, config).to(self.device)
         self.meta.load_state_dict(meta_state)
         self.params = trainable_parameters(self.meta)
-        self.config, self.task, self.task_index, self.bank, self.layout = config, task, task_index, bank, layout
-        return task.annotator
+        self.config, self.tasks, self.bank, self.layout = config, dict(tasks), bank, layout
+        return [task.annotator for _, task in tasks]
 
-    def meta_gradient(self, flat: np.ndarray, step: int, second_order: bool) -> tuple[dict, np.ndarray]:
+    def meta_gradient(self, flat: np.ndarray, step: int, second_order: bool, indices: list) -> list:
+        """[(metrics, flat meta-gradients)] of the tasks at `indices`, in order."""
         from distmeta.listener.metatrain import task_meta_gradient
 
-        started = time.perf_counter()
         values = self.layout.unflatten(flat)
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(values[name])
-        loss, grads = task_meta_gradient(self.meta, self.bank, self.task, self.config, step, self.task_index, second_order)
-        return {"loss": loss, "seconds": time.perf_counter() - started}, self.layout.flatten(grads)
+        results = []
+        for i in indices:
+            started = time.perf_counter()
+            loss, grads = task_meta_gradient(self.meta, self.bank, self.tasks[i], self.config, step, i, second_order)
+            results.append(({"loss": loss, "seconds": time.perf_counter() - started}, self.layout.flatten(grads)))
+        return results
 
     def pid(self) -> int:
         return os.getpid()
@@ -184,9 +213,9 @@ class ActorPool:
 
     def __init__(self, config: ActorConfig | None = None, log=print):
         self.config, self.log = config or ActorConfig(), log
-        self.actors, self.setups, self.layout, self.annotators = [], [], None, []
-        self.upstream_checkpoints = {}  # repr(upstream config) -> object ref of its checkpoint's bytes
-        self.last_metrics: dict[int, dict] = {}
+        self.actors, self.setups, self.layout, self.annotators, self.holder = [], [], None, [], []
+        self.shared_refs = {}  # replica key -> object ref of what its models are built from (sent once)
+        self.last_metrics: dict[int, dict] = {}  # task index -> its last meta-gradient's loss and seconds
         self.chaos = Chaos.from_environment()
 
     def _start(self):
@@ -196,39 +225,44 @@ class ActorPool:
                                                 max_restarts=0)
         return remote.remote()
 
-    def setup(self, upstream_config, meta, config, tasks: list, bank) -> "ActorPool":
-        """One actor per task: its items (a subset of `bank`), the meta-model's state, the meta settings."""
+    def setup(self, replica, meta, config, tasks: list, bank) -> "ActorPool":
+        """Each task to one actor (several per actor beyond `max_actors`): its items (a subset of `bank`),
+        the meta-model's state, the meta settings; `replica` builds the actors' models."""
         import ray
 
-        while len(self.actors) < len(tasks):
+        n = min(len(tasks), self.config.max_actors or len(tasks))
+        while len(self.actors) < n:
             self.actors.append(self._start())
+        self.holder = [i % n for i in range(len(tasks))]  # task index -> actor index
+        held = [[(i, task) for i, task in enumerate(tasks) if self.holder[i] == a] for a in range(n)]
         self.layout = FlatLayout.of(trainable_parameters(meta))
         state = ray.put({k: v.detach().cpu() for k, v in meta.state_dict().items()})
-        if repr(upstream_config) not in self.upstream_checkpoints:
-            self.upstream_checkpoints[repr(upstream_config)] = ray.put(portable(upstream_config))
-        checkpoint = self.upstream_checkpoints[repr(upstream_config)]
-        self.setups = [(upstream_config, checkpoint, state, config, ray.put(task), i, ray.put(bank.subset(task.utterances)), self.layout)
-                       for i, task in enumerate(tasks)]
-        self.annotators = [task.annotator for task in tasks]
+        if replica.key not in self.shared_refs:
+            self.shared_refs[replica.key] = ray.put(replica.shared())
+        shared = self.shared_refs[replica.key]
+        self.setups = [(replica, shared, state, config, ray.put(part),
+                        ray.put(bank.subset([u for _, task in part for u in task.utterances])), self.layout)
+                       for part in held]
+        self.annotators = [", ".join(task.annotator for _, task in part) for part in held]
         if self.chaos:
             self.chaos.new_training(config)
             idle = self.chaos.target(self, "between splits")
             if idle:
                 self.chaos.kill(self, idle, "between splits")
-        self._call(range(len(tasks)), "setup", (), "setting up")
+        self._call(range(n), "setup", lambda a: self.setups[a], "setting up")
         return self
 
-    def _call(self, indices, method: str, args: tuple, what: str) -> dict:
-        """`method(*args)` on the actors at `indices`, concurrently; {index: result}. An actor that has died
-        (now or while idle) is replaced by a fresh one, set up again from the kept refs, and only its call
-        is repeated. `setup` calls take each actor's own setup arguments."""
+    def _call(self, indices, method: str, args_of, what: str, step: int | None = None) -> dict:
+        """`method(*args_of(index))` on the actors at `indices`, concurrently; {index: result}. An actor that
+        has died (now or while idle) is replaced by a fresh one, set up again from the kept refs, and only
+        its call is repeated. `step`: the 1-based outer step of a meta-gradient call."""
         import ray
         from ray.exceptions import RayActorError
 
         def submit(i):
-            return getattr(self.actors[i], method).remote(*(self.setups[i] if method == "setup" else args))
+            return getattr(self.actors[i], method).remote(*args_of(i))
 
-        moment, step = ("setup", None) if method == "setup" else ("step", args[1] + 1) if method == "meta_gradient" else (None, None)
+        moment = "setup" if method == "setup" else "step" if method == "meta_gradient" else None
         chaos = self.chaos.target(self, moment, step, indices) if self.chaos and moment else None
         pending, results, restoring = {i: submit(i) for i in indices}, {}, {}
         if chaos:  # the call is in flight now
@@ -240,14 +274,13 @@ class ActorPool:
                     break
                 except RayActorError as err:
                     if attempt == self.config.max_restarts:
-                        raise RuntimeError(f"the task actor of annotator {self.annotators[i]!r} died "
-                                           f"{attempt + 1} times {what}") from err
+                        raise RuntimeError(f"the task actor of {self.annotators[i]!r} died {attempt + 1} times {what}") from err
                     if self.log:
-                        self.log(f"task actor of annotator {self.annotators[i]!r} died {what} ({type(err).__name__}); "
+                        self.log(f"task actor of {self.annotators[i]!r} died {what} ({type(err).__name__}); "
                                  f"starting a new one and repeating its part")
                     ray.kill(self.actors[i], no_restart=True)
                     self.actors[i] = self._start()
-                    if method != "setup":  # queued before the call: an actor runs its calls in order
+                    if method != "setup" and i < len(self.setups):  # queued first: an actor runs its calls in order
                         restoring[i] = self.actors[i].setup.remote(*self.setups[i])
                     pending[i] = submit(i)
         ray.get(list(restoring.values()))  # already done; raises if setting a replacement up failed
@@ -257,9 +290,15 @@ class ActorPool:
         import ray
 
         flat = ray.put(self.layout.flatten(learner.trainable()))  # once per step, shared by every actor
-        answers = self._call(list(chosen), "meta_gradient", (flat, step, second_order), f"in outer step {step + 1}")
+        asked = {}
+        for i in chosen:
+            asked.setdefault(self.holder[i], []).append(i)
+        answers = self._call(list(asked), "meta_gradient", lambda a: (flat, step, second_order, asked[a]),
+                             f"in outer step {step + 1}", step + 1)
+        by_task = {i: answer for a, indices in asked.items() for i, answer in zip(indices, answers[a])}
         results = []
-        for i, (metrics, grads) in answers.items():
+        for i in chosen:  # the serial trainer's order, so the averaged update is summed the same way
+            metrics, grads = by_task[i]
             self.last_metrics[i] = metrics
             results.append((metrics["loss"], self.layout.unflatten(grads)))
         idle = self.chaos.target(self, "validation", step + 1) if self.chaos else None
@@ -269,7 +308,7 @@ class ActorPool:
 
     def pids(self) -> list[int]:
         """The actors' process ids (a dead actor is replaced first)."""
-        return list(self._call(range(len(self.actors)), "pid", (), "when asked its pid").values())
+        return list(self._call(range(len(self.actors)), "pid", lambda a: (), "when asked its pid").values())
 
     def shutdown(self) -> None:
         import ray

@@ -141,11 +141,12 @@ def query_probs(meta: MetaModel, bank, query_ids, adapted: dict | None = None) -
 
 def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
     """Supplementary C: meta-test the validation annotator, averaged over `val_seeds` episodes:
-    class-balanced loss on its queries (the selection criterion) and their macro/micro-F1."""
+    class-balanced loss on its queries (the selection criterion) and their macro/micro-F1.
+    A list of tasks (validation speakers): every one of them, averaged."""
     from distmeta.metrics import multilabel_scores
 
     shots, scores = config.val_shots or config.shots, []
-    for seed in range(config.val_seeds):
+    for task, seed in [(t, s) for t in (task if isinstance(task, list) else [task]) for s in range(config.val_seeds)]:
         support, query = task.sample(shots, config.val_queries, seed=10_000 + seed)
         ids = [task.utterances[i] for i in support]
         with torch.random.fork_rng(devices=[]):
@@ -226,7 +227,8 @@ def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator, settin
 def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, checkpoint=None, checkpoint_every: int = 0,
           resume: bool = False, settings: dict | None = None, log=print, on_step=None) -> dict:
     """The outer loop every meta-trainer shares; `gradients(learner, step, chosen, second_order)` supplies
-    [(outer loss, meta-gradients)] for the chosen tasks (SerialGradients, or Ray actors).
+    [(outer loss, meta-gradients)] for the chosen tasks (SerialGradients, or Ray actors). `val_task`: the
+    validation task, or a list of them (see validation_metrics).
 
     With `checkpoint` (a file path) the state is saved atomically every `checkpoint_every` steps and
     at the end; with `resume`, an existing checkpoint is continued from, and the result equals an
@@ -322,7 +324,9 @@ def meta_train_split(corpus, split, upstream_config, ssl_e, config: MetaConfig, 
     if actors is None:
         gradients = SerialGradients(bank, tasks)
     else:
-        gradients = actors.setup(upstream_config, meta, config, tasks, bank)
+        from distmeta.listener.distributed import ListenerReplica
+
+        gradients = actors.setup(ListenerReplica(upstream_config), meta, config, tasks, bank)
     return train(learner, gradients, len(tasks), bank, val_task, log=log, on_step=on_step, **checkpointing)
 
 

@@ -4,6 +4,7 @@ utterance-label pairs in its prompt.
     episodes   targets and enrollment pairs, drawn for training or reproducibly for evaluation; UA_spk
     metaicl    MetaICL: the training stages, the frame bank, the Ray Train job
     baselines  the classifier baselines (Scratch, Pretrained, Personalized_N, Personalized_A)
+    maml       MAML on speaker tasks (the listener path's meta-learner and task actors), beside ICL
     evaluate   k-shot inference under every condition the tables need
     tables     Tables II-IV and the shots plot
 """

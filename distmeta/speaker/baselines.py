@@ -74,9 +74,8 @@ def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print)
     return model.eval(), result
 
 
-def evaluate_classifier(name: str, bank, data, config: ClassifierConfig, seed: int, log=print) -> pd.DataFrame:
-    """Train baseline `name`, then predict every test utterance (references drawn reproducibly from `seed`)."""
-    model, _ = train_classifier(name, bank, data, config, log=log)
+def evaluate_classifier(name: str, model, bank, data, seed: int) -> pd.DataFrame:
+    """Baseline `name`'s trained `model` on every test utterance (references drawn reproducibly from `seed`)."""
     episodes = reference_episodes(data.splits["test"], BASELINES[name][0], data.emotions, np.random.default_rng(seed))
     with torch.no_grad():
         predicted = torch.cat([model(classifier_inputs(bank, episodes[i:i + 64])).argmax(-1) for i in range(0, len(episodes), 64)])

@@ -21,16 +21,18 @@ def _by_k(results: pd.DataFrame) -> pd.Series:
 
 
 def table2(results: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E."""
+    """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E;
+    then MAML (gradient-based) at k = 0..E on the same enrollment pairs (its "ICL" column: the pairs it adapted on)."""
     rows = []
     for name in [*BASELINES, "0-shot", "1-shot_N"]:
         part = results[results["model"] == name]
         if len(part):
             rows.append({"model": name, "ICL": f"{part['k'].iloc[0]}-shot" if name == "1-shot_N" else "-",
                          "setting": "Neutral" if name == "1-shot_N" else "-", **_stats(part)})
-    proposed = results[(results["model"] == "Proposed") & results["setting"].isin(["", "TU+LD", "TO+LD"])]
-    for k, part in proposed.groupby("k"):
-        rows.append({"model": "Proposed", "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
+    for name in ("Proposed", "MAML"):
+        per_k = results[(results["model"] == name) & results["setting"].isin(["", "TU+LD", "TO+LD"])]
+        for k, part in per_k.groupby("k"):
+            rows.append({"model": name, "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
     return pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
 
 
@@ -81,9 +83,13 @@ def plot_shots(results: pd.DataFrame, path) -> None:
             if zero is not None:
                 curve = pd.concat([pd.Series({0: zero}), curve])
             ax.plot(curve.index, curve.to_numpy(), marker="o", label=setting + (" (TO+LD at every emotion)" if setting == "TU+LD" else ""))
+    maml = results[results["model"] == "MAML"]
+    if len(maml):  # gradient-based personalization on the same pairs
+        curve = _by_k(maml)
+        ax.plot(curve.index, curve.to_numpy(), marker="s", linestyle="--", color="black", label="MAML (TU+LD, TO+LD at every emotion)")
     ax.set_xlabel("enrollment pairs k")
     ax.set_ylabel("UA_spk")
-    ax.set_title("Personalization by ICL on the test speakers")
+    ax.set_title("Personalization on the test speakers: ICL and MAML")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -98,19 +98,22 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     words = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
     assert set(results["label"]) == set(words) and set(results["prediction"]) <= set(words)
     assert set(results["model"]) == {"Scratch", "Pretrained", "Personalized_N", "Personalized_A", "0-shot", "1-shot_N",
-                                     "Proposed", "Proposed (TO+LD_7)", "Proposed (Neutral_0:7)"}
+                                     "Proposed", "Proposed (TO+LD_7)", "Proposed (Neutral_0:7)", "MAML"}
     per_condition = results.groupby(["model", "setting", "emotion", "k"]).size()
     assert (per_condition == per_condition.iloc[0]).all() and per_condition.iloc[0] == results["speaker"].nunique() * 7 * 3
 
     table2 = pd.read_csv(out / "table2.csv", keep_default_na=False)
     for _, row in table2.iterrows():
         rows = results[results["model"] == row["model"]]
-        if row["model"] == "Proposed":
+        if row["model"] in ("Proposed", "MAML"):
             k = int(row["ICL"].split("-")[0])
             rows = rows[(rows["k"] == k) & rows["setting"].isin(["", "TU+LD", "TO+LD"])]
             assert row["setting"] == {0: "-", 7: "TO+LD"}.get(k, "TU+LD")
         assert row["UA_spk"] == pytest.approx(ua_spk_reference(rows))
-    assert [r for r in table2["ICL"] if r.endswith("-shot")] == ["1-shot"] + [f"{k}-shot" for k in range(8)]
+    assert [r for r in table2["ICL"] if r.endswith("-shot")] == ["1-shot"] + [f"{k}-shot" for k in range(8)] * 2
+    # MAML (on the job's task actors) adapted on exactly the pairs the speech LM read: the same episodes
+    maml, proposed = (results[(results["model"] == m) & results["setting"].isin(["TU+LD", "TO+LD"])] for m in ("MAML", "Proposed"))
+    assert list(zip(maml["utterance"], maml["k"])) == list(zip(proposed["utterance"], proposed["k"]))
     table3 = pd.read_csv(out / "table3.csv", index_col=0)
     assert list(table3.index) == [f"{k}-shot" for k in range(1, 7)]
     assert {"TU+LD", "TU+LU", "TE+LD", "TE+LU", "TU+LO Anger", "TU+LO Neutral"} <= set(table3.columns)
@@ -126,6 +129,8 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     assert run["metrics.UA_spk.Proposed.7_shot"] == pytest.approx(ua_spk_reference(
         results[(results["model"] == "Proposed") & (results["k"] == 7)]))
     assert run["metrics.UA_spk.Pretrained"] == pytest.approx(ua_spk_reference(results[results["model"] == "Pretrained"]))
+    assert run["metrics.UA_spk.MAML.7_shot"] == pytest.approx(ua_spk_reference(results[(results["model"] == "MAML") & (results["k"] == 7)]))
+    assert run["metrics.best_val_loss.MAML"] > 0
     registered = mlflow.MlflowClient().search_model_versions("name='distmeta-speaker'")
     assert len(registered) == 1 and registered[0].status == "READY"  # the TU+LU speech LM, for use
     sidecars = sorted(models.glob("speech_lm-*.json"))  # stage 1, TU+LU, TO+LD, Neutral, Neutral1

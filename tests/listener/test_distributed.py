@@ -32,6 +32,14 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
+def pool(ray_local):
+    """One pool of actors for the tests that do not kill any (starting nine actors costs ~15 s on 2 cores)."""
+    actors = ActorPool(ActorConfig(), log=None)
+    yield actors
+    actors.shutdown()
+
+
+@pytest.fixture(scope="module")
 def split(small_corpus):
     return rotation(small_corpus, "unseen")[0]
 
@@ -50,8 +58,7 @@ def assert_same_training(a, b, atol=1e-5):  # float noise: actors run torch with
 
 
 @pytest.mark.slow
-def test_distributed_meta_training_equals_the_serial_trainer(ray_local, small_corpus, split, serial):
-    pool = ActorPool(ActorConfig(), log=None)
+def test_distributed_meta_training_equals_the_serial_trainer(pool, small_corpus, split, serial):
     distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
     assert len(pool.actors) == len(split.train_annotators)
     assert len({m["loss"] for m in pool.last_metrics.values()}) > 1  # different tasks, different losses
@@ -62,29 +69,25 @@ def test_distributed_meta_training_equals_the_serial_trainer(ray_local, small_co
     again = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool)
     assert pool.pids() == pids
     assert_same_training(again, serial)
-    pool.shutdown()
 
 
 @pytest.mark.slow
-def test_entire_scope_with_audio_on_actors_equals_serial(ray_local, small_corpus, split):
+def test_entire_scope_with_audio_on_actors_equals_serial(pool, small_corpus, split):
     config = MetaConfig(ini=False, scope="entire", outer_steps=2, shots=4, val_every=2, val_seeds=1, val_queries=4,
                         test_steps=1, inner_steps=1, inner_lr=0.01, outer_lr=1e-3, tasks_per_step=2, da=False)
     reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None)
-    pool = ActorPool(ActorConfig(), log=None)
     distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None, actors=pool)
-    pool.shutdown()
     assert_same_training(distributed, reference)
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(ray_local, small_corpus, split, serial, tmp_path):
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(pool, small_corpus, split, serial, tmp_path):
     checkpoint = tmp_path / "meta.ckpt.safetensors"
 
     def interrupt(record):
         if record["step"] == 5:  # after the checkpoint at step 4, before the one at 6
             raise KeyboardInterrupt
 
-    pool = ActorPool(ActorConfig(), log=None)
     with pytest.raises(KeyboardInterrupt):
         meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool,
                          checkpoint=checkpoint, checkpoint_every=2, on_step=interrupt)
@@ -92,7 +95,6 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(ray_local, s
     lines = []
     resumed = meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=lines.append, actors=pool,
                                checkpoint=checkpoint, checkpoint_every=2, resume=True)
-    pool.shutdown()
     assert "after step 4" in lines[0]
     assert [h["step"] for h in resumed["history"]] == list(range(1, 7))
     assert_same_training(resumed, serial)

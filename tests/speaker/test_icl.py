@@ -7,35 +7,15 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from distmeta.speaker import baselines, episodes, evaluate, metaicl, tables
-from distmeta.data.speakers import EMOTIONS, SpeakerData, SpeakerTask
+from distmeta.data.speakers import EMOTIONS, SpeakerData
 from distmeta.features import FrameBank
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 
 WORDS = SpeakerData(EMOTIONS).words
 
 
-def toy_data(n_speakers=9, per_emotion=3, dim=8, seed=0):
-    """Speakers whose frames encode the emotion plus a speaker offset (learnable), split 5/2/2."""
-    rng = np.random.default_rng(seed)
-    bank, data = FrameBank(), SpeakerData(EMOTIONS, {"train": [], "valid": [], "test": []})
-    for s in range(n_speakers):
-        offset = rng.normal(0, 0.5, dim)
-        utts, labels = [], []
-        for e in range(len(EMOTIONS)):
-            for t in range(per_emotion):
-                u = f"s{s}_{e}_{t}"
-                length = int(rng.integers(3, 7))
-                frame = np.eye(dim)[e] + offset
-                bank.items[u] = torch.tensor(frame + rng.normal(0, 0.1, (length, dim)), dtype=torch.float32)
-                utts.append(u)
-                labels.append(e)
-        split = "train" if s < 5 else "valid" if s < 7 else "test"
-        data.splits[split].append(SpeakerTask(f"s{s}", tuple(utts), np.array(labels)))
-    return data, bank
-
-
-def test_evaluation_episodes_are_reproducible_and_cover_every_target():
-    data, _ = toy_data()
+def test_evaluation_episodes_are_reproducible_and_cover_every_target(toy_speakers):
+    data, _ = toy_speakers
     tasks = data.splits["test"]
     first = episodes.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
     again = episodes.evaluation_episodes(tasks, 3, "TU+LD", seed=0)
@@ -123,10 +103,10 @@ def test_conditions_cover_the_papers_tables():
     assert evaluate.conditions("stage1", 7, 7, config) == [("", "", 0)]
 
 
-def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_path):
+def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_path, toy_speakers):
     """A few hundred MetaICL steps on toy speakers lower the validation loss; the best trainable
     state reloads into a fresh model with identical predictions."""
-    data, bank = toy_data()
+    data, bank = toy_speakers
     config = metaicl.MetaICLConfig(batch_size=8, val_every=40, lr=3e-3)
     model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
     model = SpeechLM(model_config, bank.dim, data.words)
@@ -144,8 +124,8 @@ def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_p
         metaicl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
 
 
-def test_personalized_baseline_references():
-    data, _ = toy_data()
+def test_personalized_baseline_references(toy_speakers):
+    data, _ = toy_speakers
     rng = np.random.default_rng(0)
     for episode in baselines.reference_episodes(data.splits["test"], "all", EMOTIONS, rng):
         assert episode.target not in episode.shots
@@ -154,10 +134,11 @@ def test_personalized_baseline_references():
         assert len(episode.shots) == 1 and episode.task.labels[episode.shots[0]] == 0 and episode.target not in episode.shots
 
 
-def test_classifier_baseline_beats_chance_on_toy_speakers():
-    data, bank = toy_data()
-    results = baselines.evaluate_classifier("Pretrained", bank, data, baselines.ClassifierConfig(epochs=30, batch_size=16, lr=1e-2),
-                                      seed=0, log=None)
+def test_classifier_baseline_beats_chance_on_toy_speakers(toy_speakers):
+    data, bank = toy_speakers
+    model, _ = baselines.train_classifier("Pretrained", bank, data, baselines.ClassifierConfig(epochs=30, batch_size=16, lr=1e-2),
+                                          log=None)
+    results = baselines.evaluate_classifier("Pretrained", model, bank, data, seed=0)
     assert len(results) == sum(len(t.utterances) for t in data.splits["test"])
     assert episodes.ua_spk(results["correct"], results["speaker"])["UA_spk"] > 0.6  # chance: 1/7
 
