@@ -4,6 +4,7 @@
     distmeta predict --profile alice clips/ > alice.csv
     distmeta predict --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors a.wav b.wav
     distmeta profiles list | show alice | delete alice
+    distmeta serve --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors   # http://127.0.0.1:8000
 
 Profiles live in `--store` (default ~/.local/share/distmeta/profiles). Exit status: 0 when every file was
 predicted, 1 when some could not be read (their rows say why), 2 on bad usage.
@@ -105,6 +106,30 @@ def profiles(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from ray import serve as ray_serve
+
+    from distmeta.cluster import connect
+    from distmeta.profiles.listener import ListenerBase
+    from distmeta.profiles.serve import start
+
+    base = ListenerBase.load(args.model)  # fails here, not in a replica; a models:/ URI becomes its local file
+    connect(args.ray_address)
+    url = start(str(base.path), args.store, host=args.host, port=args.port, max_profiles=args.max_profiles_per_replica,
+                max_body_mb=args.max_body_mb, replicas=args.replicas)
+    print(f"serving base model {base.digest} ({base.path}) at {url}\n"
+          f"  curl {url}/health\n  curl {url}/profiles\n"
+          f"  curl --data-binary @clip.wav -H 'serve_multiplexed_model_id: alice' {url}/predict\n"
+          f"  tar -C alice -cf - . | curl --data-binary @- '{url}/enroll?person=alice'\n"
+          f"Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="distmeta", description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
@@ -126,6 +151,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("--output", help="file to write (default: stdout)")
     p.set_defaults(run=predict)
+    v = commands.add_parser("serve", parents=[common], help="serve the model and every profile over HTTP (Ray Serve)",
+                            description="POST /predict (audio body; header serve_multiplexed_model_id: PROFILE), "
+                                        "POST /enroll?person=ID (a tar of labels.csv and its clips), GET /profiles, GET /health. "
+                                        "See docs/use.md.")
+    v.add_argument("--model", required=True, help="the meta-trained model the profiles were enrolled on (file or models:/ URI)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 exposes it, put authentication in front)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-profiles-per-replica", type=int, default=8,
+                   help="profiles a model replica keeps loaded; beyond it the least recently used is evicted")
+    v.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies are refused (413)")
+    v.add_argument("--replicas", type=int, default=1, help="model replicas (each loads the base model once)")
+    v.add_argument("--ray-address", default="", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
+    v.set_defaults(run=serve)
     s = commands.add_parser("profiles", parents=[common], help="list, show or delete profiles")
     s.add_argument("action", choices=["list", "show", "delete"])
     s.add_argument("person", nargs="?", help="the profile id (show, delete)")

@@ -32,6 +32,10 @@ class ProfileStore:
             raise ProfileError(f"profile id {person!r}: use letters, digits, '_', '.' and '-' (at most 128)")
         return self.folder / f"{person}.safetensors", self.folder / f"{person}.json"
 
+    def sidecar(self, person: str) -> Path:
+        """The profile's JSON (whether or not it exists); a bad id is a ProfileError."""
+        return self._paths(person)[1]
+
     def save(self, person: str, tensors: dict, meta: dict) -> Path:
         weights, sidecar = self._paths(person)
         self.folder.mkdir(parents=True, exist_ok=True)

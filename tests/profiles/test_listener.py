@@ -1,6 +1,5 @@
 """Listener profiles against the meta-test protocol, and the `distmeta` command round trip on generated audio."""
 
-import csv
 import io
 import json
 
@@ -9,42 +8,18 @@ import pandas as pd
 import pytest
 
 from distmeta import cli
-from distmeta.data import rotation
 from distmeta.labels import CLASSES
-from distmeta.listener.adapters import Episode, meta_adapter
-from distmeta.listener.metatrain import MetaConfig, meta_train_cached, query_probs
+from distmeta.listener.adapters import meta_adapter
+from distmeta.listener.metatrain import query_probs
 from distmeta.models import UpstreamConfig
 from distmeta.profiles.listener import ListenerBase, enroll, read_labelled
 from distmeta.profiles.store import ProfileStore
 
-CONFIG = MetaConfig(ini=False, outer_steps=2, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=4,
-                    inner_steps=2, inner_lr=0.05, outer_lr=1e-2)
-
-
-@pytest.fixture(scope="module")
-def trained(small_corpus, tmp_path_factory):
-    """A meta-trained model as jobs/meta_train.py saves it, and a meta-test episode of its test annotator."""
-    split = rotation(small_corpus, "unseen")[0]
-    path = tmp_path_factory.mktemp("models") / "meta.safetensors"
-    state = meta_train_cached(path, small_corpus, split, UpstreamConfig(), None, CONFIG, {}, log=None)
-    task = split.test_task(small_corpus)
-    support, query = task.sample(8, 12, seed=3)
-    episode = Episode(3, [task.utterances[i] for i in support], task.targets[support], [task.utterances[i] for i in query])
-    return split, path, state, episode
-
-
-def write_labels(path, corpus, ids, targets):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "labels"])
-        for u, t in zip(ids, targets):
-            writer.writerow([corpus.utterances.loc[u, "path"], ";".join(c for c, v in zip(CLASSES, t) if v > 0.5)])
-
-
-def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(small_corpus, trained, tmp_path):
+def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(small_corpus, trained, tmp_path, labels_csv):
     split, path, state, episode = trained
-    protocol = meta_adapter("Meta-PerSER", small_corpus, split, UpstreamConfig(), state, CONFIG, None).predict(episode)
-    write_labels(tmp_path / "labels.csv", small_corpus, episode.support, episode.support_targets)
+    trained_with = ListenerBase.load(path).config  # the meta settings, from the model's sidecar
+    protocol = meta_adapter("Meta-PerSER", small_corpus, split, UpstreamConfig(), state, trained_with, None).predict(episode)
+    labels_csv(tmp_path / "labels.csv", small_corpus, episode.support, episode.support_targets)
     base = ListenerBase.load(path)
     adapted, meta = enroll(base, read_labelled(tmp_path / "labels.csv"))
     paths = [small_corpus.utterances.loc[u, "path"] for u in episode.query]
@@ -59,11 +34,11 @@ def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(sma
     assert not np.allclose(unpersonalized, protocol, atol=1e-3)  # the profile is what moved them
 
 
-def test_command_round_trip_with_a_corrupt_and_a_missing_file(small_corpus, trained, tmp_path, capsys):
+def test_command_round_trip_with_a_corrupt_and_a_missing_file(small_corpus, trained, tmp_path, capsys, labels_csv):
     split, path, _, episode = trained
     store = ["--store", str(tmp_path / "store")]  # each subcommand takes it
-    write_labels(tmp_path / "alice.csv", small_corpus, episode.support, episode.support_targets)
-    write_labels(tmp_path / "bob.csv", small_corpus, episode.support[:3], episode.support_targets[:3])
+    labels_csv(tmp_path / "alice.csv", small_corpus, episode.support, episode.support_targets)
+    labels_csv(tmp_path / "bob.csv", small_corpus, episode.support[:3], episode.support_targets[:3])
     assert cli.main(["enroll", *store, "--model", str(path), "--person", "alice", str(tmp_path / "alice.csv")]) == 0
     with pytest.warns(UserWarning, match="3 clips"):
         assert cli.main(["enroll", *store, "--model", str(path), "--person", "bob", str(tmp_path / "bob.csv")]) == 0
