@@ -1,6 +1,7 @@
 """The `distmeta` command: personalized models in use.
 
     distmeta enroll --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors --person alice alice.csv
+    distmeta enroll --kind speaker --model runs/icl-models/speech_lm-<hash>-TU_LU.safetensors --person sam pairs.csv
     distmeta predict --profile alice clips/ > alice.csv
     distmeta predict --model runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors a.wav b.wav
     distmeta profiles list | show alice | delete alice
@@ -43,30 +44,32 @@ def progress_line(done: int, total: int, started: float) -> None:
 
 
 def enroll(args) -> int:
-    from distmeta.profiles.listener import ListenerBase, enroll as adapt, read_labelled
+    from distmeta.profiles.kinds import enroll_from, kind_of, load_base
     from distmeta.profiles.store import ProfileStore
 
-    base = ListenerBase.load(args.model)
-    tensors, meta = adapt(base, read_labelled(args.labels))  # warns (stderr) below 8 clips
+    base = load_base(args.model)
+    if args.kind and args.kind != kind_of(base):
+        raise ValueError(f"--kind {args.kind}, but {args.model} is a {kind_of(base)} model")
+    tensors, meta = enroll_from(base, args.labels)  # listeners: warns (stderr) below 8 clips
     path = ProfileStore(args.store).save(args.person, tensors, meta)
-    print(f"enrolled {args.person!r} from {meta['shots']} clips on base {base.digest}: {path}")
+    print(f"enrolled {meta['kind']} {args.person!r} from {meta['shots']} clips on base {base.digest}: {path}")
     return 0
 
 
 def predict(args) -> int:
-    from distmeta.profiles.listener import ListenerBase, predict as run
+    from distmeta.profiles.kinds import load_base, predict_with
     from distmeta.profiles.store import ProfileStore
 
     adapted, profile = None, {}
     if args.profile:
         adapted, profile = ProfileStore(args.store).load(args.profile)
     model = args.model or profile.get("base_path")
-    base = ListenerBase.load(model)
+    base = load_base(model)
     if profile and profile["base"] != base.digest:
         raise SystemExit(f"profile {args.profile!r} belongs to base model {profile['base']}, not {base.digest} ({model})")
     files = audio_files(args.inputs)
     started = time.time()
-    rows = run(base, files, adapted, progress=lambda d, n: progress_line(d, n, started))
+    rows = predict_with(base, files, adapted, profile, progress=lambda d, n: progress_line(d, n, started))
     print(file=sys.stderr)
     for row in rows:
         row.update({"profile": args.profile or "", "base": base.digest})
@@ -110,14 +113,14 @@ def serve(args) -> int:
     from ray import serve as ray_serve
 
     from distmeta.cluster import connect
-    from distmeta.profiles.listener import ListenerBase
+    from distmeta.profiles.kinds import kind_of, load_base
     from distmeta.profiles.serve import start
 
-    base = ListenerBase.load(args.model)  # fails here, not in a replica; a models:/ URI becomes its local file
+    base = load_base(args.model)  # fails here, not in a replica; a models:/ URI becomes its local file
     connect(args.ray_address)
     url = start(str(base.path), args.store, host=args.host, port=args.port, max_profiles=args.max_profiles_per_replica,
                 max_body_mb=args.max_body_mb, replicas=args.replicas)
-    print(f"serving base model {base.digest} ({base.path}) at {url}\n"
+    print(f"serving {kind_of(base)} model {base.digest} ({base.path}) and its profiles at {url}\n"
           f"  curl {url}/health\n  curl {url}/profiles\n"
           f"  curl --data-binary @clip.wav -H 'serve_multiplexed_model_id: alice' {url}/predict\n"
           f"  tar -C alice -cf - . | curl --data-binary @- '{url}/enroll?person=alice'\n"
@@ -137,16 +140,21 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--store", help="profile folder (default ~/.local/share/distmeta/profiles)")
     commands = main.add_subparsers(dest="command", required=True)
     e = commands.add_parser("enroll", parents=[common], help="adapt a meta-trained model to one person's labelled clips")
-    e.add_argument("--kind", choices=["listener"], default="listener",
-                   help="listener: Meta-PerSER adapted with its learned rates (speaker profiles: not yet)")
-    e.add_argument("--model", required=True, help="a meta-trained model: models_dir/<scenario>/<annotator>/meta-*.safetensors")
+    e.add_argument("--kind", choices=["listener", "speaker"],
+                   help="listener: Meta-PerSER adapted with its learned rates to the person's labels; speaker: the "
+                        "speech LM's enrollment pairs (at most 7), encoded once (default: the model's kind)")
+    e.add_argument("--model", required=True,
+                   help="listener: a meta-trained model, models_dir/<scenario>/<annotator>/meta-*.safetensors or "
+                        "models:/distmeta-listener/N; speaker: a speech LM, models_dir/speech_lm-*-TU_LU.safetensors "
+                        "or models:/distmeta-speaker/N")
     e.add_argument("--person", required=True, help="the profile id (letters, digits, _ . -)")
-    e.add_argument("labels", help="CSV with columns path,labels (labels joined by ';'; paths relative to the CSV)")
+    e.add_argument("labels", help="listener: CSV with columns path,labels (labels joined by ';'); speaker: CSV with "
+                                  "columns path,label, 1-7 rows (the label words or class names); paths relative to the CSV")
     e.set_defaults(run=enroll)
     p = commands.add_parser("predict", parents=[common], help="emotions of audio files, with a profile or the unpersonalized model")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--profile", help="a profile id from `distmeta enroll`")
-    who.add_argument("--model", help="the meta-trained model alone (no personalization)")
+    who.add_argument("--model", help="the base model alone (no personalization; a speech LM reads no pairs)")
     p.add_argument("inputs", nargs="+", help="audio files, folders of them, or a CSV with a path column")
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("--output", help="file to write (default: stdout)")

@@ -100,16 +100,24 @@ class PooledBank(Bank):
 
     For scopes that leave the upstream fixed this is all the SER head needs
     (see models/ser.py), so the upstream runs once per utterance, without gradients.
+    Only utterances of equal length share a batch: padding would move a shorter one's
+    features (by ~1e-5: the convolutional position embedding sees it), and an utterance
+    must get the same features in a meta-test pool as alone in a served request.
     """
 
     def __init__(self, upstream, audio: "AudioBank | ConvFeatureBank", batch_size: int = 32):
         self.items = {}
-        ids = sorted(audio.items, key=lambda u: -audio.length(u))  # similar lengths batch together: little padding
+        ids = sorted(audio.items, key=lambda u: -audio.length(u))
+        chunks = []
+        for u in ids:
+            if chunks and len(chunks[-1]) < batch_size and audio.length(chunks[-1][0]) == audio.length(u):
+                chunks[-1].append(u)
+            else:
+                chunks.append([u])
         was_training = upstream.training
         upstream.eval()
         with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start:start + batch_size]
+            for chunk in chunks:
                 hidden, frames = upstream(**audio.batch(chunk))
                 pooled = SERHead.pool(hidden, frames)  # [L, B, D]
                 for i, u in enumerate(chunk):

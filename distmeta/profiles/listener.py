@@ -10,7 +10,6 @@ meta-trained parameters. A profile holds the adapted trainable parameters (the h
 """
 
 import csv
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from distmeta.labels import CLASSES, UnknownLabel, canonical_label
 from distmeta.listener.maml import MetaModel
 from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
 from distmeta.models.upstream import UpstreamConfig
+from distmeta.profiles.store import file_digest, model_file
 
 FEW_CLIPS = 8  # below this many enrollment clips, a warning
 
@@ -44,18 +44,8 @@ class ListenerBase:
     @classmethod
     def load(cls, path) -> "ListenerBase":
         """From a meta-trained model file, or a registered one (`models:/distmeta-listener/<version>`)."""
-        if str(path).startswith("models:/"):
-            from distmeta.tracking import registered_files
-
-            found = sorted(registered_files(str(path)).glob("*.safetensors"))
-            if len(found) != 1:
-                raise FileNotFoundError(f"{path}: expected one .safetensors model, found {[p.name for p in found]}")
-            path = found[0]
-        path = Path(path)
+        path = model_file(path, "listener")
         sidecar = path.with_suffix(".json")
-        if not path.is_file() or not sidecar.is_file():
-            raise FileNotFoundError(f"{path}: not a meta-trained model (a .safetensors file with its .json sidecar, "
-                                    f"as jobs/meta_train.py writes under models_dir/<scenario>/<annotator>/meta-*)")
         saved = json.loads(sidecar.read_text())
         settings = saved["settings"]
         if settings.get("saved") != "MetaModel":
@@ -63,8 +53,7 @@ class ListenerBase:
         config = MetaConfig(**settings["meta"])
         meta = build_meta_model(UpstreamConfig(**settings["upstream"]), None, replace(config, ini=False))
         meta.load_state_dict(load_file(str(path)))  # train mode, as the protocol adapts it
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return cls(meta, config, saved.get("max_seconds"), digest, path)
+        return cls(meta, config, saved.get("max_seconds"), file_digest(path), path)
 
     def bank(self, waveforms: dict):
         """What the meta-model reads for these waveforms: their pooled features (scope head) or inputs."""

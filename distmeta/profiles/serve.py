@@ -3,18 +3,20 @@
     POST /predict                  body: one audio file (wav, flac, ogg); header serve_multiplexed_model_id: the
                                    profile id (no header: the unpersonalized model) -> probabilities and labels
     POST /enroll?person=ID         body: a tar (or .tar.gz) of labels.csv and the clips it names -> the new profile
+                                   (listener model: columns path,labels; speaker model: path,label, 1-7 rows)
     GET  /profiles                 the store's profiles, and whether each belongs to the served base model
     GET  /health                   the base model, and the profiles loaded on the replica that answered
 
 Two deployments. `Ingress` speaks HTTP: it checks sizes and maps failures to status codes (400 unreadable
 audio or bad enrollment, 404 unknown profile or path, 413 a body over the limit); every failure is an
-answer, so the server keeps serving. `ListenerModel` loads the base model once per replica and a person's
+answer, so the server keeps serving. `ProfileModel` loads the base model (a Meta-PerSER listener model or a
+MetaICL speech LM; one server serves one base model and its profiles) once per replica and a person's
 profile on demand through `@serve.multiplexed`: the ingress passes the header's profile id on as the
 handle's `multiplexed_model_id`, so Serve routes a person's requests to a replica that holds their profile,
 and each replica keeps at most `max_profiles` of them, evicting the least recently used. A profile
 re-enrolled or deleted on disk is noticed at its next request (its JSON's modification time).
 
-Predictions are `profiles.listener.predict`, the function `distmeta predict` runs, on the request body.
+Predictions are `profiles.kinds.predict_with`, the function `distmeta predict` runs, on the request body.
 """
 
 import asyncio
@@ -27,7 +29,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from distmeta.profiles.listener import ListenerBase, enroll, predict, read_labelled
+from distmeta.profiles.kinds import enroll_from, kind_of, load_base, predict_with
 from distmeta.profiles.store import ProfileError, ProfileStore
 
 MAX_BODY_MB = 20.0
@@ -66,9 +68,12 @@ def unpack_enrollment(archive: bytes, folder: Path) -> Path:
 
 
 @serve.deployment
-class ListenerModel:
+class ProfileModel:
+    """The base model (listener or speaker) and its people's profiles, on one replica."""
+
     def __init__(self, model: str, store: str | None, max_profiles: int):
-        self.base = ListenerBase.load(model)
+        self.base = load_base(model)
+        self.kind = kind_of(self.base)
         self.store = ProfileStore(store)
         self.loaded: dict[str, int] = {}  # profile id -> the Profile this replica holds for it
         self.loads: dict[str, int] = {}
@@ -91,8 +96,9 @@ class ListenerModel:
     async def _load(self, person: str) -> Profile:
         stamp = self._stamp(person)
         tensors, meta = self.store.load(person)
-        if meta.get("base") != self.base.digest:
-            raise ProfileError(f"profile {person!r} belongs to base model {meta.get('base')}, not the served {self.base.digest}")
+        if meta.get("base") != self.base.digest or meta.get("kind") != self.kind:
+            raise ProfileError(f"profile {person!r} is a {meta.get('kind')} profile of base model {meta.get('base')}, "
+                               f"not of the served {self.kind} model {self.base.digest}")
         self.loads[person] = self.loads.get(person, 0) + 1
         return Profile(person, tensors, meta, stamp, self.loaded)
 
@@ -107,26 +113,27 @@ class ListenerModel:
     async def predict(self, audio: bytes) -> dict:
         person = serve.get_multiplexed_model_id()
         try:
-            adapted = (await self._current(person)).tensors if person else None
+            profile = (await self._current(person)) if person else None
         except ProfileError as err:
             return {"status": 404, "error": str(err)}
         with tempfile.NamedTemporaryFile(suffix=AUDIO_SUFFIX.get(audio[:4], ".wav")) as f:
             f.write(audio)
             f.flush()
             async with self.busy:
-                row = (await asyncio.to_thread(predict, self.base, [f.name], adapted))[0]
+                row = (await asyncio.to_thread(predict_with, self.base, [f.name], profile and profile.tensors,
+                                               profile and profile.meta))[0]
         if row["error"]:
             return {"status": 400, "error": row["error"].replace(f.name, "request body")}
         del row["error"], row["path"]
-        labels = row.pop("labels")
-        return {"status": 200, "probabilities": row, "labels": labels.split(";") if labels else [],
-                "profile": person, "base": self.base.digest}
+        answer = {key: row.pop(key) for key in ("labels", "label", "score") if key in row}  # listener: labels; speaker: label, score
+        if "labels" in answer:
+            answer["labels"] = answer["labels"].split(";") if answer["labels"] else []
+        return {"status": 200, "probabilities": row, **answer, "profile": person, "kind": self.kind, "base": self.base.digest}
 
     async def enroll(self, person: str, archive: bytes) -> dict:
         def run():
             with tempfile.TemporaryDirectory() as folder:
-                clips = read_labelled(unpack_enrollment(archive, Path(folder)))
-                tensors, meta = enroll(self.base, clips)
+                tensors, meta = enroll_from(self.base, unpack_enrollment(archive, Path(folder)))
                 self.store.save(person, tensors, meta)
                 return meta
 
@@ -140,10 +147,11 @@ class ListenerModel:
 
     async def profiles(self) -> dict:
         return {"status": 200, "base": self.base.digest,
-                "profiles": [{**meta, "usable": meta.get("base") == self.base.digest} for meta in self.store.list()]}
+                "profiles": [{**meta, "usable": meta.get("base") == self.base.digest and meta.get("kind") == self.kind}
+                             for meta in self.store.list()]}
 
     async def health(self) -> dict:
-        return {"status": 200, "base": self.base.digest, "base_path": str(self.base.path), "loaded": sorted(self.loaded),
+        return {"status": 200, "kind": self.kind, "base": self.base.digest, "base_path": str(self.base.path), "loaded": sorted(self.loaded),
                 "loads": dict(self.loads)}
 
 
@@ -189,7 +197,7 @@ def application(model: str, store: str | None = None, max_profiles: int = 8, max
     """The bound Serve application: the ingress in front of `replicas` model replicas."""
     if max_profiles < 1:
         raise ValueError(f"max_profiles must be at least 1, got {max_profiles}")
-    replica = ListenerModel.options(num_replicas=replicas).bind(str(model), None if store is None else str(store), max_profiles)
+    replica = ProfileModel.options(num_replicas=replicas).bind(str(model), None if store is None else str(store), max_profiles)
     return Ingress.bind(replica, int(max_body_mb * 1024 * 1024))
 
 

@@ -62,3 +62,29 @@ class ProfileStore:
             raise ProfileError(f"no profile {person!r} in {self.folder}")
         sidecar.unlink()  # first: a weights file without its JSON is not a profile
         weights.unlink(missing_ok=True)
+
+
+def model_file(path, kind: str = "listener or speaker") -> Path:
+    """A base model's safetensors file, checked to have its JSON sidecar: a path, or a registered model
+    (`models:/distmeta-<kind>/<version>`, downloaded once into the registry cache)."""
+    if str(path).startswith("models:/"):
+        from distmeta.tracking import registered_files
+
+        found = sorted(registered_files(str(path)).glob("*.safetensors"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected one .safetensors model, found {[p.name for p in found]}")
+        path = found[0]
+    path = Path(path)
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        where = {"listener": "jobs/meta_train.py writes under models_dir/<scenario>/<annotator>/meta-*",
+                 "speaker": "jobs/metaicl_train.py writes as models_dir/speech_lm-*-TU_LU"}
+        raise FileNotFoundError(f"{path}: not a {kind} model (a .safetensors file with its .json sidecar, as "
+                                + " or ".join(v for k, v in where.items() if k in kind) + ")")
+    return path
+
+
+def file_digest(path) -> str:
+    """What a profile records of its base model: the first 16 hex digits of the file's SHA-256."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""Speaker profiles: the speech LM reads a profile's pairs exactly as the tables' evaluation reads enrollment
+pairs; the `distmeta` command round trip with --kind speaker; bad pair files and kinds named."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from distmeta import cli
+from distmeta.data.speakers import speaker_view
+from distmeta.data.synthetic import SpeakerCorpusConfig, make_speaker_corpus
+from distmeta.features import FrameBank
+from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
+from distmeta.models.upstream import UpstreamConfig
+from distmeta.profiles.kinds import load_base
+from distmeta.profiles.speaker import enroll, predict, read_pairs
+from distmeta.speaker import metaicl
+from distmeta.speaker.episodes import Episode, episode_batch
+
+
+@pytest.fixture(scope="module")
+def speech_lm(tmp_path_factory):
+    """A small speaker corpus and a speech LM saved as jobs/metaicl_train.py saves one (weights: its seed's)."""
+    folder = tmp_path_factory.mktemp("speaker")
+    corpus = make_speaker_corpus(folder / "corpus", SpeakerCorpusConfig(n_speakers=4, per_emotion=2, workers=1), progress=False)
+    data = speaker_view(corpus)
+    upstream = UpstreamConfig(name="fbank")
+    frames = FrameBank.load(metaicl.frame_bank(corpus, upstream, -1, folder / "models"))  # what the job computes
+    config = SpeechLMConfig()
+    torch.manual_seed(1)
+    model = SpeechLM(config, frames.dim, data.words)
+    path = folder / "speech_lm-test-TU_LU.safetensors"
+    save_file(metaicl.trainable_state(model), str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "settings": {"upstream": asdict(upstream), "encoder_layer": -1, "model": asdict(config)},
+        "encoder_dim": frames.dim, "words": list(data.words), "best_step": 1}))
+    return corpus, data, frames, path
+
+
+def pairs_csv(path, corpus, task, indices, words):
+    rows = [f"{corpus.utterances.loc[task.utterances[i], 'path']},{words[task.labels[i]]}" for i in indices]
+    path.write_text("path,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_a_profile_is_read_like_the_tables_enrollment_pairs(speech_lm, tmp_path):
+    corpus, data, frames, path = speech_lm
+    base = load_base(path)
+    task = data.splits["train"][0]
+    shots, targets = [3, 0, 9], [1, 5, 12]
+    tensors, meta = enroll(base, read_pairs(pairs_csv(tmp_path / "pairs.csv", corpus, task, shots, data.words), base.words))
+    assert meta["kind"] == "speaker" and meta["shots"] == 3 and meta["labels"] == [data.words[task.labels[i]] for i in shots]
+    for i, shot in enumerate(shots):  # encoded once, as the job's frames
+        assert torch.allclose(tensors[f"pair/{i}"], frames.items[task.utterances[shot]], atol=1e-6)
+    rows = predict(base, [corpus.utterances.loc[task.utterances[t], "path"] for t in targets], tensors, meta)
+
+    model = metaicl.load_speech_lm(path).eval()  # the evaluation's way: episode_batch + closed-set scores
+    episodes = [Episode(task, t, shots) for t in targets]
+    with torch.no_grad():
+        expected = torch.softmax(model.score(*episode_batch(model, frames, episodes, data.words)), -1).numpy()
+    assert np.allclose([[row[w] for w in data.words] for row in rows], expected, atol=1e-5)
+    assert [row["label"] for row in rows] == [data.words[i] for i in expected.argmax(1)]
+    # without a profile the speech LM reads no pairs
+    alone = predict(base, [corpus.utterances.loc[task.utterances[1], "path"]])[0]
+    with torch.no_grad():
+        zero = torch.softmax(model.score(*episode_batch(model, frames, [Episode(task, 1, [])], data.words)), -1).numpy()[0]
+    assert np.allclose([alone[w] for w in data.words], zero, atol=1e-5)
+
+
+def test_speaker_command_round_trip_and_bad_input(speech_lm, tmp_path, capsys):
+    corpus, data, _, path = speech_lm
+    task = data.splits["train"][1]
+    store = ["--store", str(tmp_path / "store")]
+    pairs = pairs_csv(tmp_path / "sam.csv", corpus, task, [0, 2, 4, 6], data.words)
+    assert cli.main(["enroll", *store, "--kind", "speaker", "--model", str(path), "--person", "sam", str(pairs)]) == 0
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in (1, 3):
+        (clips / f"{i}.wav").write_bytes(open(corpus.utterances.loc[task.utterances[i], "path"], "rb").read())
+    (clips / "broken.wav").write_bytes(b"RIFF broken")
+    assert cli.main(["predict", *store, "--profile", "sam", str(clips), "--output", str(tmp_path / "out.csv")]) == 1
+    rows = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(rows["path"].map(lambda p: p.split("/")[-1])) == ["1.wav", "3.wav", "broken.wav"]
+    assert set(rows["label"][:2]) <= set(data.words) and rows["error"][2] and (rows["profile"] == "sam").all()
+    assert np.allclose(rows.loc[:1, data.words].astype(float).sum(axis=1), 1, atol=1e-5)
+    capsys.readouterr()
+    # more pairs than the speech LM reads, a label it does not know, the wrong kind: refused by name
+    eight = pairs_csv(tmp_path / "eight.csv", corpus, task, range(8), data.words)
+    assert cli.main(["enroll", *store, "--model", str(path), "--person", "eve", str(eight)]) == 2
+    assert "8 enrollment pairs" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("path,label\nx.wav,Boredom\n")
+    assert cli.main(["enroll", *store, "--model", str(path), "--person", "eve", str(tmp_path / "bad.csv")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert cli.main(["enroll", *store, "--kind", "listener", "--model", str(path), "--person", "eve", str(pairs)]) == 2
+    assert "is a speaker model" in capsys.readouterr().err
