@@ -103,9 +103,10 @@ def tune_base() -> MetaTrainConfig:
 
 @dataclass
 class TuneJobConfig:
-    """jobs/tune.py: sweep Meta-PerSER's hyperparameters with Ray Tune."""
+    """jobs/tune.py: sweep Meta-PerSER's (or the speech LM's) hyperparameters with Ray Tune."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     base: MetaTrainConfig = field(default_factory=tune_base)  # what every trial starts from; best_config.yaml is one
+    icl_base: MetaICLJobConfig = field(default_factory=MetaICLJobConfig)  # the same for spaces with `job: metaicl_train`
     out: str = "runs/tune"
     experiment: str = "distmeta-tune"
 

@@ -14,6 +14,11 @@ A trial is one meta-training of one split (the distributed trainer unless the
 base config says `distributed: false`); after every validation it reports the
 validation annotator's `val_loss` (the model-selection criterion), `val_maF1`,
 `val_miF1` and the outer loss, which ASHA uses to stop weak trials early.
+
+A space whose first key is `job: metaicl_train` sweeps the speech LM instead
+(its keys are `jobs/metaicl_train.py` config paths): a trial trains stage 1
+and then MetaICL (TU+LU) in its own process, and reports the TU+LU model's
+validation loss on the validation speakers after each validation.
 """
 
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from distmeta import config as cfg
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 METRIC, MODE = "val_loss", "min"
+SWEPT_JOBS = ("meta_train", "metaicl_train")  # what a space's `job` key may name (default: meta_train)
 
 
 @dataclass
@@ -59,6 +65,8 @@ def load_space(path, config_cls) -> dict:
         raise cfg.ConfigError(f"{path}: a search space is a mapping of config keys to distributions, got {raw!r}")
     space = {}
     for key, spec in raw.items():
+        if key == "job":
+            continue  # see space_job
         where = f"{path}: {key}"
         if isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
@@ -80,6 +88,15 @@ def load_space(path, config_cls) -> dict:
         else:
             space[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](*values)
     return space
+
+
+def space_job(path) -> str:
+    """The job a space sweeps: its `job` key (meta_train or metaicl_train), meta_train without one."""
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    job = raw.get("job", "meta_train") if isinstance(raw, dict) else "meta_train"
+    if job not in SWEPT_JOBS:
+        raise cfg.ConfigError(f"{path}: job {job!r} cannot be swept; use one of {', '.join(SWEPT_JOBS)}")
+    return job
 
 
 def _check_args(kind: str, args, where: str) -> list:
@@ -160,6 +177,35 @@ def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: dict, upstream
             actors.shutdown()
 
 
+def icl_trial(params: dict, *, base: dict, data, frames) -> None:
+    """A Ray Tune trainable for the speech LM: stage 1, then MetaICL (TU+LU) from stage 1's best state, in this
+    process, with the base config (a `jobs/metaicl_train.py` config) + `params`, as the job's Ray Train loop
+    trains them; reports TU+LU's validation loss after each validation (`step`: its stage-2 step). The speaker
+    data and the frozen encoder's frames come through the object store."""
+    import numpy as np
+    import torch
+    from ray import tune
+
+    from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
+    from distmeta.speaker.episodes import random_episodes, stage_enrollment
+    from distmeta.speaker.metaicl import MetaICLConfig, load_trainable, train_stage
+
+    merged = with_params(base, params)
+    meta = cfg.from_dict(MetaICLConfig, merged["meta"], where="trial", prefix="meta.")
+    model_config = cfg.from_dict(SpeechLMConfig, merged["model"], where="trial", prefix="model.")
+    torch.manual_seed(meta.seed)
+    model = SpeechLM(model_config, frames.dim, data.words)
+    for training, steps in (("stage1", meta.stage1_steps), ("TU+LU", meta.stage2_steps)):
+        setting, shots, emotion = stage_enrollment(training, data.emotions, model_config.max_shots)
+        val = random_episodes(data.splits["valid"], meta.val_episodes, setting, shots, np.random.default_rng([meta.seed, 1]),
+                              emotion)
+        report = (lambda step, metrics, optimizer, best: tune.report(metrics)) if training == "TU+LU" else None
+        torch.manual_seed(meta.seed)
+        best = train_stage(model, frames, data.splits["train"], val, data.words, steps=steps, setting=setting, shots=shots,
+                           emotion=emotion, config=meta, on_validation=report, log=None)
+        load_trainable(model, best["state"])
+
+
 def trial_id(result) -> str:
     return str((result.metrics or {}).get("trial_id", Path(result.path).name))
 
@@ -174,9 +220,9 @@ def sweep_table(results, space: dict, outer_steps: int) -> pd.DataFrame:
             continue
         best = history.loc[history[METRIC].idxmin()]
         steps = int(history["step"].max())
+        scores = {k: float(best[k]) for k in ("val_maF1", "val_miF1") if k in history}  # listener trials
         rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, "best val_loss": float(best[METRIC]),
-                     "val_maF1": float(best["val_maF1"]), "val_miF1": float(best["val_miF1"]), "best step": int(best["step"]),
-                     "steps run": steps, "stopped early": steps < outer_steps})
+                     **scores, "best step": int(best["step"]), "steps run": steps, "stopped early": steps < outer_steps})
     return pd.DataFrame(rows).sort_values("best val_loss", na_position="last").reset_index(drop=True)
 
 
@@ -189,8 +235,8 @@ def plot_trials(results, path) -> None:
         history = result.metrics_dataframe
         if history is not None and METRIC in history:
             ax.plot(history["step"], history[METRIC], marker=".", label=trial_id(result))
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("validation loss (class-balanced CE)")
+    ax.set_xlabel("step (outer steps; speech LM: stage-2 steps)")
+    ax.set_ylabel("validation loss")
     ax.set_title("Sweep trials (ASHA-stopped lines end early)")
     ax.legend(fontsize=7)
     save_figure(fig, path)

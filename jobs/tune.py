@@ -1,21 +1,25 @@
-"""Sweep Meta-PerSER's hyperparameters with Ray Tune; every trial an MLflow run; export the best config.
+"""Sweep Meta-PerSER's (or the speech LM's) hyperparameters with Ray Tune; every trial an MLflow run; export the best config.
 
     python jobs/tune.py                                   # tune_spaces/meta_perser.yaml on the synthetic corpus, minutes
     python jobs/tune.py --preset smoke                    # 2 short trials
     python jobs/tune.py --space tune_spaces/meta_perser.yaml sweep.num_samples=32 sweep.search=optuna
     python jobs/meta_train.py --config runs/tune/best_config.yaml   # the winner, end to end
+    python jobs/tune.py --space tune_spaces/metaicl.yaml  # the speech LM (the space says job: metaicl_train)
+    python jobs/metaicl_train.py --config runs/tune/best_config.yaml
 
-1. setup:   the corpus, the split whose validation annotator scores trials (its test
+1. setup:   Meta-PerSER: the corpus, the split whose validation annotator scores trials (its test
             annotator is never looked at), SSL-E for that split (reused from `base.models_dir`),
             and what trials read, handed to them through the object store (SSL-E's weights,
             the upstream's checkpoint, the split's input bank): trials may run on any node.
+            Speech LM: the speaker corpus and the frozen encoder's frames (`icl_base`), the same way.
 2. sweep:   a Tuner over `distmeta.sweep.meta_trial` (the distributed meta-trainer, its task
-            actors inside the trial's placement group), ASHA on the validation loss
-            reported after every validation (`base.meta.val_every`, 1 here = every outer step),
-            random or Optuna search; each trial is an MLflow run nested under the sweep's run.
+            actors inside the trial's placement group) or `icl_trial` (stage 1 + MetaICL in the
+            trial), ASHA on the validation loss reported after every validation (`base.meta.val_every`,
+            1 here = every outer step; `icl_base.meta.val_every`), random or Optuna search; each trial
+            is an MLflow run nested under the sweep's run.
 3. save:    sweep.{md,csv} (trial, params, best validation loss, steps run, early stop),
             sweep.png (validation loss per step per trial) and best_config.yaml: the best
-            trial's complete `jobs/meta_train.py` config.
+            trial's complete `jobs/meta_train.py` (or `jobs/metaicl_train.py`) config.
 """
 
 import sys
@@ -28,11 +32,12 @@ from distmeta import tracking
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import load_corpus
-from distmeta.jobs import MetaTrainConfig, TuneJobConfig
+from distmeta.jobs import MetaICLJobConfig, MetaTrainConfig, TuneJobConfig
 from distmeta.models.upstream import prepare
 from distmeta.listener.pretrain import pretrain_rotation
 from distmeta.report import save_table
-from distmeta.sweep import METRIC, MODE, check_shots, load_space, meta_trial, plot_trials, sweep_table, trial_resources, with_params
+from distmeta.sweep import (METRIC, MODE, check_shots, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
+                            trial_resources, with_params)
 from distmeta.training.launcher import storage_path
 
 
@@ -42,6 +47,19 @@ def space_path(name: str) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return Path(__file__).resolve().parents[1] / path
+
+
+def setup_icl(config: TuneJobConfig):
+    """The space, the speaker data and the frozen encoder's frames (computed once, kept in `icl_base.models_dir`)."""
+    from distmeta.data.speakers import speaker_view
+    from distmeta.features import FrameBank
+    from distmeta.speaker.metaicl import frame_bank
+
+    base = config.icl_base
+    connect(base.ray_address)
+    space = load_space(space_path(config.sweep.space), MetaICLJobConfig)
+    corpus = load_corpus(base.data)
+    return space, speaker_view(corpus), FrameBank.load(frame_bank(corpus, base.upstream, base.encoder_layer, base.models_dir))
 
 
 def setup(config: TuneJobConfig):
@@ -71,7 +89,8 @@ def trial_inputs(config: TuneJobConfig, corpus, split, ssl_e) -> dict:
             "inputs": input_bank(Upstream(config.base.upstream), audio)}
 
 
-def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_id: str):
+def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corpus=None, split=None, ssl_e=None):
+    """The Tuner's results; `icl`: (speaker data, frames) for speech-LM trials, else a Meta-PerSER sweep of `split`."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -84,12 +103,17 @@ def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_i
         searcher = ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=options.seed), options.max_concurrent)
     else:
         searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
-    scheduler = (ASHAScheduler(time_attr="step", max_t=base.meta.outer_steps, grace_period=options.grace_period,
+    scheduler = (ASHAScheduler(time_attr="step", max_t=steps_of(config, icl is not None), grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor) if options.asha else FIFOScheduler())
-    trainable = tune.with_resources(
-        tune.with_parameters(meta_trial, base=cfg.to_dict(base), corpus=corpus, split=split,
-                             **trial_inputs(config, corpus, split, ssl_e)),
-        trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
+    if icl is not None:
+        data, frames = icl
+        trainable = tune.with_resources(tune.with_parameters(icl_trial, base=cfg.to_dict(config.icl_base), data=data, frames=frames),
+                                        {"CPU": options.trial_cpus})
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(meta_trial, base=cfg.to_dict(base), corpus=corpus, split=split,
+                                 **trial_inputs(config, corpus, split, ssl_e)),
+            trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -102,15 +126,22 @@ def sweep(config: TuneJobConfig, space: dict, corpus, split, ssl_e, parent_run_i
     return tuner.fit()
 
 
-def save(config: TuneJobConfig, space: dict, results) -> dict:
+def steps_of(config: TuneJobConfig, icl: bool) -> int:
+    """A trial's length on ASHA's axis: outer steps, or the speech LM's stage-2 steps."""
+    return config.icl_base.meta.stage2_steps if icl else config.base.meta.outer_steps
+
+
+def save(config: TuneJobConfig, space: dict, results, icl: bool = False) -> dict:
     out = Path(config.out)
-    table = sweep_table(results, space, config.base.meta.outer_steps)
-    paths = {"sweep": save_table(table, out, "sweep", f"Sweep: {len(table)} trials, {METRIC} of the validation annotator "
+    table = sweep_table(results, space, steps_of(config, icl))
+    scored = "the TU+LU speech LM on the validation speakers" if icl else "the validation annotator"
+    paths = {"sweep": save_table(table, out, "sweep", f"Sweep: {len(table)} trials, {METRIC} of {scored} "
                                  f"(lower is better), best over the steps each trial ran", ".4g")}
     plot_trials(results, out / "sweep.png")
     paths["plot"] = out / "sweep.png"
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
-    best_config = cfg.from_dict(MetaTrainConfig, with_params(cfg.to_dict(config.base), {k: best.config[k] for k in space}),
+    job_config, base = (MetaICLJobConfig, config.icl_base) if icl else (MetaTrainConfig, config.base)
+    best_config = cfg.from_dict(job_config, with_params(cfg.to_dict(base), {k: best.config[k] for k in space}),
                                 where="best trial")
     cfg.save(best_config, out / "best_config.yaml")
     paths["best_config"] = out / "best_config.yaml"
@@ -127,18 +158,26 @@ def main(argv=None) -> int:
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config)) as mlflow:
-        space, corpus, split, ssl_e = setup(config)
-        print(f"sweeping {sorted(space)} on {config.sweep.scenario} split {split.test_annotator} "
-              f"(validation annotator {split.val_annotator}); {config.sweep.num_samples} trials", flush=True)
-        results = sweep(config, space, corpus, split, ssl_e, mlflow.active_run().info.run_id)
+        icl = space_job(space_path(config.sweep.space)) == "metaicl_train"
+        parent = mlflow.active_run().info.run_id
+        if icl:
+            space, data, frames = setup_icl(config)
+            print(f"sweeping the speech LM's {sorted(space)}: stage 1 + TU+LU per trial, scored on "
+                  f"{len(data.splits['valid'])} validation speakers; {config.sweep.num_samples} trials", flush=True)
+            results = sweep(config, space, parent, icl=(data, frames))
+        else:
+            space, corpus, split, ssl_e = setup(config)
+            print(f"sweeping {sorted(space)} on {config.sweep.scenario} split {split.test_annotator} "
+                  f"(validation annotator {split.val_annotator}); {config.sweep.num_samples} trials", flush=True)
+            results = sweep(config, space, parent, corpus=corpus, split=split, ssl_e=ssl_e)
         if len(results.errors) == len(results):
             raise SystemExit(f"every trial failed; the first: {results.errors[0]}")
-        paths = save(config, space, results)
+        paths = save(config, space, results, icl)
         for path in paths.values():
             mlflow.log_artifact(str(path))
         mlflow.log_metric("wall_seconds", time.time() - started)
     print("\n" + Path(paths["sweep"]).read_text())
-    print(f"best config: {paths['best_config']}  (python jobs/meta_train.py --config {paths['best_config']})")
+    print(f"best config: {paths['best_config']}  (python jobs/{'metaicl_train' if icl else 'meta_train'}.py --config {paths['best_config']})")
     print(f"wall time {time.time() - started:.0f}s; written to {Path(config.out).resolve()}")
     if results.errors:
         print(f"{len(results.errors)} of {len(results)} trials failed (the `error` column of sweep.md)", file=sys.stderr)

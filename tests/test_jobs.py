@@ -26,8 +26,8 @@ def test_default_yaml_lists_every_key_with_its_default(job):
     written = yaml.safe_load(path.read_text())
     assert cfg.to_dict(cfg.load(cls, preset=path)) == cfg.to_dict(cls()), f"{path} differs from distmeta.jobs"
     expected = leaf_keys(cfg.to_dict(cls()))
-    if job == "tune":  # `base` is a meta_train config: configs/meta_train/default.yaml documents its keys
-        expected = {k for k in expected if not k.startswith("base.")}
+    if job == "tune":  # `base` and `icl_base` are job configs: configs/meta_train, metaicl_train/default.yaml document them
+        expected = {k for k in expected if not k.startswith(("base.", "icl_base."))}
     assert expected <= leaf_keys(written), f"{path} lacks {sorted(expected - leaf_keys(written))}"
 
 
@@ -43,6 +43,8 @@ def test_tune_smoke_trials_start_from_the_meta_train_smoke_preset():
     meta = cfg.load(JOBS["meta_train"], preset=cfg.PRESETS / "meta_train" / "smoke.yaml")
     tune = cfg.load(JOBS["tune"], preset=cfg.PRESETS / "tune" / "smoke.yaml")
     assert cfg.differences(cfg.to_dict(meta), cfg.to_dict(tune.base)) == ["meta.val_every: 2 -> 1", "meta.val_shots: 0 -> 8"]
+    icl = cfg.load(JOBS["metaicl_train"], preset=cfg.PRESETS / "metaicl_train" / "smoke.yaml")
+    assert cfg.differences(cfg.to_dict(icl), cfg.to_dict(tune.icl_base)) == []
 
 
 def test_print_config_of_a_job_from_its_own_command_line(tmp_path):

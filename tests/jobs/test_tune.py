@@ -89,3 +89,44 @@ def test_optuna_search_with_the_serial_trainer(load_job, tmp_path, monkeypatch):
     assert trials["params.meta.inner_lr"].nunique() == 2
     table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
     assert (table["steps run"] == 2).all() and not table["stopped early"].any()
+
+
+@pytest.mark.slow
+def test_speech_lm_sweep_and_its_best_config_runs_the_icl_job(load_job, tmp_path, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the space's relative path still resolves (against the project)
+    tune_job, icl_job = load_job("tune"), load_job("metaicl_train")
+    space = yaml.safe_load((SPACE.parent / "metaicl_smoke.yaml").read_text())
+    try:
+        assert tune_job.main(["--space", "tune_spaces/metaicl_smoke.yaml", "--preset", "smoke", "--out", str(tmp_path / "tune"),
+                              "experiment=icl-sweep-test", f"icl_base.models_dir={tmp_path / 'models'}"]) == 0
+        trials, parents = child_runs("icl-sweep-test")
+        assert len(parents) == 1 and len(trials) == 2 and (trials["status"] == "FINISHED").all()
+        for _, trial in trials.iterrows():
+            assert 1e-3 <= float(trial["params.meta.lr"]) <= 1e-2
+            for key in ("model.lora_rank", "model.num_queries", "model.max_shots"):
+                assert int(trial[f"params.{key}"]) in space[key]["choice"]
+        client = MlflowClient()  # ASHA's metric, reported after each validation of the TU+LU stage
+        histories = {r: [m.value for m in client.get_metric_history(r, "val_loss")] for r in trials["run_id"]}
+        best = trials.set_index("run_id").loc[min(histories, key=lambda r: min(histories[r]))]
+        exported = yaml.safe_load((tmp_path / "tune" / "best_config.yaml").read_text())
+        for key in space:
+            if key != "job":
+                section, name = key.split(".")
+                assert str(exported[section][name]) == best[f"params.{key}"], key
+        table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
+        assert table["best val_loss"].min() == pytest.approx(min(map(min, histories.values())))
+
+        # the speech LM job takes the exported file unchanged (the baselines, MAML and Table IV left out for time)
+        out = tmp_path / "icl"
+        assert icl_job.main(["--preset", "smoke", "--config", str(tmp_path / "tune" / "best_config.yaml"), "--out", str(out),
+                             "baselines=false", "maml.enabled=false", "ablation=false", "experiment=icl-main-test"]) == 0
+    finally:
+        ray.shutdown()
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert used["model"] == exported["model"] and used["meta"] == exported["meta"]
+    results = pd.read_csv(out / "results.csv")
+    assert results[results["model"] == "Proposed"]["k"].max() == min(int(exported["model"]["max_shots"]), 7)
