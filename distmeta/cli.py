@@ -14,6 +14,7 @@ predicted, 1 when some could not be read (their rows say why), 2 on bad usage.
 import argparse
 import csv
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,13 @@ def serve(args) -> int:
           f"  curl {url}/health\n  curl {url}/profiles\n"
           f"  curl --data-binary @clip.wav -H 'serve_multiplexed_model_id: alice' {url}/predict\n"
           f"  tar -C alice -cf - . | curl --data-binary @- '{url}/enroll?person=alice'\n"
-          f"Ctrl-C stops it.", flush=True)
+          f"Ctrl-C (or SIGTERM) stops it.", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: shut Serve down as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a launcher left SIGINT ignored
     try:
         while True:
             time.sleep(3600)
