@@ -71,28 +71,8 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
 
 
 @pytest.mark.slow
-def test_optuna_search_with_the_serial_trainer(load_job, tmp_path, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    job = load_job("tune")
-    args = ["--preset", "smoke", "--out", str(tmp_path / "tune"), "experiment=optuna-test", "sweep.search=optuna",
-            "sweep.asha=false", "base.distributed=false", "base.meta.outer_steps=2", f"sweep.space={SPACE}",
-            f"base.data.path={tmp_path / 'corpus'}", f"base.models_dir={tmp_path / 'models'}"]
-    try:
-        assert job.main(args) == 0
-    finally:
-        ray.shutdown()
-    trials, _ = child_runs("optuna-test")
-    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
-    assert trials["params.meta.inner_lr"].nunique() == 2
-    table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
-    assert (table["steps run"] == 2).all() and not table["stopped early"].any()
-
-
-@pytest.mark.slow
-def test_speech_lm_sweep_and_its_best_config_runs_the_icl_job(load_job, tmp_path, monkeypatch):
+def test_speech_lm_sweep_with_optuna_and_its_best_config_runs_the_icl_job(load_job, tmp_path, monkeypatch):
+    """Also the search and scheduler the listener sweep above does not use: Optuna, and no ASHA (FIFO)."""
     import ray
     from mlflow import MlflowClient
 
@@ -102,9 +82,11 @@ def test_speech_lm_sweep_and_its_best_config_runs_the_icl_job(load_job, tmp_path
     space = yaml.safe_load((SPACE.parent / "metaicl_smoke.yaml").read_text())
     try:
         assert tune_job.main(["--space", "tune_spaces/metaicl_smoke.yaml", "--preset", "smoke", "--out", str(tmp_path / "tune"),
-                              "experiment=icl-sweep-test", f"icl_base.models_dir={tmp_path / 'models'}"]) == 0
+                              "experiment=icl-sweep-test", f"icl_base.models_dir={tmp_path / 'models'}",
+                              "sweep.search=optuna", "sweep.asha=false"]) == 0
         trials, parents = child_runs("icl-sweep-test")
         assert len(parents) == 1 and len(trials) == 2 and (trials["status"] == "FINISHED").all()
+        assert trials["params.meta.lr"].nunique() == 2
         for _, trial in trials.iterrows():
             assert 1e-3 <= float(trial["params.meta.lr"]) <= 1e-2
             for key in ("model.lora_rank", "model.num_queries", "model.max_shots"):
@@ -119,6 +101,7 @@ def test_speech_lm_sweep_and_its_best_config_runs_the_icl_job(load_job, tmp_path
                 assert str(exported[section][name]) == best[f"params.{key}"], key
         table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
         assert table["best val_loss"].min() == pytest.approx(min(map(min, histories.values())))
+        assert (table["steps run"] == 30).all() and not table["stopped early"].any()  # no ASHA: every trial ran
 
         # the speech LM job takes the exported file unchanged (the baselines, MAML and Table IV left out for time)
         out = tmp_path / "icl"
