@@ -80,7 +80,8 @@ def main(argv=None) -> int:
             if pretrained is None:
                 pretrained, _ = baselines.train_classifier("Pretrained", bank, data, config.classifier)
             actors = ActorPool(config.maml.actors) if config.maml.distributed else None
-            print(f"MAML on {len(data.splits['train'])} training speakers" + (f", {config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else ", serial"), flush=True)
+            where = f"{config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else "serial"
+            print(f"MAML on {len(data.splits['train'])} training speakers ({where})", flush=True)
             meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
             if actors:
                 actors.shutdown()
