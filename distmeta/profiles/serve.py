@@ -133,7 +133,10 @@ class ProfileModel:
     async def enroll(self, person: str, archive: bytes) -> dict:
         def run():
             with tempfile.TemporaryDirectory() as folder:
-                tensors, meta = enroll_from(self.base, unpack_enrollment(archive, Path(folder)))
+                try:
+                    tensors, meta = enroll_from(self.base, unpack_enrollment(archive, Path(folder)))
+                except ValueError as err:  # name files as they are in the archive
+                    raise ValueError(str(err).replace(folder + "/", "")) from None
                 self.store.save(person, tensors, meta)
                 return meta
 
@@ -142,7 +145,7 @@ class ProfileModel:
             async with self.busy:
                 meta = await asyncio.to_thread(run)
         except (ProfileError, ValueError) as err:
-            return {"status": 400, "error": str(err).replace(tempfile.gettempdir(), "")}
+            return {"status": 400, "error": str(err)}
         return {"status": 200, **meta, "person": person}
 
     async def profiles(self) -> dict:
@@ -161,8 +164,8 @@ class Ingress:
         self.model, self.max_body_bytes = model, max_body_bytes
 
     async def _body(self, request: Request) -> bytes | None:
-        declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > self.max_body_bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
             return None
         body = await request.body()
         return None if len(body) > self.max_body_bytes else body

@@ -111,6 +111,8 @@ def test_served_profiles_answer_like_the_command_and_the_server_survives_bad_req
     # bad enrollments: 400, nothing written
     answer = requests.post(f"{url}/enroll", params={"person": "dave"}, data=b"not a tar", timeout=60)
     assert answer.status_code == 400 and "tar" in answer.json()["error"]
+    answer = requests.post(f"{url}/enroll", params={"person": "dave"}, data=enrollment_tar([(support[0][0], "boredom")]), timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"].startswith("labels.csv, line 2: ")  # named as in the archive
     answer = requests.post(f"{url}/enroll", params={"person": "../evil"}, data=enrollment_tar(support), timeout=60)
     assert answer.status_code == 400 and "profile id" in answer.json()["error"]
     assert sorted(p["person"] for p in ProfileStore(store).list()) == sorted(people)
