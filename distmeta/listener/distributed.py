@@ -202,7 +202,7 @@ class Chaos:
         with open(self.record_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if pool.log:
-            pool.log(f"chaos: killed the task actor of annotator {record['annotator']!r} ({moment})")
+            pool.log(f"chaos: killed the task actor of {record['annotator']!r} ({moment})")
 
 
 class ActorPool:
