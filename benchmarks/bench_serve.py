@@ -16,9 +16,8 @@ Writes `serve.md` / `.csv` (the table) and `latency.png` (latency distribution) 
 """
 
 import argparse
-import io
+import shutil
 import socket
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,28 +38,17 @@ from distmeta.report import figure, save_figure, save_table
 HEADER = "serve_multiplexed_model_id"
 
 
-def small_model(folder: Path):
-    """A meta-trained model on the tiny upstream, and the corpus and test task it was made from."""
+def clips_and_model(folder: Path, model: str | None):
+    """The synthetic corpus's first unseen split's test task (its clips are the requests), and `model`, else a
+    meta-trained model on the tiny upstream made from that split."""
     corpus = make_synthetic_corpus(folder / "corpus", seed=0, n_utterances=600, progress=False)
     split = rotation(corpus, "unseen")[0]
+    if model:
+        return Path(model), corpus, split.test_task(corpus)
     config = MetaConfig(outer_steps=2, shots=8, val_every=2, val_seeds=1, val_queries=16, test_steps=50, ini=False)
     path = folder / "meta.safetensors"
     meta_train_cached(path, corpus, split, UpstreamConfig(), None, config, {}, log=None)
     return path, corpus, split.test_task(corpus)
-
-
-def enrollment_tar(clips) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        rows = ["path,labels"]
-        for i, (path, labels) in enumerate(clips):
-            tar.add(path, arcname=f"{i}.wav")
-            rows.append(f"{i}.wav,{labels}")
-        table = ("\n".join(rows) + "\n").encode()
-        info = tarfile.TarInfo("labels.csv")
-        info.size = len(table)
-        tar.addfile(info, io.BytesIO(table))
-    return out.getvalue()
 
 
 def three_second_clip(path: str, folder: Path) -> bytes:
@@ -91,12 +79,10 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from distmeta.profiles.serve import start
+    from distmeta.profiles.serve import enrollment_archive, start
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve-"))
-    path, corpus, task = small_model(work)
-    if args.model:
-        path = Path(args.model)
+    path, corpus, task = clips_and_model(work, args.model)
     support, _ = task.sample(32, 0, seed=0)
     clips = [(corpus.utterances.loc[task.utterances[i], "path"], ";".join(c for c, v in zip(CLASSES, task.targets[i]) if v > 0.5))
              for i in support]
@@ -118,7 +104,7 @@ def main(argv=None) -> int:
         url = start(str(path), work / "store", host="127.0.0.1", port=port, max_profiles=args.max_profiles,
                     replicas=args.replicas)
         people = [f"person{i}" for i in range(args.profiles)]
-        archive, times = enrollment_tar(clips), []
+        archive, times = enrollment_archive(clips), []
         for person in people:
             started = time.perf_counter()
             answer = requests.post(f"{url}/enroll", params={"person": person}, data=archive, timeout=300)
@@ -148,6 +134,7 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the corpus, model and store made for this run
 
     table = pd.DataFrame(rows).T
     table.index.name = f"{args.profiles} profiles, {args.replicas} replica(s), tiny upstream, loopback"

@@ -30,9 +30,9 @@ def audio_files(items: list[str]) -> list[str]:
         if path.is_dir():
             files += [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in AUDIO]
         elif path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
-                files += [row["path"] if Path(row["path"]).is_absolute() else str(path.parent / row["path"])
-                          for row in csv.DictReader(f)]
+            from distmeta.profiles.store import csv_rows
+
+            files += [clip for _, _, clip in csv_rows(path, ("path",))]
         else:
             files.append(item)
     return files

@@ -9,7 +9,6 @@ Enrollment and prediction are exactly the meta-test protocol's Meta-PerSER (`met
 meta-trained parameters. A profile holds the adapted trainable parameters (the head, for scope `head`).
 """
 
-import csv
 import json
 import warnings
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from distmeta.labels import CLASSES, UnknownLabel, canonical_label
 from distmeta.listener.maml import MetaModel
 from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
 from distmeta.models.upstream import UpstreamConfig
-from distmeta.profiles.store import file_digest, model_file
+from distmeta.profiles.store import csv_rows, file_digest, model_file
 
 FEW_CLIPS = 8  # below this many enrollment clips, a warning
 
@@ -64,23 +63,15 @@ class ListenerBase:
 def read_labelled(path) -> list[tuple[str, np.ndarray]]:
     """A person's labelled clips from a CSV with the manifest's `path` and `labels` columns (labels joined by
     ';'); relative paths are relative to the CSV. Errors name the line."""
-    path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "labels"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected path,labels")
-        clips = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                names = {canonical_label(s) for s in (row["labels"] or "").split(";") if s.strip()} - {None}
-            except UnknownLabel as err:
-                raise ValueError(f"{path}, line {line}: {err}") from None
-            if not names:
-                raise ValueError(f"{path}, line {line}: no label in the nine classes")
-            clip = Path(row["path"])
-            clips.append((str(clip if clip.is_absolute() else path.parent / clip),
-                          np.array([float(c in names) for c in CLASSES], dtype=np.float32)))
+    clips = []
+    for line, row, clip in csv_rows(path, ("path", "labels")):
+        try:
+            names = {canonical_label(s) for s in (row["labels"] or "").split(";") if s.strip()} - {None}
+        except UnknownLabel as err:
+            raise ValueError(f"{path}, line {line}: {err}") from None
+        if not names:
+            raise ValueError(f"{path}, line {line}: no label in the nine classes")
+        clips.append((clip, np.array([float(c in names) for c in CLASSES], dtype=np.float32)))
     if not clips:
         raise ValueError(f"{path}: no clips")
     return clips

@@ -48,6 +48,23 @@ class Profile:
             del self.loaded[self.person]
 
 
+def enrollment_archive(clips: list[tuple[str, str]], column: str = "labels") -> bytes:
+    """A POST /enroll body from (clip path, label text) pairs: a tar of labels.csv (`column`: labels for a
+    listener model, label for a speaker model) and the clips, as `tar -C folder -cf - .` makes one."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        rows = [f"path,{column}"]
+        for i, (path, labels) in enumerate(clips):
+            name = f"clips/{i}{Path(path).suffix}"
+            tar.add(path, arcname=name)
+            rows.append(f"{name},{labels}")
+        table = ("\n".join(rows) + "\n").encode()
+        info = tarfile.TarInfo("labels.csv")
+        info.size = len(table)
+        tar.addfile(info, io.BytesIO(table))
+    return out.getvalue()
+
+
 def unpack_enrollment(archive: bytes, folder: Path) -> Path:
     """Write a tar's regular files into `folder` (never outside it) and return its labels.csv."""
     try:

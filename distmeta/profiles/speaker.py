@@ -12,7 +12,6 @@ label word with the highest log-likelihood, and the probabilities are those log-
 the closed set of label words.
 """
 
-import csv
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from distmeta.data.speakers import WORDS
 from distmeta.features import AudioBank, FrameBank
 from distmeta.models.speech_lm import SpeechLM
 from distmeta.models.upstream import Upstream, UpstreamConfig
-from distmeta.profiles.store import file_digest, model_file
+from distmeta.profiles.store import csv_rows, file_digest, model_file
 
 
 @dataclass
@@ -68,19 +67,12 @@ def label_word(label: str, words: list[str]) -> str | None:
 def read_pairs(path, words: list[str]) -> list[tuple[str, str]]:
     """A speaker's enrollment pairs from a CSV with columns path,label (one label per clip: a label word of the
     model, or its class name); relative paths are relative to the CSV. Errors name the line."""
-    path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected path,label")
-        pairs = []
-        for line, row in enumerate(reader, start=2):
-            word = label_word(row["label"] or "", words)
-            if word is None:
-                raise ValueError(f"{path}, line {line}: label {row['label']!r} is not one of {', '.join(words)}")
-            clip = Path(row["path"])
-            pairs.append((str(clip if clip.is_absolute() else path.parent / clip), word))
+    pairs = []
+    for line, row, clip in csv_rows(path, ("path", "label")):
+        word = label_word(row["label"] or "", words)
+        if word is None:
+            raise ValueError(f"{path}, line {line}: label {row['label']!r} is not one of {', '.join(words)}")
+        pairs.append((clip, word))
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs

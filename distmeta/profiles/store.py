@@ -1,4 +1,5 @@
-"""The profile store: one folder, one `<person>.safetensors` + `<person>.json` per person.
+"""The profile store: one folder, one `<person>.safetensors` + `<person>.json` per person; and `csv_rows`,
+the one reader of the clip tables users hand to distmeta (labels, pairs, files to predict).
 
 The JSON names the person, the kind, the base model it belongs to (its digest), K, the classes, when it was
 made and by which distmeta. The tensors are written first and the JSON last, each atomically, so a profile
@@ -6,6 +7,7 @@ whose JSON is on disk is complete. The default folder is `$DISTMETA_HOME/profile
 (~/.local/share/distmeta/profiles).
 """
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -88,3 +90,17 @@ def file_digest(path) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def csv_rows(path, columns: tuple[str, ...]):
+    """(line number, row, its clip's path) for every row of a CSV with at least `columns` (a missing one is an
+    error naming the file); `path` is relative to the CSV unless absolute."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(columns) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(columns)}")
+        for line, row in enumerate(reader, start=2):
+            clip = Path(row["path"])
+            yield line, row, str(clip if clip.is_absolute() else path.parent / clip)

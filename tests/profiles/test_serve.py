@@ -1,9 +1,7 @@
 """`distmeta serve`: real HTTP requests on loopback to the Ray Serve application, three profiles, LRU eviction
 at two per replica, and the 404 / 400 / 413 answers each followed by a request that still succeeds."""
 
-import io
 import socket
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +10,10 @@ import requests
 
 from distmeta.labels import CLASSES
 from distmeta.profiles.listener import ListenerBase, predict
+from distmeta.profiles.serve import enrollment_archive
 from distmeta.profiles.store import ProfileStore
 
 HEADER = "serve_multiplexed_model_id"
-
-
-def enrollment_tar(clips: list[tuple[str, str]]) -> bytes:
-    """A tar of labels.csv (relative paths) and the clips, as a user would make with `tar -C folder -cf - .`."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        rows = ["path,labels"]
-        for i, (path, labels) in enumerate(clips):
-            tar.add(path, arcname=f"clips/{i}.wav")
-            rows.append(f"clips/{i}.wav,{labels}")
-        table = ("\n".join(rows) + "\n").encode()
-        info = tarfile.TarInfo("labels.csv")
-        info.size = len(table)
-        tar.addfile(info, io.BytesIO(table))
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +52,7 @@ def test_served_profiles_answer_like_the_command_and_the_server_survives_bad_req
     support = clips_of(small_corpus, episode.support, episode.support_targets)
     people = {"alice": support, "bob": support[:6], "carol": support[2:]}
     for person, clips in people.items():
-        answer = requests.post(f"{url}/enroll", params={"person": person}, data=enrollment_tar(clips), timeout=120)
+        answer = requests.post(f"{url}/enroll", params={"person": person}, data=enrollment_archive(clips), timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["shots"] == len(clips) and answer.json()["base"] == base.digest
     listed = requests.get(f"{url}/profiles", timeout=60).json()["profiles"]
@@ -111,9 +95,9 @@ def test_served_profiles_answer_like_the_command_and_the_server_survives_bad_req
     # bad enrollments: 400, nothing written
     answer = requests.post(f"{url}/enroll", params={"person": "dave"}, data=b"not a tar", timeout=60)
     assert answer.status_code == 400 and "tar" in answer.json()["error"]
-    answer = requests.post(f"{url}/enroll", params={"person": "dave"}, data=enrollment_tar([(support[0][0], "boredom")]), timeout=60)
+    answer = requests.post(f"{url}/enroll", params={"person": "dave"}, data=enrollment_archive([(support[0][0], "boredom")]), timeout=60)
     assert answer.status_code == 400 and answer.json()["error"].startswith("labels.csv, line 2: ")  # named as in the archive
-    answer = requests.post(f"{url}/enroll", params={"person": "../evil"}, data=enrollment_tar(support), timeout=60)
+    answer = requests.post(f"{url}/enroll", params={"person": "../evil"}, data=enrollment_archive(support), timeout=60)
     assert answer.status_code == 400 and "profile id" in answer.json()["error"]
     assert sorted(p["person"] for p in ProfileStore(store).list()) == sorted(people)
     assert requests.get(f"{url}/nowhere", timeout=60).status_code == 404
@@ -121,7 +105,7 @@ def test_served_profiles_answer_like_the_command_and_the_server_survives_bad_req
 
     # re-enrolling a loaded profile: the next prediction uses the new one
     before = requests.post(f"{url}/predict", data=audio, headers={HEADER: "carol"}, timeout=60).json()["probabilities"]
-    assert requests.post(f"{url}/enroll", params={"person": "carol"}, data=enrollment_tar(support[:3]), timeout=120).status_code == 200
+    assert requests.post(f"{url}/enroll", params={"person": "carol"}, data=enrollment_archive(support[:3]), timeout=120).status_code == 200
     after = requests.post(f"{url}/predict", data=audio, headers={HEADER: "carol"}, timeout=60).json()["probabilities"]
     expected = predict(base, [clip], ProfileStore(store).load("carol")[0])[0]
     assert not np.allclose(list(before.values()), list(after.values()), atol=1e-6)
