@@ -17,6 +17,7 @@ from distmeta.listener.protocol import ProtocolConfig
 from distmeta.models.speech_lm import SpeechLMConfig
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.speaker.baselines import ClassifierConfig
+from distmeta.speaker.encoder import EncoderPretrainConfig
 from distmeta.speaker.evaluate import EvaluationConfig
 from distmeta.speaker.maml import SpeakerMAMLConfig
 from distmeta.speaker.metaicl import MetaICLConfig
@@ -78,7 +79,9 @@ class PretrainJobConfig:
 class MetaICLJobConfig:
     """jobs/metaicl_train.py: speaker personalization by in-context learning, Tables II-IV."""
     data: DataConfig = field(default_factory=lambda: DataConfig(source="speakers"))
-    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="fbank"))  # the frozen speech encoder
+    # the frozen speech encoder: speech_encoder (pretrained by the job unless `path` names a checkpoint) or any s3prl upstream
+    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="speech_encoder"))
+    encoder: EncoderPretrainConfig = field(default_factory=EncoderPretrainConfig)  # its pretraining (speaker/encoder.py)
     encoder_layer: int = -1  # the upstream layer the speech LM reads (-1: the last)
     model: SpeechLMConfig = field(default_factory=SpeechLMConfig)
     meta: MetaICLConfig = field(default_factory=MetaICLConfig)

@@ -1,12 +1,14 @@
 """Speaker personalization by in-context learning end to end: MetaICL on Ray Train, then the paper's Tables II-IV.
 
-    python jobs/metaicl_train.py                   # synthetic speakers, tiny upstream + tiny T5, local Ray, local MLflow
+    python jobs/metaicl_train.py                   # synthetic speakers, a speech encoder pretrained here + tiny T5, local Ray, local MLflow
     python jobs/metaicl_train.py --preset smoke    # the same in a few minutes
     ray job submit --working-dir . -- python jobs/metaicl_train.py data.source=manifest data.path=/data/speakers.csv \\
         upstream.name=wavlm_base model.llm=/models/flan-t5-base model.num_queries=150 meta.num_workers=4 meta.use_gpu=true
 
-1. setup:     the corpus seen by speaker (train / validation / test speakers); the frozen encoder's
-              frames, computed once and kept under `models_dir` (and log-mel frames for Scratch).
+1. setup:     the corpus seen by speaker (train / validation / test speakers); the speech encoder,
+              pretrained on the training speakers' emotions as a Ray Train run (speaker/encoder.py; any
+              s3prl upstream instead with upstream.name=...), then frozen; its frames, computed once and
+              kept under `models_dir` (and log-mel frames for Scratch).
 2. train:     one Ray Train run: stage 1 (no enrollment pairs), then stage 2 (MetaICL) from stage 1
               for TU+LU, and with `ablation=true` TO+LD (7 shots) and Neutral (0..7) for Table IV, with
               `baselines` 1-shot_N (one neutral pair). Models already in `models_dir` with the same
@@ -22,7 +24,9 @@ The job is one MLflow run: per-model training curves, the tables as metrics and 
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 
@@ -30,13 +34,25 @@ from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.speaker import baselines, evaluate, metaicl, tables
 from distmeta.speaker import maml as speaker_maml
+from distmeta.speaker.encoder import ready_upstream
 from distmeta.cluster import connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
 from distmeta.listener.distributed import ActorPool
+from distmeta.report import save_table
 from distmeta.jobs import MetaICLJobConfig
 from distmeta.models.upstream import UpstreamConfig
+
+
+@contextmanager
+def phase(timing: dict, name: str):
+    """Adds the wall seconds of the block to timing[name]."""
+    begun = time.time()
+    try:
+        yield
+    finally:
+        timing[name] = timing.get(name, 0.0) + time.time() - begun
 
 
 def main(argv=None) -> int:
@@ -52,44 +68,55 @@ def main(argv=None) -> int:
         if empty:
             raise SystemExit(f"corpus {corpus.name}: no speakers in split(s) {empty}; each of train/valid/test needs one")
         connect(config.ray_address)
-        frames = metaicl.frame_bank(corpus, config.upstream, config.encoder_layer, config.models_dir)
+        timing = {"corpus": time.time() - started}  # the job's time profile, phase by phase
+        # the frozen speech encoder: pretrained on the training speakers (a Ray Train run) unless saved already
+        with phase(timing, "speech encoder"):
+            upstream = ready_upstream(config.upstream, config.encoder, corpus, data, config.models_dir, config.storage)
+        with phase(timing, "frames"):
+            frames = metaicl.frame_bank(corpus, upstream, config.encoder_layer, config.models_dir)
         # train
         trainings = ["TU+LU"] + (["TO+LD", "Neutral"] if config.ablation else []) + (["Neutral1"] if config.baselines else [])
-        models = metaicl.metaicl_train_many(config.data, config.upstream, config.encoder_layer, config.model, config.meta,
-                                            trainings, frames, config.models_dir, config.storage)
+        with phase(timing, "speech LMs (stage 1 + " + ", ".join(trainings) + ")"):
+            models = metaicl.metaicl_train_many(config.data, upstream, config.encoder_layer, config.model, config.meta,
+                                                trainings, frames, config.models_dir, config.storage)
         for training, path in models.items():
             sidecar = path.with_suffix(".json")
             mlflow.log_artifact(str(sidecar), artifact_path="models")
             mlflow.log_metric(tracking.metric_name("best_val_loss", training), json.loads(sidecar.read_text())["best_val_loss"])
         # the proposed model (TU+LU), for use: models:/distmeta-speaker/<version>
-        version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json")], "distmeta-speaker")
+        encoder = [Path(upstream.path), Path(upstream.path).with_suffix(".json")] if upstream.name == "speech_encoder" else []
+        version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json"), *encoder], "distmeta-speaker")
         print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
         # baselines
         rows, bank, pretrained = [], FrameBank.load(frames), None
         if config.baselines:
-            fbank = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
+            with phase(timing, "frames"):
+                fbank = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
             fbank_bank = bank if fbank == frames else FrameBank.load(fbank)  # Scratch reads log-mel frames
             for name in baselines.BASELINES:
                 print(f"classifier baseline {name}", flush=True)
                 reads = fbank_bank if name == "Scratch" else bank
-                model, _ = baselines.train_classifier(name, reads, data, config.classifier)
-                rows.append(baselines.evaluate_classifier(name, model, reads, data, config.evaluation.seed))
+                with phase(timing, name):
+                    model, _ = baselines.train_classifier(name, reads, data, config.classifier)
+                    rows.append(baselines.evaluate_classifier(name, model, reads, data, config.evaluation.seed))
                 pretrained = model if name == "Pretrained" else pretrained
         # MAML on speaker tasks, from the Pretrained classifier, on Ray task actors
         if config.maml.enabled:
-            if pretrained is None:
-                pretrained, _ = baselines.train_classifier("Pretrained", bank, data, config.classifier)
-            actors = ActorPool(config.maml.actors) if config.maml.distributed else None
-            where = f"{config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else "serial"
-            print(f"MAML on {len(data.splits['train'])} training speakers ({where})", flush=True)
-            meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
-            if actors:
-                actors.shutdown()
-            mlflow.log_metric(tracking.metric_name("best_val_loss", "MAML"), result["best_val_loss"])
-            rows.append(speaker_maml.evaluate(meta, bank, data, config.maml.meta, config.evaluation.seed))
+            with phase(timing, "MAML"):
+                if pretrained is None:
+                    pretrained, _ = baselines.train_classifier("Pretrained", bank, data, config.classifier)
+                actors = ActorPool(config.maml.actors) if config.maml.distributed else None
+                where = f"{config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else "serial"
+                print(f"MAML on {len(data.splits['train'])} training speakers ({where})", flush=True)
+                meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
+                if actors:
+                    actors.shutdown()
+                mlflow.log_metric(tracking.metric_name("best_val_loss", "MAML"), result["best_val_loss"])
+                rows.append(speaker_maml.evaluate(meta, bank, data, config.maml.meta, config.evaluation.seed))
         # evaluate
-        for training, path in models.items():
-            rows.append(evaluate.evaluate_speech_lm(metaicl.load_speech_lm(path), bank, data, training, config.evaluation))
+        with phase(timing, "speech LM evaluation"):
+            for training, path in models.items():
+                rows.append(evaluate.evaluate_speech_lm(metaicl.load_speech_lm(path), bank, data, training, config.evaluation))
         results = pd.concat(rows, ignore_index=True)
         paths = tables.save_results(results, data, config.out)
         for path in paths.values():
@@ -97,7 +124,10 @@ def main(argv=None) -> int:
         for name, row in tables.table2(results).iterrows():
             parts = ("UA_spk", name) + ((row["ICL"],) if row["ICL"] != "-" else ())
             mlflow.log_metric(tracking.metric_name(*parts), float(row["UA_spk"]))
-        for name in ("table2", "table3", "table4"):
+        timing["total"] = time.time() - started
+        paths["timing"] = save_table(pd.DataFrame({"seconds": timing}), config.out, "timing", "Wall seconds per phase", ".0f")
+        mlflow.log_artifact(str(paths["timing"]))
+        for name in ("table2", "table3", "table4", "timing"):
             if name in paths:
                 print(paths[name].read_text())
         mlflow.log_metric("wall_seconds", time.time() - started)

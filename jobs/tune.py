@@ -53,13 +53,16 @@ def setup_icl(config: TuneJobConfig):
     """The space, the speaker data and the frozen encoder's frames (computed once, kept in `icl_base.models_dir`)."""
     from distmeta.data.speakers import speaker_view
     from distmeta.features import FrameBank
+    from distmeta.speaker.encoder import ready_upstream
     from distmeta.speaker.metaicl import frame_bank
 
     base = config.icl_base
     connect(base.ray_address)
     space = load_space(space_path(config.sweep.space), MetaICLJobConfig)
     corpus = load_corpus(base.data)
-    return space, speaker_view(corpus), FrameBank.load(frame_bank(corpus, base.upstream, base.encoder_layer, base.models_dir))
+    data = speaker_view(corpus)
+    upstream = ready_upstream(base.upstream, base.encoder, corpus, data, base.models_dir, base.storage)
+    return space, data, FrameBank.load(frame_bank(corpus, upstream, base.encoder_layer, base.models_dir))
 
 
 def setup(config: TuneJobConfig):

@@ -1,6 +1,7 @@
 """The ICL paper's classifier baselines (section III-A, Eq. 1-5), on frames computed once.
 
-    frames [B, F, D] -> (Scratch only: a randomly initialised transformer encoder, trained)
+    frames [B, F, D] -> (Scratch only: the speech encoder's shape from random weights, trained:
+                         conv + pooling subsampling, transformer blocks; models/speech_encoder.py)
                      -> attentive pooling -> h [B, D]
     Personalized: the same pooling of R reference utterances of the target's speaker,
                   concatenated after h in a fixed order -> [B, (1 + R) D]
@@ -8,12 +9,14 @@
     -> Linear -> logits over the emotions
 
 Scratch reads log-mel filterbanks (nothing pretrained anywhere); Pretrained and
-the Personalized models read the frozen speech encoder's frames, the ones the
-speech LM reads.
+the Personalized models read the frozen (pretrained) speech encoder's frames,
+the ones the speech LM reads.
 """
 
 import torch
 from torch import nn
+
+from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 
 class AttentivePooling(nn.Module):
@@ -30,11 +33,9 @@ class SpeakerClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int, references: int = 0, encoder_layers: int = 0, encoder_dim: int = 128):
         super().__init__()
         self.references = references
-        if encoder_layers:
-            self.encoder_in = nn.Linear(dim, encoder_dim)
-            layer = nn.TransformerEncoderLayer(encoder_dim, 4, 2 * encoder_dim, dropout=0.1, batch_first=True, norm_first=True)
-            # nested tensors do not apply with norm_first (torch would say so on every build)
-            self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
+        if encoder_layers:  # the speech encoder's shape, from random weights
+            self.encoder = SpeechEncoder(SpeechEncoderConfig(n_mels=dim, dim=encoder_dim, layers=encoder_layers,
+                                                             ffn_dim=2 * encoder_dim))
             dim = encoder_dim
         else:
             self.encoder = None
@@ -43,7 +44,9 @@ class SpeakerClassifier(nn.Module):
 
     def embed(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.encoder is not None:
-            frames = self.encoder(self.encoder_in(frames), src_key_padding_mask=~mask)
+            hidden, lengths = self.encoder.encode_mel(frames, mask.sum(1))
+            frames = hidden[-1]
+            mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]
         return self.pooling(frames, mask)
 
     def forward(self, inputs: dict) -> torch.Tensor:

@@ -8,7 +8,9 @@ a feature extractor (`fbank`), or a local-checkpoint loader (`wavlm_local`,
 ..., "model": state_dict}) under the cache folder (`models/tiny_wavlm.py`) and
 load it with `s3prl.hub.wavlm_local`; nothing is downloaded. `tiny` (random
 weights) is what tests run on, `tiny_pretrained` (pretrained once on synthetic
-audio of other speakers) what the listener jobs run on by default.
+audio of other speakers) what the listener jobs run on by default. `speech_encoder`
+is the ICL paper's encoder shape (`models/speech_encoder.py`, s3prl's upstream
+interface), loaded from `path`, the checkpoint the speaker job pretrains.
 
 s3prl's wav2vec 2.0 / HuBERT / WavLM wrappers never train the convolutional
 feature encoder (they set `feature_grad_mult = 0`: it runs under no_grad), so
@@ -28,6 +30,7 @@ from torch import nn
 from distmeta.data.synthetic import default_cache_dir
 from distmeta.io import atomic_path
 from distmeta.models.s3prl_compat import import_s3prl_hub
+from distmeta.models.speech_encoder import SpeechEncoder
 from distmeta.models.tiny_wavlm import build_pretrained_tiny, build_tiny_checkpoint, pretrained_tiny_path, tiny_checkpoint_path
 
 
@@ -88,6 +91,11 @@ class Upstream(nn.Module):
         name = config.name
         if name in ("tiny", "tiny_pretrained"):
             self.model = hub.wavlm_local(str(prepare(config)))
+        elif name == "speech_encoder":
+            if not config.path:
+                raise FileNotFoundError("upstream 'speech_encoder' needs upstream.path: a checkpoint that "
+                                        "jobs/metaicl_train.py pretrains (speaker/encoder.py), or leave it empty there")
+            self.model = SpeechEncoder.load(config.path)
         elif name.endswith("_local") or name.endswith("_custom"):
             if not config.path or not Path(config.path).is_file():
                 raise FileNotFoundError(f"upstream {name!r} needs upstream.path to be a checkpoint file, got {config.path!r}")

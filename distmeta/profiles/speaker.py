@@ -13,7 +13,7 @@ the closed set of label words.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +46,11 @@ class SpeakerBase:
         if "encoder_dim" not in saved:
             raise ValueError(f"{path}: not a speech LM (rerun jobs/metaicl_train.py to write one)")
         settings = saved["settings"]
-        upstream = Upstream(UpstreamConfig(**settings["upstream"])).eval()
+        encoder = UpstreamConfig(**settings["upstream"])
+        beside = path.parent / Path(encoder.path).name
+        if encoder.name == "speech_encoder" and beside.is_file():  # registered together (models:/), or moved together
+            encoder = replace(encoder, path=str(beside))
+        upstream = Upstream(encoder).eval()
         return cls(load_speech_lm(path), upstream, settings["encoder_layer"], file_digest(path), path)
 
     @property

@@ -35,7 +35,8 @@ from distmeta.speaker.episodes import Episode, episode_batch, random_episodes, s
 @dataclass
 class MetaICLConfig:
     stage1_steps: int = 800  # episodes without enrollment pairs
-    stage2_steps: int = 2400  # MetaICL episodes
+    # MetaICL episodes; shorter stage 2 runs learn to copy the pairs' labels first (docs/speaker.md)
+    stage2_steps: int = 2400
     batch_size: int = 16  # episodes per step (per worker)
     lr: float = 3e-3
     weight_decay: float = 0.0

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from distmeta import cli
+from distmeta.data.audio import load_audio
 from distmeta.data.speakers import speaker_view
 from distmeta.data.synthetic import SpeakerCorpusConfig, make_speaker_corpus
 from distmeta.features import FrameBank
@@ -97,3 +98,32 @@ def test_speaker_command_round_trip_and_bad_input(speech_lm, tmp_path, capsys):
     assert "line 2" in capsys.readouterr().err
     assert cli.main(["enroll", *store, "--kind", "listener", "--model", str(path), "--person", "eve", str(pairs)]) == 2
     assert "is a speaker model" in capsys.readouterr().err
+
+
+def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_it(speech_lm, tmp_path):
+    """`models:/distmeta-speaker/N` holds the speech LM and its pretrained encoder in one folder: the encoder
+    is found there even when the path in the LM's settings (the training machine's models_dir) is not."""
+    import shutil
+
+    from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+    from distmeta.training.artifacts import save_model
+
+    corpus, data, _, _ = speech_lm
+    torch.manual_seed(2)
+    encoder = SpeechEncoder(SpeechEncoderConfig(dim=32, heads=2, ffn_dim=64)).eval()
+    registered = tmp_path / "registered"
+    save_model(registered / "speech_encoder-abc.safetensors", encoder.state_dict(), {"encoder": asdict(encoder.config)})
+    config = SpeechLMConfig()
+    model = SpeechLM(config, 32, data.words)
+    save_file(metaicl.trainable_state(model), str(registered / "speech_lm-x-TU_LU.safetensors"))
+    upstream = UpstreamConfig(name="speech_encoder", path="/elsewhere/models/speech_encoder-abc.safetensors")
+    (registered / "speech_lm-x-TU_LU.json").write_text(json.dumps({
+        "settings": {"upstream": asdict(upstream), "encoder_layer": -1, "model": asdict(config)},
+        "encoder_dim": 32, "words": list(data.words), "best_step": 1}))
+    base = load_base(registered / "speech_lm-x-TU_LU.safetensors")
+    clip = corpus.utterances["path"].iloc[0]
+    wav = load_audio(clip)
+    assert torch.allclose(base.frames({"a": wav}).items["a"], encoder([wav])["hidden_states"][-1][0], atol=1e-5)
+    shutil.move(str(registered / "speech_encoder-abc.safetensors"), str(tmp_path / "gone.safetensors"))
+    with pytest.raises(FileNotFoundError, match="/elsewhere/models/speech_encoder-abc"):
+        load_base(registered / "speech_lm-x-TU_LU.safetensors")

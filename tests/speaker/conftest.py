@@ -32,3 +32,14 @@ def toy_data(n_speakers=9, per_emotion=3, dim=8, seed=0):
 def toy_speakers():
     """(SpeakerData, FrameBank): 9 speakers (5 train, 2 valid, 2 test), 3 utterances per emotion."""
     return toy_data()
+
+
+@pytest.fixture(scope="session")
+def speaker_corpus(tmp_path_factory):
+    """(DataConfig, Corpus): a generated many-speaker corpus with audio, 12 speakers x 7 emotions x 2 utterances."""
+    from distmeta.data.sources import DataConfig, load_corpus
+    from distmeta.data.synthetic import SpeakerCorpusConfig
+
+    data = DataConfig(source="speakers", path=str(tmp_path_factory.mktemp("speakers")),
+                      speakers=SpeakerCorpusConfig(n_speakers=12, per_emotion=2, workers=2))
+    return data, load_corpus(data, progress=False)

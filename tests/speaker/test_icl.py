@@ -164,7 +164,7 @@ def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path, speaker_corpus):
     """SIGKILL the Ray Train worker after its first checkpoint: FailureConfig restarts the worker group, which
     continues from the checkpoint (not from step 0) and still writes the model."""
     import json
@@ -176,13 +176,9 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     import psutil
     import ray
 
-    from distmeta.data.sources import DataConfig, load_corpus
-    from distmeta.data.synthetic import SpeakerCorpusConfig
     from distmeta.models.upstream import UpstreamConfig
 
-    data = DataConfig(source="speakers", path=str(tmp_path / "speakers"),
-                      speakers=SpeakerCorpusConfig(n_speakers=12, per_emotion=2, workers=2))
-    corpus = load_corpus(data, progress=False)
+    data, corpus = speaker_corpus
     upstream = UpstreamConfig(name="fbank")
     meta = metaicl.MetaICLConfig(stage1_steps=300, stage2_steps=1, val_every=20, val_episodes=8, batch_size=4)
     model = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2)
