@@ -133,6 +133,12 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     assert run["metrics.best_val_loss.MAML"] > 0
     registered = mlflow.MlflowClient().search_model_versions("name='distmeta-speaker'")
     assert len(registered) == 1 and registered[0].status == "READY"  # the TU+LU speech LM, for use
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts("models:/distmeta-speaker/1",
+                                                                     dst_path=str(out / "registered"))).iterdir()}
+    assert sum(f.startswith("speech_encoder-") for f in files) == 2  # ... with the encoder it reads (+ sidecar)
+    timing = pd.read_csv(out / "timing.csv", index_col=0)["seconds"]  # the time profile
+    assert {"speech encoder", "MAML", "speech LM evaluation"} <= set(timing.index)
+    assert timing["total"] >= timing.drop("total").sum() - 1
     sidecars = sorted(models.glob("speech_lm-*.json"))  # stage 1, TU+LU, TO+LD, Neutral, Neutral1
     assert len(sidecars) == 5 and all(json.loads(p.read_text())["best_step"] > 0 for p in sidecars)
     assert len(list(models.glob("speech_lm-*.safetensors"))) == 5
