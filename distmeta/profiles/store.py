@@ -72,7 +72,8 @@ def model_file(path, kind: str = "listener or speaker") -> Path:
     if str(path).startswith("models:/"):
         from distmeta.tracking import registered_files
 
-        found = sorted(registered_files(str(path)).glob("*.safetensors"))
+        # a speech LM is registered with the speech encoder it reads (loaded from beside it, profiles.speaker)
+        found = sorted(p for p in registered_files(str(path)).glob("*.safetensors") if not p.name.startswith("speech_encoder-"))
         if len(found) != 1:
             raise FileNotFoundError(f"{path}: expected one .safetensors model, found {[p.name for p in found]}")
         path = found[0]

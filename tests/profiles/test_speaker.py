@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distmeta import cli
+from distmeta import cli, tracking
 from distmeta.data.audio import load_audio
 from distmeta.data.speakers import speaker_view
 from distmeta.data.synthetic import SpeakerCorpusConfig, make_speaker_corpus
@@ -100,7 +100,7 @@ def test_speaker_command_round_trip_and_bad_input(speech_lm, tmp_path, capsys):
     assert "is a speaker model" in capsys.readouterr().err
 
 
-def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_it(speech_lm, tmp_path):
+def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_it(speech_lm, tmp_path, monkeypatch):
     """`models:/distmeta-speaker/N` holds the speech LM and its pretrained encoder in one folder: the encoder
     is found there even when the path in the LM's settings (the training machine's models_dir) is not."""
     import shutil
@@ -120,10 +120,13 @@ def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_i
     (registered / "speech_lm-x-TU_LU.json").write_text(json.dumps({
         "settings": {"upstream": asdict(upstream), "encoder_layer": -1, "model": asdict(config)},
         "encoder_dim": 32, "words": list(data.words), "best_step": 1}))
-    base = load_base(registered / "speech_lm-x-TU_LU.safetensors")
-    clip = corpus.utterances["path"].iloc[0]
-    wav = load_audio(clip)
-    assert torch.allclose(base.frames({"a": wav}).items["a"], encoder([wav])["hidden_states"][-1][0], atol=1e-5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.run("speaker-registry-test", "run", {}):  # as jobs/metaicl_train.py registers its model
+        version = tracking.register_model(sorted(registered.iterdir()), "distmeta-speaker")
+    wav = load_audio(corpus.utterances["path"].iloc[0])
+    for where in (registered / "speech_lm-x-TU_LU.safetensors", f"models:/distmeta-speaker/{version}"):
+        base = load_base(where)
+        assert torch.allclose(base.frames({"a": wav}).items["a"], encoder([wav])["hidden_states"][-1][0], atol=1e-5)
     shutil.move(str(registered / "speech_encoder-abc.safetensors"), str(tmp_path / "gone.safetensors"))
     with pytest.raises(FileNotFoundError, match="/elsewhere/models/speech_encoder-abc"):
         load_base(registered / "speech_lm-x-TU_LU.safetensors")
