@@ -164,6 +164,19 @@ def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
 
 
 @pytest.mark.slow
+def registered_checkpoints(storage) -> int:
+    """How many checkpoints Ray Train's controller has registered for the runs under `storage` (its snapshot)."""
+    import json
+
+    count = 0
+    for snapshot in storage.glob("**/checkpoint_manager_snapshot.json"):
+        try:
+            count += len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (ValueError, KeyError):  # being written
+            pass
+    return count
+
+
 def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path, speaker_corpus):
     """SIGKILL the Ray Train worker after its first checkpoint: FailureConfig restarts the worker group, which
     continues from the checkpoint (not from step 0) and still writes the model."""
@@ -192,8 +205,9 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
         thread.start()
         killed, deadline = None, time.time() + 300
         while killed is None and time.time() < deadline and thread.is_alive():
-            # two checkpoints on disk: the first is surely registered with the controller by then
-            if len(list((tmp_path / "models" / "ray").glob("**/checkpoint_*/progress/progress.json"))) >= 2:
+            # a checkpoint on disk is not yet one the restarted group gets: the controller registers it when it
+            # next polls the worker, and then records it in its snapshot; kill only after that
+            if registered_checkpoints(tmp_path / "models" / "ray") >= 1:
                 # Ray titles each actor's process "ray::<class>...": the worker is the one running our loop, started
                 # by this training (a lingering worker of an earlier test in the session must not be the one killed)
                 workers = [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
