@@ -82,9 +82,11 @@ class SERModel(nn.Module):
 
 
 def set_scope(model: SERModel, scope: Scope) -> SERModel:
-    """Make exactly the scope's parameters trainable (requires_grad), freeze the rest."""
+    """Make exactly the scope's parameters trainable (requires_grad), freeze the rest. The upstream's frozen
+    conv feature encoder (`Upstream.frozen_names`) stays frozen in every scope."""
+    frozen = {f"upstream.{name}" for name in model.upstream.frozen_names()}
     trainable = {
-        "entire": lambda name: True,
+        "entire": lambda name: name not in frozen,
         "head": lambda name: name.startswith("head."),
         "linear": lambda name: name in ("head.layer_weights", "head.classifier.weight", "head.classifier.bias"),
     }

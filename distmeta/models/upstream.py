@@ -135,6 +135,14 @@ class Upstream(nn.Module):
             frames = torch.div(frames - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
         return frames
 
+    def frozen_names(self) -> set[str]:
+        """Names (as `named_parameters` gives them) of the parameters no scope trains: the conv feature encoder
+        when it runs frozen (under no_grad). Left trainable, they get zero meta-gradients, and an optimizer's
+        weight decay would still move them away from the conv features cached for them."""
+        if not self.conv_cacheable:
+            return set()
+        return {f"model.model.feature_extractor.{name}" for name, _ in self.model.model.feature_extractor.named_parameters()}
+
     def conv_digest(self) -> str:
         """Identifies the frozen conv encoder's weights: banks of its outputs serve only models that share it."""
         extractor = self.model.model.feature_extractor

@@ -4,7 +4,7 @@ import torch
 
 from distmeta.data import rotation
 from distmeta.listener.distributed import ActorConfig, ActorPool, FlatLayout
-from distmeta.listener.metatrain import MetaConfig, meta_train_split
+from distmeta.listener.metatrain import MetaConfig, build_meta_model, meta_train_split
 from distmeta.models import UpstreamConfig
 
 CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1, val_queries=8, test_steps=3,
@@ -78,6 +78,11 @@ def test_entire_scope_with_audio_on_actors_equals_serial(pool, small_corpus, spl
     reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None)
     distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None, actors=pool)
     assert_same_training(distributed, reference)
+    # the frozen conv encoder (its outputs cached) is not a meta-parameter: AdamW's weight decay left it alone,
+    # so the job's shared conv-feature bank still serves the meta-trained model
+    start = build_meta_model(UpstreamConfig(), None, config).state_dict()
+    conv = [k for k in start if ".feature_extractor." in k]
+    assert conv and all(torch.equal(reference["best_state"][k], start[k]) for k in conv)
 
 
 @pytest.mark.slow
