@@ -163,7 +163,6 @@ def test_frames_of_audio_changed_in_place_are_computed_again(tmp_path):
     assert not torch.equal(FrameBank.load(second).items[utterance], FrameBank.load(first).items[utterance])
 
 
-@pytest.mark.slow
 def registered_checkpoints(storage) -> int:
     """How many checkpoints Ray Train's controller has registered for the runs under `storage` (its snapshot)."""
     import json
@@ -177,6 +176,7 @@ def registered_checkpoints(storage) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path, speaker_corpus):
     """SIGKILL the Ray Train worker after its first checkpoint: FailureConfig restarts the worker group, which
     continues from the checkpoint (not from step 0) and still writes the model."""
