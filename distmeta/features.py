@@ -27,6 +27,10 @@ class Bank:
     def __len__(self) -> int:
         return len(self.items)
 
+    def length(self, u) -> int:
+        """How long `u`'s input is (what a batch pads to the longest of); 1 where nothing is padded."""
+        return 1
+
     def subset(self, ids) -> "Bank":
         """The same kind of bank holding only `ids` (what one Ray task actor needs)."""
         part = object.__new__(type(self))
@@ -152,6 +156,9 @@ class FrameBank(Bank):
     @property
     def dim(self) -> int:
         return next(iter(self.items.values())).shape[-1]
+
+    def length(self, u) -> int:
+        return len(self.items[u])
 
     def batch(self, ids) -> dict:
         frames = [self.items[u] for u in ids]

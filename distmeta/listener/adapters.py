@@ -136,7 +136,8 @@ class FitAll:
         result = fit(model, lambda idx: self.bank.batch([ids[train[i]] for i in idx]), episode.pool_targets[train],
                      episode.pool_targets[held], lambda idx: self.bank.batch([ids[held[i]] for i in idx]),
                      epochs=config.max_epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0,
-                     seed=episode.seed, patience=config.patience, log=None)
+                     seed=episode.seed, patience=config.patience, log=None,
+                     lengths=[self.bank.length(ids[i]) for i in train], val_lengths=[self.bank.length(ids[i]) for i in held])
         model.load_state_dict(result["best_state"])
         return _probs(model, self.bank, episode.query, config.batch_size)
 

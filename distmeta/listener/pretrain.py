@@ -48,6 +48,7 @@ class PretrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     val_fraction: float = 0.1
+    length_buckets: bool = True  # batches of utterances of similar length: less padding (training.fit)
     seed: int = 0
     max_seconds: float = 12.0  # audio length cap
     num_workers: int = 1
@@ -132,6 +133,9 @@ def _train_loop(worker) -> None:
         if worker.rank == 0:
             print(f"[{number}/{len(worker.requests)}] pretraining {name}: {len(parts['train'][0])} rows", flush=True)
 
+        def lengths(part):
+            return [bank.length(u) for u in parts[part][0]] if config.length_buckets else None
+
         def inputs_for(part):
             ids, _, heads = parts[part]
 
@@ -147,7 +151,8 @@ def _train_loop(worker) -> None:
         result = fit(model, inputs_for("train"), parts["train"][1], parts["val"][1], inputs_for("val"),
                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
                      seed=config.seed, rank=worker.rank, world_size=worker.world, on_epoch=report,
-                     log=functools.partial(print, flush=True) if worker.rank == 0 else None)
+                     log=functools.partial(print, flush=True) if worker.rank == 0 else None,
+                     lengths=lengths("train"), val_lengths=lengths("val"))
         state = {k.removeprefix("module."): v for k, v in result["best_state"].items()}
         best = result["history"][result["best_epoch"] - 1]
         worker.finish(request, state, {"settings": settings, "best": best, "classes": list(CLASSES)})

@@ -14,16 +14,36 @@ import torch
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+# Batches of similar length: rows are drawn in random pools of this many batches, each pool is sorted by
+# length and cut into batches, and the batches are shuffled. Padding to the longest utterance of a random
+# batch made SSL-E pretraining ~1.6x slower on the synthetic corpus (1-4.4 s utterances), attention being
+# quadratic in the padded length.
+BUCKET_POOL = 8
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None, lengths=None):
+    """Row indices per batch: shuffled with `rng` (None: in order), length-bucketed with `lengths`."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None or np.ptp(lengths) == 0:  # rows of one length (pooled features): nothing to bucket
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    lengths, pool = np.asarray(lengths), batch_size * BUCKET_POOL
+    if rng is None:  # evaluation: one pool, the mean loss does not depend on the order
+        pool = n
+    batches = []
+    for start in range(0, n, pool):
+        part = order[start:start + pool]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
-def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_size: int = 32) -> float:
+def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_size: int = 32, lengths=None) -> float:
     model.eval()
     total = 0.0
     with torch.no_grad():
-        for idx in _batches(len(targets), batch_size, None):
+        for idx in _batches(len(targets), batch_size, None, lengths):
             logits = model(make_inputs(idx))
             loss = class_balanced_cross_entropy(logits, torch.as_tensor(targets[idx]), class_weights)
             total += loss.item() * len(idx)
@@ -33,12 +53,15 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
 
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,
         batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0, world_size: int = 1,
-        patience: int = 0, on_epoch=None, log=functools.partial(print, flush=True)) -> dict:
+        patience: int = 0, on_epoch=None, log=functools.partial(print, flush=True), lengths=None,
+        val_lengths=None) -> dict:
     """Train the parameters with requires_grad; return the best state (lowest validation loss) and history.
 
     With `patience` > 0, training stops once that many epochs in a row did not improve the validation loss.
 
     make_inputs(indices) -> model inputs for those rows of `targets`.
+    `lengths` / `val_lengths`: each row's input length (a bank's `length`): batches then hold rows of
+    similar length (`_batches`), which pads less.
     on_epoch(epoch, metrics, is_best, state_dict) is called after every epoch.
     """
     class_weights = class_balanced_weights(targets)
@@ -50,7 +73,7 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
     started = time.time()
     model.train()
     for epoch in range(epochs):
-        every = _batches(len(targets), batch_size, rng)
+        every = _batches(len(targets), batch_size, rng, lengths)
         # equal batch counts on every worker, or DDP's all-reduce would wait forever
         batches = every[rank::world_size][: max(1, len(every) // world_size)]
         running = 0.0
@@ -61,7 +84,7 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
             loss.backward()
             optimizer.step()
             running += loss.item()
-        val_loss = evaluate_loss(model, make_val_inputs, val_targets, class_weights, batch_size)
+        val_loss = evaluate_loss(model, make_val_inputs, val_targets, class_weights, batch_size, val_lengths)
         metrics = {"epoch": epoch + 1, "train_loss": running / max(len(batches), 1), "val_loss": val_loss}
         history.append(metrics)
         is_best = val_loss < best["val_loss"]

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
-from distmeta.training.fit import fit
+from distmeta.metrics import class_balanced_weights
+from distmeta.training.fit import _batches, evaluate_loss, fit
 
 
 class DictLinear(torch.nn.Linear):
@@ -32,3 +34,32 @@ def test_fit_learns_and_keeps_the_best_validation_state():
     model.load_state_dict(result["best_state"])
     accuracy = (model({"x": x[150:]}).argmax(1) == labels[150:]).float().mean()
     assert accuracy > 0.9
+
+
+def test_length_buckets_cover_every_row_once_in_batches_of_similar_length():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(16_000, 70_000, size=1000)
+    batches = _batches(1000, 32, np.random.default_rng(0), lengths)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1000))  # every row, once
+    assert all(len(b) <= 32 for b in batches)
+    # padding: each batch pads to its longest row; bucketed batches waste far less than random ones
+    def padding(chosen):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in chosen)
+    assert padding(batches) < 0.2 * padding(_batches(1000, 32, np.random.default_rng(0)))
+    # still shuffled: another epoch's draw gives other batches, in another order
+    again = _batches(1000, 32, np.random.default_rng(5), lengths)
+    assert [b.tolist() for b in again] != [b.tolist() for b in batches]
+    assert np.corrcoef(np.arange(len(batches)), [lengths[b].mean() for b in batches])[0, 1] < 0.5
+
+
+def test_evaluate_loss_does_not_depend_on_length_bucketing():
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(90, 5)), dtype=torch.float32)
+    targets = rng.dirichlet(np.ones(3), size=90).astype(np.float32)
+    weights = class_balanced_weights(targets)
+    model = DictLinear()
+    plain = evaluate_loss(model, lambda idx: {"x": x[idx]}, targets, weights, batch_size=16)
+    bucketed = evaluate_loss(model, lambda idx: {"x": x[idx]}, targets, weights, batch_size=16,
+                             lengths=rng.integers(1, 100, size=90))
+    assert bucketed == pytest.approx(plain, rel=1e-6)
