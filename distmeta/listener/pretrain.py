@@ -48,7 +48,7 @@ class PretrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     val_fraction: float = 0.1
-    length_buckets: bool = True  # batches of utterances of similar length: less padding (training.fit)
+    length_buckets: bool = False  # batches of utterances of similar length: less padding, ~1.45x faster SSL-E (training.fit)
     seed: int = 0
     max_seconds: float = 12.0  # audio length cap
     num_workers: int = 1

@@ -48,7 +48,7 @@ def test_ray_train_equals_serial_and_reruns_are_skipped(small_corpus, tmp_path, 
     assert sidecar["settings"]["kind"] == "linear" and sidecar["best"]["epoch"] in (1, 2)
     assert sidecar["settings"]["corpus"] == small_corpus.fingerprint()  # other audio or labels: not reused
     assert "use_gpu" not in sidecar["settings"]["pretrain"]  # the same run on GPUs reuses these models
-    assert sidecar["settings"]["pretrain"]["length_buckets"]  # SSL-E's batches: similar lengths (pooled: no effect)
+    assert sidecar["settings"]["pretrain"]["length_buckets"] is False  # random batches unless asked (docs/listener.md)
 
     # the same linear training, serially in this process
     torch.manual_seed(config.seed)
