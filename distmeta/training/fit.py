@@ -16,8 +16,8 @@ from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weight
 
 # Batches of similar length: rows are drawn in random pools of this many batches, each pool is sorted by
 # length and cut into batches, and the batches are shuffled. Padding to the longest utterance of a random
-# batch made SSL-E pretraining ~1.6x slower on the synthetic corpus (1-4.4 s utterances), attention being
-# quadratic in the padded length.
+# batch made SSL-E pretraining ~1.45x slower in the default job on the synthetic corpus (1-4.4 s utterances),
+# attention being quadratic in the padded length.
 BUCKET_POOL = 8
 
 
