@@ -6,8 +6,12 @@ upstream's frozen convolutional feature encoder, so scopes that train the
 transformer (SSL-E, Entire-Few, Entire-All, scope `entire`) skip the most
 expensive part of every step; `input_bank` picks it whenever the upstream has
 one. `PooledBank` serves frozen-upstream scopes: the upstream runs once per
-utterance (no gradients), adaptation runs on the cache.
+utterance (no gradients), adaptation runs on the cache; `pooled_for` takes them
+from a job-wide bank, which keeps them per upstream, so the trainings and
+adapters that share an upstream (a split's SSL-E) run it once.
 """
+
+from collections import OrderedDict
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +40,18 @@ class Bank:
         part = object.__new__(type(self))
         part.items = {u: self.items[u] for u in dict.fromkeys(ids)}
         return part
+
+    def pooled(self, upstream) -> "PooledBank":
+        """The pooled features of every utterance here under `upstream` (frozen), computed once per upstream
+        weights and kept for the last `POOLED_KEPT` upstreams (a job's bank: see `pooled_for`)."""
+        kept = self.__dict__.setdefault("_pooled", OrderedDict())  # the constructors differ; a subset keeps none
+        key = upstream.digest()
+        if key not in kept:
+            kept[key] = PooledBank(upstream, self)
+            while len(kept) > POOLED_KEPT:
+                kept.popitem(last=False)
+        kept.move_to_end(key)
+        return kept[key]
 
 
 class AudioBank(Bank):
@@ -97,6 +113,19 @@ def inputs_for(upstream, utterances, shared: Bank | None, corpus=None, max_secon
     if missing:
         raise KeyError(f"the shared input bank lacks {len(missing)} utterances, e.g. {missing[:3]}")
     return shared.subset(utterances)
+
+
+# A split's SSL-E (its Meta-PerSER trainings, Table 2 variants and meta-test adapters share that upstream)
+# and the untrained upstream (Linear, Multi, Table 2's "none"): each runs once per split, not once per use.
+POOLED_KEPT = 2
+
+
+def pooled_for(upstream, utterances, shared: Bank | None, corpus=None, max_seconds=None) -> "PooledBank":
+    """Pooled features of `utterances` under a frozen `upstream`: a part of `shared`'s (a job-wide input bank,
+    whose pooled features are computed once per upstream, `Bank.pooled`), else computed for them alone.
+    The same features either way (up to float rounding: equal-length utterances share a batch)."""
+    inputs = inputs_for(upstream, utterances, shared, corpus, max_seconds)  # checks the conv encoder and the ids
+    return PooledBank(upstream, inputs) if shared is None else shared.pooled(upstream).subset(utterances)
 
 
 class PooledBank(Bank):

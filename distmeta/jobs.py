@@ -40,7 +40,9 @@ class MetaTrainConfig:
     upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
-    actors: ActorConfig = field(default_factory=ActorConfig)
+    # Two actors share the 9 training annotators: on pooled features an actor computes its tasks together,
+    # and 9 actors on a 2-core machine only contend for it (docs/listener.md); 0: one actor per task.
+    actors: ActorConfig = field(default_factory=lambda: ActorConfig(max_actors=2))
     distributed: bool = True  # false: the serial in-process trainer (the reference; same numbers)
     checkpoint_every: int = 10  # outer steps between checkpoints
     resume: bool = False  # continue from the checkpoints under out/checkpoints (`--resume DIR`)

@@ -66,3 +66,32 @@ def test_a_shared_input_bank_serves_only_models_with_its_conv_encoder():
         inputs_for(other, ["a"], shared)
     with pytest.raises(KeyError, match="lacks 1 utterances"):
         inputs_for(same, ["a", "zzz"], shared)
+
+
+def test_pooled_features_of_a_shared_bank_are_computed_once_per_upstream_and_equal_a_bank_of_their_own():
+    from distmeta.features import POOLED_KEPT, PooledBank, input_bank, inputs_for, pooled_for
+
+    audio = object.__new__(AudioBank)
+    g = torch.Generator().manual_seed(2)
+    audio.items = {f"u{i}": torch.randn(n, generator=g) * 0.1 for i, n in enumerate([16000, 9000, 9000, 23000])}
+    upstream = Upstream(UpstreamConfig(name="tiny"))
+    shared = input_bank(upstream, audio)
+    part = pooled_for(upstream, ["u2", "u0"], shared)
+    alone = PooledBank(upstream, inputs_for(upstream, ["u2", "u0"], shared))
+    assert list(part.items) == ["u2", "u0"]
+    for u in part.items:  # u2 shares its batch with u1 (equal lengths) in the shared bank: rounding only
+        torch.testing.assert_close(part.items[u], alone.items[u], atol=1e-6, rtol=1e-5)
+    # the same weights in another instance (a split's Meta-PerSER and its adapters): no second run
+    twin = Upstream(UpstreamConfig(name="tiny"))
+    assert twin.digest() == upstream.digest() and shared.pooled(twin) is shared.pooled(upstream)
+    # other weights (each split's SSL-E) get their own features; beyond POOLED_KEPT the least recently used go
+    others = []
+    for k in range(POOLED_KEPT):
+        other = Upstream(UpstreamConfig(name="tiny"))
+        with torch.no_grad():
+            other.model.model.encoder.layers[0].fc1.weight.add_(0.1 * (k + 1))  # the transformer, not the conv encoder
+        others.append(other)
+        assert other.digest() != upstream.digest()
+        theirs = pooled_for(other, ["u1"], shared).items["u1"]
+        assert not torch.equal(theirs, shared.pooled(upstream).items["u1"])  # upstream: used last
+    assert list(shared._pooled) == [others[-1].digest(), upstream.digest()]  # others[0] was dropped

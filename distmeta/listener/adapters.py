@@ -215,7 +215,7 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
     """The requested baselines and ceilings for one split, from pretrained checkpoints
     {"ssl_e"|"linear"|"multi": path}. The oracles need a synthetic corpus; elsewhere they are left out.
     `inputs`: a job-wide input bank to take the test pool's inputs from (see features.inputs_for)."""
-    from distmeta.features import PooledBank, inputs_for
+    from distmeta.features import inputs_for, pooled_for
     from distmeta.listener.pretrain import load_pretrained
 
     test = split.test_task(corpus)
@@ -225,7 +225,7 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
     if {"Entire-Zero", "Entire-Few", "Entire-Sim", "Entire-All"} & set(methods):
         ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
         ssl_e_inputs = inputs_for(ssl_e.upstream, test.utterances, inputs, corpus, max_seconds)
-        ssl_e_pooled = PooledBank(ssl_e.upstream, ssl_e_inputs)  # SSL-E is fixed for Zero and Sim: run its upstream once
+        ssl_e_pooled = pooled_for(ssl_e.upstream, test.utterances, inputs, corpus, max_seconds)  # Zero and Sim: SSL-E is fixed
         adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_pooled, config)
         adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", ssl_e_inputs, config)
         adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_pooled, config)
@@ -235,7 +235,7 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
         adapters["Oracle-Aggregate"] = Oracle("Oracle-Aggregate", corpus, None)
     if {"Linear-Few", "Multi-Few"} & set(methods):
         linear = load_pretrained("linear", upstream_config, checkpoints["linear"])
-        raw_pooled = PooledBank(linear.upstream, inputs_for(linear.upstream, test.utterances, inputs, corpus, max_seconds))  # shared by both
+        raw_pooled = pooled_for(linear.upstream, test.utterances, inputs, corpus, max_seconds)  # shared by both
         adapters["Linear-Few"] = FineTune("Linear-Few", linear, "linear", raw_pooled, config)
         if "Multi-Few" in methods:
             multi = load_pretrained("multi", upstream_config, checkpoints["multi"], len(split.train_annotators))

@@ -13,8 +13,8 @@ holds several tasks (task i on actor i mod max_actors). The driver is
 `metatrain.train`, the same outer loop as the serial trainer: each step it puts
 the meta-model's trainable parameters (the model's and, with LSLR, its rates)
 into the object store once, as one flat float32 buffer; each actor holding a
-chosen task copies it into its replica, runs `task_meta_gradient` on each of its
-chosen tasks' items and returns their losses, timings and meta-gradients as flat
+chosen task copies it into its replica, runs `task_meta_gradients` on its chosen
+tasks' items (together, on pooled features) and returns their losses, timings and meta-gradients as flat
 buffers in the same layout. The frozen upstream travels once, at setup. A task's
 meta-gradient depends only on (parameters, step, task), so the averaged update
 equals the serial one.
@@ -123,18 +123,17 @@ class TaskActor:
 
     def meta_gradient(self, flat: np.ndarray, step: int, second_order: bool, indices: list) -> list:
         """[(metrics, flat meta-gradients)] of the tasks at `indices`, in order."""
-        from distmeta.listener.metatrain import task_meta_gradient
+        from distmeta.listener.metatrain import task_meta_gradients
 
         values = self.layout.unflatten(flat)
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(values[name])
-        results = []
-        for i in indices:
-            started = time.perf_counter()
-            loss, grads = task_meta_gradient(self.meta, self.bank, self.tasks[i], self.config, step, i, second_order)
-            results.append(({"loss": loss, "seconds": time.perf_counter() - started}, self.layout.flatten(grads)))
-        return results
+        started = time.perf_counter()
+        results = task_meta_gradients(self.meta, self.bank, [(i, self.tasks[i]) for i in indices], self.config, step,
+                                      second_order)
+        seconds = (time.perf_counter() - started) / len(indices)  # tasks computed together share the time
+        return [({"loss": loss, "seconds": seconds}, self.layout.flatten(grads)) for loss, grads in results]
 
     def pid(self) -> int:
         return os.getpid()

@@ -16,6 +16,8 @@
   training without LSLR.
 - `step_weights` (MAML++'s multi-step loss) makes the outer loss the weighted sum of the outer
   losses after each inner step.
+- `batched_meta_gradients` is the same for several tasks at once (torch.func.vmap over the tasks):
+  what a small model on cached features needs, where a loop over tasks costs more than the arithmetic.
 
 A MetaModel saves and loads as an ordinary state dict. The functional core below (`adapt`,
 `meta_gradients` on a model and a {parameter name: rates} dict) is what it calls; the tests check
@@ -86,6 +88,80 @@ def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second
     return outer_loss.detach(), dict(zip(params, grads[:len(params)])), dict(zip(rates, grads[len(params):]))
 
 
+def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: list | None = None, *, lrs, steps,
+                           second_order, step_weights=None) -> list:
+    """`meta_gradients` of several tasks at once: [(outer loss, params' meta-gradients, rates' gradients)] per task.
+
+    One vectorised computation (torch.func.vmap over the tasks) instead of a loop: every op runs once for
+    all tasks, which is what makes a small model's meta-gradient cheap (a loop spends its time in per-op
+    overhead, not arithmetic). The tasks' inputs must stack: the same keys and shapes (pooled features,
+    K items each), and the model must be deterministic (no dropout: the loop seeds each task apart).
+    """
+    from torch.func import grad_and_value, vmap
+
+    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
+    missing = sorted(set(params) - set(lrs))
+    if missing:
+        raise KeyError(f"no learning rates for trainable parameter(s) {missing}")
+    rates = {name: lrs[name].detach() for name in params}
+    if step_weights is not None and len(step_weights) != steps:
+        raise ValueError(f"step_weights has {len(step_weights)} entries for {steps} steps")
+
+    loss_of = _functional_loss(model, loss_fn)
+
+    def outer_loss(p, r, inner_inputs, inner_targets, outer_inputs, outer_targets):
+        trajectory = _functional_adapt(loss_of, p, r, inner_inputs, inner_targets, steps, second_order)
+        if step_weights is None:
+            return loss_of(trajectory[-1], outer_inputs, outer_targets)
+        return sum(w * loss_of(q, outer_inputs, outer_targets) for w, q in zip(step_weights, trajectory[1:]))
+
+    outer = outer_batches if outer_batches is not None else inner_batches
+    per_task = vmap(grad_and_value(outer_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))
+    with sdpa_kernel([SDPBackend.MATH]):  # as in meta_gradients: the double backward needs the math kernel
+        (param_grads, rate_grads), losses = per_task(params, rates, *_stacked(inner_batches), *_stacked(outer))
+    return [(losses[t].detach(), {n: g[t] for n, g in param_grads.items()}, {n: g[t] for n, g in rate_grads.items()})
+            for t in range(len(inner_batches))]
+
+
+def batched_adapt(model, loss_fn, batches: list, *, lrs, steps) -> list[dict]:
+    """`adapt` (first order) on several batches at once (vmap, see batched_meta_gradients): the final
+    parameters of each, detached."""
+    from torch.func import vmap
+
+    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
+    rates = {name: lrs[name].detach() for name in params}
+    loss_of = _functional_loss(model, loss_fn)
+    final = vmap(lambda inputs, targets: _functional_adapt(loss_of, params, rates, inputs, targets, steps, False)[-1])
+    adapted = final(*_stacked(batches))
+    return [{name: p[i].detach() for name, p in adapted.items()} for i in range(len(batches))]
+
+
+def _functional_loss(model, loss_fn):
+    return lambda params, inputs, targets: loss_fn(functional_call(model, params, (inputs,)), targets)
+
+
+def _functional_adapt(loss_of, params, rates, inputs, targets, steps, second_order) -> list[dict]:
+    """`adapt`'s inner loop in torch.func form (what vmap maps over tasks)."""
+    from torch.func import grad
+
+    trajectory = [params]
+    for step in range(steps):
+        g = grad(loss_of)(trajectory[-1], inputs, targets)
+        if not second_order:
+            g = {name: v.detach() for name, v in g.items()}
+        trajectory.append({name: w - _rate(rates[name], step) * g[name] for name, w in trajectory[-1].items()})
+    return trajectory
+
+
+def _stacked(batches: list) -> tuple:
+    """[(inputs, targets)] -> (inputs, targets) with a leading dimension over the batches; inputs: a tensor or
+    a dict of them."""
+    first = batches[0][0]
+    inputs = ({key: torch.stack([b[0][key] for b in batches]) for key in first} if isinstance(first, dict)
+              else torch.stack([b[0] for b in batches]))
+    return inputs, torch.stack([b[1] for b in batches])
+
+
 def _rate_key(name: str) -> str:
     return name.replace(".", "/")  # module attribute names hold no dots
 
@@ -113,13 +189,29 @@ class MetaModel(nn.Module):
         trajectory = adapt(self.model, self.loss_fn, (inputs, targets), lrs=rates, steps=steps)
         return {name: p.detach() for name, p in trajectory[-1].items()}
 
+    def batched_adapt(self, batches: list, steps: int) -> list[dict]:
+        """`adapt` on each (inputs, targets) in `batches`, computed together (see the function)."""
+        rates = {name: r.detach() for name, r in self.learning_rates().items()}
+        return batched_adapt(self.model, self.loss_fn, batches, lrs=rates, steps=steps)
+
     def meta_gradients(self, inner_batch, outer_batch=None, *, steps: int, second_order: bool, step_weights=None):
         """(outer loss, {name in self.named_parameters(): meta-gradient}) for the parameters that require grad."""
         loss, params, rates = meta_gradients(self.model, self.loss_fn, inner_batch, outer_batch, lrs=self.learning_rates(),
                                              steps=steps, second_order=second_order, step_weights=step_weights)
+        return loss, self._named(params, rates)
+
+    def batched_meta_gradients(self, inner_batches: list, outer_batches: list | None = None, *, steps: int,
+                               second_order: bool, step_weights=None) -> list:
+        """`meta_gradients` of several tasks in one vectorised computation (see the function): [(loss, grads)]."""
+        results = batched_meta_gradients(self.model, self.loss_fn, inner_batches, outer_batches, lrs=self.learning_rates(),
+                                         steps=steps, second_order=second_order, step_weights=step_weights)
+        return [(loss, self._named(params, rates)) for loss, params, rates in results]
+
+    def _named(self, params: dict, rates: dict) -> dict:
+        """Gradients keyed like `self.named_parameters()`, for the parameters that require grad."""
         grads = {f"model.{name}": g for name, g in params.items()}
         grads.update({f"rates.{_rate_key(name)}": g for name, g in rates.items()})
-        return loss, {name: grads[name] for name in trainable_parameters(self)}
+        return {name: grads[name] for name in trainable_parameters(self)}
 
     def clone(self) -> "MetaModel":
         """An independent copy (the model's own `clone`, see SERModel.clone)."""

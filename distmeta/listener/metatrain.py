@@ -69,6 +69,12 @@ def sample_batches(task, config: MetaConfig, step: int, task_index: int):
     return task.sample(config.shots, config.shots, seed=seed)
 
 
+def task_batch(bank, task, idx, device) -> tuple[dict, torch.Tensor]:
+    """(inputs, targets) of the task's items at `idx`, on `device`."""
+    inputs = {k: v.to(device) for k, v in bank.batch([task.utterances[i] for i in idx]).items()}
+    return inputs, torch.as_tensor(task.targets[idx]).to(device)
+
+
 def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: int, task_index: int,
                        second_order: bool) -> tuple[float, dict]:
     """One training annotator's contribution to one outer step: (outer loss, meta-gradients).
@@ -80,8 +86,7 @@ def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: in
     inner_idx, outer_idx = sample_batches(task, config, step, task_index)
 
     def batch(idx):
-        inputs = {k: v.to(device) for k, v in bank.batch([task.utterances[i] for i in idx]).items()}
-        return inputs, torch.as_tensor(task.targets[idx]).to(device)
+        return task_batch(bank, task, idx, device)
 
     weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -89,6 +94,25 @@ def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: in
         loss, grads = meta.meta_gradients(batch(inner_idx), None if outer_idx is None else batch(outer_idx),
                                           steps=config.inner_steps, second_order=second_order, step_weights=weights)
     return loss.item(), {n: g.cpu() for n, g in grads.items()}
+
+
+def task_meta_gradients(meta: MetaModel, bank, tasks: list, config: MetaConfig, step: int,
+                        second_order: bool) -> list[tuple[float, dict]]:
+    """`task_meta_gradient` of each (task index, task) in `tasks`, in order. On pooled features (frozen-upstream
+    scopes) they are computed together (`MetaModel.batched_meta_gradients`, the same numbers): the head has no
+    dropout and every task's K items stack; on other inputs (scope entire: padded audio, dropout) one by one."""
+    from distmeta.features import PooledBank
+
+    if not isinstance(bank, PooledBank) or len(tasks) < 2:
+        return [task_meta_gradient(meta, bank, task, config, step, i, second_order) for i, task in tasks]
+    device = next(meta.parameters()).device
+    drawn = [(task, *sample_batches(task, config, step, i)) for i, task in tasks]
+    inner = [task_batch(bank, task, inner_idx, device) for task, inner_idx, _ in drawn]
+    outer = None if config.csmt else [task_batch(bank, task, outer_idx, device) for task, _, outer_idx in drawn]
+    weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
+    results = meta.batched_meta_gradients(inner, outer, steps=config.inner_steps, second_order=second_order,
+                                          step_weights=weights)
+    return [(loss.item(), {n: g.cpu() for n, g in grads.items()}) for loss, grads in results]
 
 
 class MetaLearner:
@@ -143,16 +167,24 @@ def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
     """Supplementary C: meta-test the validation annotator, averaged over `val_seeds` episodes:
     class-balanced loss on its queries (the selection criterion) and their macro/micro-F1.
     A list of tasks (validation speakers): every one of them, averaged."""
+    from distmeta.features import PooledBank
     from distmeta.metrics import multilabel_scores
 
     shots, scores = config.val_shots or config.shots, []
-    for task, seed in [(t, s) for t in (task if isinstance(task, list) else [task]) for s in range(config.val_seeds)]:
-        support, query = task.sample(shots, config.val_queries, seed=10_000 + seed)
-        ids = [task.utterances[i] for i in support]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            probs = adapted_probs(meta, bank, ids, task.targets[support], [task.utterances[i] for i in query],
-                                  config.test_steps)
+    episodes = [(t, s, *t.sample(shots, config.val_queries, seed=10_000 + s))
+                for t in (task if isinstance(task, list) else [task]) for s in range(config.val_seeds)]
+    supports = [(bank.batch([t.utterances[i] for i in support]), torch.as_tensor(t.targets[support]))
+                for t, _, support, _ in episodes]
+    if isinstance(bank, PooledBank):  # no dropout, stackable: every episode adapts at once (the same numbers)
+        adapted = meta.batched_adapt(supports, config.test_steps)
+    else:
+        adapted = []
+        for (_, seed, _, _), (inputs, targets) in zip(episodes, supports):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                adapted.append(meta.adapt(inputs, targets, config.test_steps))
+    for (task, seed, support, query), fast in zip(episodes, adapted):
+        probs = query_probs(meta, bank, [task.utterances[i] for i in query], fast)
         q_targets = torch.as_tensor(task.targets[query])
         weights = class_balanced_weights(torch.as_tensor(task.targets[support]))
         loss = class_balanced_cross_entropy(torch.log(probs.clamp_min(1e-12)), q_targets, weights).item()
@@ -162,14 +194,14 @@ def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
 
 
 class SerialGradients:
-    """Meta-gradients of the chosen tasks, one after another in this process (the reference)."""
+    """Meta-gradients of the chosen tasks in this process (the reference)."""
 
     def __init__(self, bank, tasks: list):
         self.bank, self.tasks = bank, tasks
 
     def __call__(self, learner: MetaLearner, step: int, chosen, second_order: bool) -> list[tuple[float, dict]]:
-        return [task_meta_gradient(learner.meta, self.bank, self.tasks[i], learner.config, step, i, second_order)
-                for i in chosen]
+        return task_meta_gradients(learner.meta, self.bank, [(i, self.tasks[i]) for i in chosen], learner.config, step,
+                                   second_order)
 
 
 def chosen_tasks(rng: np.random.Generator, n_tasks: int, config: MetaConfig) -> list[int]:
@@ -301,11 +333,12 @@ def meta_model_of(model, config: MetaConfig) -> MetaModel:
 def make_bank(meta: MetaModel, corpus, utterances, config: MetaConfig, max_seconds, inputs=None):
     """What the meta-model reads for `utterances`: its input bank (scope entire) or its pooled features;
     `inputs`: a job-wide input bank to take them from (see features.inputs_for)."""
-    from distmeta.features import PooledBank, inputs_for
+    from distmeta.features import inputs_for, pooled_for
 
     upstream = meta.model.upstream
-    inputs = inputs_for(upstream, utterances, inputs, corpus, max_seconds)
-    return inputs if config.scope == "entire" else PooledBank(upstream, inputs)
+    if config.scope == "entire":
+        return inputs_for(upstream, utterances, inputs, corpus, max_seconds)
+    return pooled_for(upstream, utterances, inputs, corpus, max_seconds)
 
 
 def training_pool(tasks: list, val_task) -> list[str]:

@@ -82,6 +82,14 @@ def landed(config: UpstreamConfig, checkpoint: bytes | None) -> UpstreamConfig:
     return config
 
 
+def _weights_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class Upstream(nn.Module):
     """Wraps an s3prl upstream: padded waveforms [B, T] + lengths -> hidden states [L, B, F, D] + frame lengths."""
 
@@ -145,12 +153,11 @@ class Upstream(nn.Module):
 
     def conv_digest(self) -> str:
         """Identifies the frozen conv encoder's weights: banks of its outputs serve only models that share it."""
-        extractor = self.model.model.feature_extractor
-        digest = hashlib.sha256()
-        for name, tensor in sorted(extractor.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return _weights_digest(self.model.model.feature_extractor)
+
+    def digest(self) -> str:
+        """Identifies all the upstream's weights: pooled features (`features.Bank.pooled`) serve only models that share them."""
+        return _weights_digest(self)
 
     def conv_features(self, wav: torch.Tensor) -> torch.Tensor:
         """The frozen convolutional feature encoder's output for one utterance, [C, frames]."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from distmeta.listener.maml import MetaModel, adapt, meta_gradients
+from distmeta.listener.maml import MetaModel, adapt, batched_meta_gradients, meta_gradients
 
 
 class MLP(nn.Module):
@@ -187,3 +187,45 @@ def test_meta_model_adapts_with_its_rates_and_round_trips_as_a_state_dict(settin
     again = MetaModel(twin, inner_steps=3, inner_lr=0.5, loss_fn=ce).double()
     again.load_state_dict(meta.state_dict())  # an ordinary state dict: model.<name>, rates.<name>
     assert all(torch.equal(again.adapt(*inner, steps=3)[n], fast[n]) for n in fast)
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+@pytest.mark.parametrize("csmt", [True, False])
+def test_batched_meta_gradients_equal_each_task_on_its_own(setting, second_order, csmt):
+    # What the trainers run on pooled features: several tasks in one vmap; the reference is the loop.
+    model, _, _, lrs = setting
+    torch.manual_seed(1)
+    batches = [(torch.randn(6, 3, dtype=torch.float64), torch.softmax(torch.randn(6, 2, dtype=torch.float64), -1))
+               for _ in range(5)]
+    inner, outer = batches[:3], None if csmt else batches[2:]
+    for weights in (None, [0.2, 0.3, 0.5]):
+        got = batched_meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=second_order,
+                                     step_weights=weights)
+        assert len(got) == 3
+        for t, (loss, grads, rate_grads) in enumerate(got):
+            expected_loss, expected, expected_rates = meta_gradients(
+                model, ce, inner[t], None if csmt else outer[t], lrs=lrs, steps=3, second_order=second_order,
+                step_weights=weights)
+            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+            for name in expected:
+                assert torch.allclose(grads[name], expected[name], rtol=1e-10, atol=1e-12), (t, name)
+                assert torch.allclose(rate_grads[name], expected_rates[name], rtol=1e-10, atol=1e-12), (t, name)
+    # the rates' gradients are not zero (the comparison above would pass on two empty computations)
+    assert any(g.abs().sum() > 0 for g in got[0][2].values())
+
+
+def test_meta_model_batched_adapt_and_gradients_equal_its_single_ones(setting):
+    model, inner, outer, lrs = setting
+    model.a.weight.requires_grad_(False)
+    meta = MetaModel(model, inner_steps=3, inner_lr=0.0, loss_fn=ce).double()
+    with torch.no_grad():
+        for name, rates in meta.learning_rates().items():
+            rates.copy_(lrs[name])
+    batches = [inner, (inner[0] * 2, inner[1].flip(-1))]
+    for fast, batch in zip(meta.batched_adapt(batches, steps=3), batches):
+        expected = meta.adapt(*batch, steps=3)
+        assert set(fast) == set(expected) and all(torch.allclose(fast[n], expected[n], atol=1e-12) for n in expected)
+    for (loss, grads), batch in zip(meta.batched_meta_gradients(batches, steps=3, second_order=True), batches):
+        expected_loss, expected = meta.meta_gradients(batch, steps=3, second_order=True)
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+        assert set(grads) == set(expected) and all(torch.allclose(grads[n], expected[n], atol=1e-12) for n in expected)

@@ -5,7 +5,8 @@ import torch
 from distmeta.data import rotation
 from distmeta.listener.maml import MetaModel
 from distmeta.listener.metatrain import (MetaConfig, MetaLearner, build_meta_model, make_bank, meta_train_split,
-                                         sample_batches, task_meta_gradient, train_serial)
+                                         sample_batches, task_meta_gradient, task_meta_gradients, train_serial,
+                                         validation_metrics)
 from distmeta.models import UpstreamConfig
 
 
@@ -63,6 +64,39 @@ def test_task_meta_gradient_is_meta_gradients_on_the_sampled_batch(setting):
     expected_loss, expected = learner.meta.meta_gradients(batch, steps=config.inner_steps, second_order=False)
     assert loss == pytest.approx(expected_loss.item())
     assert all(torch.equal(grads[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("csmt", [True, False])
+def test_tasks_on_pooled_features_are_computed_together_with_the_same_numbers(setting, csmt):
+    from dataclasses import replace
+
+    from distmeta.features import PooledBank
+
+    config, model, bank, tasks, _ = setting
+    config = replace(config, csmt=csmt)
+    assert isinstance(bank, PooledBank)  # scope head: the batched path
+    chosen = [(i, tasks[i]) for i in (0, 2, 3)]
+    for second_order in (False, True):
+        together = task_meta_gradients(model, bank, chosen, config, 5, second_order)
+        for (i, task), (loss, grads) in zip(chosen, together):
+            expected_loss, expected = task_meta_gradient(model, bank, task, config, 5, i, second_order)
+            assert loss == pytest.approx(expected_loss, rel=1e-6)
+            assert set(grads) == set(expected)
+            assert all(torch.allclose(grads[k], expected[k], rtol=1e-5, atol=1e-8) for k in expected), (i, second_order)
+
+
+def test_validation_adapts_its_episodes_together_with_the_same_numbers(setting):
+    from distmeta.features import Bank
+
+    config, model, bank, _, val_task = setting
+
+    class OneByOne(Bank):  # the same features behind another bank type: the per-episode path (audio, frames)
+        items = bank.items
+        batch = staticmethod(bank.batch)
+
+    together = validation_metrics(model, bank, [val_task, val_task], config)
+    alone = validation_metrics(model, OneByOne(), [val_task, val_task], config)
+    assert together == pytest.approx(alone, rel=1e-5)
 
 
 def test_serial_training_learns_rates_and_keeps_the_best_validation_state(setting):
