@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/bench_distributed.py [--scope head|entire] [--steps 20] [--utterances 600]
 
-Same split, same seeds, same outer steps: the serial trainer loops over the
-training annotators in process; the distributed one sends each annotator's
-meta-gradient to its own Ray actor. Reported per outer step: wall time, the
+Same split, same seeds, same outer steps: the serial trainer computes the
+training annotators' meta-gradients in process (together, on pooled features);
+the distributed one sends each annotator's meta-gradient to its own Ray actor,
+or (the job's default) to one of 2 actors that each compute theirs together. Reported per outer step: wall time, the
 mean compute time inside one actor, and the rest (serialisation, object
 store, scheduling, the driver's AdamW step). Ratios are from one run on one
 machine; on a 2-core laptop the actors share the cores, so there is no
@@ -20,7 +21,7 @@ import ray
 import torch
 
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.listener.distributed import ActorConfig, ActorPool
+from distmeta.listener.distributed import ActorConfig, ActorPool, ListenerReplica
 from distmeta.listener.metatrain import MetaConfig, MetaLearner, SerialGradients, build_meta_model, make_bank, train
 from distmeta.models import UpstreamConfig
 
@@ -55,7 +56,7 @@ def main():
     serial = timed_training(model, config, SerialGradients(bank, tasks), len(tasks), bank, val_task)
     pool = ActorPool(ActorConfig(), log=None)
     started = time.perf_counter()
-    pool.setup(UpstreamConfig(), model, config, tasks, bank)
+    pool.setup(ListenerReplica(UpstreamConfig()), model, config, tasks, bank)
     setup = time.perf_counter() - started
     distributed = timed_training(model, config, pool, len(tasks), bank, val_task)
     compute = np.mean([m["seconds"] for m in pool.last_metrics.values()])
@@ -64,13 +65,18 @@ def main():
     print("|---|---|---|---|")
     print(f"| serial | {serial:.3f} | {1 / serial:.2f} | 1.00 |")
     print(f"| distributed, {len(tasks)} actors | {distributed:.3f} | {1 / distributed:.2f} | {distributed / serial:.2f} |")
+    few = ActorPool(ActorConfig(max_actors=2), log=None)  # the job's default: each actor computes its tasks together
+    few.setup(ListenerReplica(UpstreamConfig()), model, config, tasks, bank)
+    two = timed_training(model, config, few, len(tasks), bank, val_task)
+    few.shutdown()
+    print(f"| distributed, 2 actors holding {len(tasks)} tasks | {two:.3f} | {1 / two:.2f} | {two / serial:.2f} |")
     print(f"\nper actor per step: {compute * 1000:.1f} ms computing its meta-gradient "
           f"(serial: {serial / len(tasks) * 1000:.1f} ms per task)")
 
     print("\n| actors (= tasks per step) | outer steps/s | meta-gradients/s |")
     print("|---|---|---|")
     for n in sorted({1, 2, 4, len(tasks)}):
-        pool.setup(UpstreamConfig(), model, config, tasks[:n], bank)
+        pool.setup(ListenerReplica(UpstreamConfig()), model, config, tasks[:n], bank)
         per_step = timed_training(model, config, pool, n, bank, val_task)
         print(f"| {n} | {1 / per_step:.2f} | {n / per_step:.1f} |")
     pool.shutdown()

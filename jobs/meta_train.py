@@ -9,7 +9,7 @@
 2. pretrain:   SSL-E, Linear and Multi per split, as one Ray Train run (models already in
                `models_dir` with the same settings are reused).
 3. meta-train: Meta-PerSER per split (and the Table 2 variants, unseen scenario) on Ray
-               task actors, one per training annotator; checkpoints every
+               task actors holding the training annotators' tasks (actors.max_actors); checkpoints every
                `checkpoint_every` outer steps under `out/checkpoints`.
 4. meta-test:  the protocol for every method; results.csv, table1.md, table2.md,
                shots_sweep.{md,csv,png}, table_a1.md / table_a2.md, config.yaml under `out`.

@@ -1,4 +1,4 @@
-"""Distributed meta-training on Ray: one actor per training task (annotator or speaker), the driver aggregates.
+"""Distributed meta-training on Ray: task actors hold the training tasks (annotators or speakers), the driver aggregates.
 
     actors = ActorPool(ActorConfig(num_gpus=0.25))
     result = meta_train_split(corpus, split, upstream, ssl_e, meta, actors=actors)   # metatrain.py
@@ -50,7 +50,7 @@ from distmeta.models.upstream import portable
 
 @dataclass
 class ActorConfig:
-    num_cpus: float = 0.0  # per actor; 0 shares the node's CPUs (a 2-core laptop holds all nine actors)
+    num_cpus: float = 0.0  # per actor; 0 shares the node's CPUs (a 2-core laptop can hold nine actors)
     num_gpus: float = 0.0  # per actor; fractions pack several actors on one GPU
     max_restarts: int = 3  # replacements of one actor within one call before the run fails
     max_actors: int = 0  # 0: one actor per task; fewer: each actor holds several tasks (many speakers, few cores)
