@@ -225,7 +225,8 @@ def baseline_adapters(methods, corpus, split, checkpoints: dict, upstream_config
     if {"Entire-Zero", "Entire-Few", "Entire-Sim", "Entire-All"} & set(methods):
         ssl_e = load_pretrained("ssl_e", upstream_config, checkpoints["ssl_e"])
         ssl_e_inputs = inputs_for(ssl_e.upstream, test.utterances, inputs, corpus, max_seconds)
-        ssl_e_pooled = pooled_for(ssl_e.upstream, test.utterances, inputs, corpus, max_seconds)  # Zero and Sim: SSL-E is fixed
+        # Zero and Sim: SSL-E is fixed. Without a job-wide bank, from the inputs just built (not the audio again).
+        ssl_e_pooled = pooled_for(ssl_e.upstream, test.utterances, ssl_e_inputs if inputs is None else inputs)
         adapters["Entire-Zero"] = ZeroShot("Entire-Zero", ssl_e, ssl_e_pooled, config)
         adapters["Entire-Few"] = FineTune("Entire-Few", ssl_e, "entire", ssl_e_inputs, config)
         adapters["Entire-Sim"] = Similarity(ssl_e, ssl_e_pooled, config)

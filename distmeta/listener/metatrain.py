@@ -69,6 +69,11 @@ def sample_batches(task, config: MetaConfig, step: int, task_index: int):
     return task.sample(config.shots, config.shots, seed=seed)
 
 
+def step_weights(config: MetaConfig) -> list[float] | None:
+    """MAML++'s multi-step loss weights (uniform), or None: the outer loss after the last inner step only."""
+    return [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
+
+
 def task_batch(bank, task, idx, device) -> tuple[dict, torch.Tensor]:
     """(inputs, targets) of the task's items at `idx`, on `device`."""
     inputs = {k: v.to(device) for k, v in bank.batch([task.utterances[i] for i in idx]).items()}
@@ -84,15 +89,12 @@ def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: in
     """
     device = next(meta.parameters()).device
     inner_idx, outer_idx = sample_batches(task, config, step, task_index)
-
-    def batch(idx):
-        return task_batch(bank, task, idx, device)
-
-    weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
+    inner = task_batch(bank, task, inner_idx, device)
+    outer = None if outer_idx is None else task_batch(bank, task, outer_idx, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(task_seed(config, step, task_index))
-        loss, grads = meta.meta_gradients(batch(inner_idx), None if outer_idx is None else batch(outer_idx),
-                                          steps=config.inner_steps, second_order=second_order, step_weights=weights)
+        loss, grads = meta.meta_gradients(inner, outer, steps=config.inner_steps, second_order=second_order,
+                                          step_weights=step_weights(config))
     return loss.item(), {n: g.cpu() for n, g in grads.items()}
 
 
@@ -109,9 +111,8 @@ def task_meta_gradients(meta: MetaModel, bank, tasks: list, config: MetaConfig, 
     drawn = [(task, *sample_batches(task, config, step, i)) for i, task in tasks]
     inner = [task_batch(bank, task, inner_idx, device) for task, inner_idx, _ in drawn]
     outer = None if config.csmt else [task_batch(bank, task, outer_idx, device) for task, _, outer_idx in drawn]
-    weights = [1.0 / config.inner_steps] * config.inner_steps if config.multi_step_loss else None
     results = meta.batched_meta_gradients(inner, outer, steps=config.inner_steps, second_order=second_order,
-                                          step_weights=weights)
+                                          step_weights=step_weights(config))
     return [(loss.item(), {n: g.cpu() for n, g in grads.items()}) for loss, grads in results]
 
 
