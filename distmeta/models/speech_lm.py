@@ -34,7 +34,11 @@ TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2
 
 @dataclass
 class SpeechLMConfig:
-    llm: str = "tiny"  # "tiny" (TINY_T5 + a byte-level tokenizer), or a Hugging Face seq2seq model: local path or hub id
+    llm: str = "tiny"  # "tiny" (TINY_T5, random weights), or a Hugging Face seq2seq model: local path or hub id
+    # llm="tiny" only (a Hugging Face LLM brings its own): "words", one token per word of the instruction and
+    # the label words (built here from them); or "bytes", ByT5's byte-level tokenizer. A random LLM reads no
+    # instruction, and in bytes the paper's is 133 of a 0-pair prompt's 142 tokens (of 247 with 7 pairs).
+    tokenizer: str = "words"
     num_queries: int = 8  # Q-Former queries per utterance (the paper: 150)
     qformer_layers: int = 2
     qformer_heads: int = 4
@@ -70,12 +74,31 @@ class QFormer(nn.Module):
         return self.norm(out)
 
 
-def load_llm(config: SpeechLMConfig):
-    """(tokenizer with the <speech> token, seq2seq LLM) for `config.llm`."""
+def word_tokenizer(texts: list[str]):
+    """A word-level tokenizer whose vocabulary is the words and punctuation marks of `texts`, built here
+    (nothing downloaded): T5's <pad>, </s>, <unk> first, then each new word in order of appearance."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Whitespace()  # words and runs of punctuation: "Anger." -> "Anger", "."
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = splitter
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def load_llm(config: SpeechLMConfig, texts: list[str]):
+    """(tokenizer with the <speech> token, seq2seq LLM) for `config.llm`; `texts` (the instruction, the
+    label words, the pairs' punctuation) are the word tokenizer's vocabulary."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     if config.llm == "tiny":
-        tokenizer = ByT5Tokenizer(extra_ids=0)
+        if config.tokenizer not in ("words", "bytes"):
+            raise ValueError(f"model.tokenizer={config.tokenizer!r}: the tiny LLM takes 'words' or 'bytes'")
+        tokenizer = word_tokenizer(texts) if config.tokenizer == "words" else ByT5Tokenizer(extra_ids=0)
         tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN]})
         torch.manual_seed(config.seed)
         llm = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -95,7 +118,8 @@ class SpeechLM(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         self.config, self.words = config, list(words)
-        self.tokenizer, llm = load_llm(config)
+        self.instruction = config.instruction.format(labels=", ".join(self.words))
+        self.tokenizer, llm = load_llm(config, [self.instruction, *self.words, "."])
         for p in llm.parameters():
             p.requires_grad_(False)
         targets = [t for t in config.lora_targets if any(n.split(".")[-1] == t for n, _ in llm.named_modules())]
@@ -113,7 +137,6 @@ class SpeechLM(nn.Module):
         nn.init.zeros_(self.segment.weight)
         nn.init.zeros_(self.example.weight)
         self.speech_id = self.tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
-        self.instruction = config.instruction.format(labels=", ".join(self.words))
 
     # ---- the prompt -------------------------------------------------------------
 

@@ -140,7 +140,8 @@ def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
 def load_speech_lm(path):
     """A trained speech LM from its safetensors file and JSON sidecar (config, encoder width, label words)."""
     sidecar = json.loads(Path(path).with_suffix(".json").read_text())
-    model = SpeechLM(from_dict(SpeechLMConfig, sidecar["settings"]["model"]), sidecar["encoder_dim"], sidecar["words"])
+    settings = {"tokenizer": "bytes", **sidecar["settings"]["model"]}  # saved before the word tokenizer: bytes
+    model = SpeechLM(from_dict(SpeechLMConfig, settings), sidecar["encoder_dim"], sidecar["words"])
     return load_trainable(model, load_file(str(path))).eval()
 
 

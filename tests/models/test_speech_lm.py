@@ -1,5 +1,7 @@
 """The speech LM: prompt layout, placeholder filling, the target-only loss, what trains, closed-set scoring."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,10 @@ def test_prompt_layout(model):
     assert len(ids) == len(seg) == len(ex)
     text_of = lambda example: tok.decode([i for i, s, e in zip(ids, seg, ex) if s == TEXT and e == example],
                                           skip_special_tokens=True)
-    assert text_of(0) == model.instruction and "Neutral, Surprise, Sadness, Joy, Fear, Disgust, Anger" in model.instruction
-    assert text_of(1) == " Joy." and text_of(2) == " Anger." and text_of(3) == ""
+    unspaced = lambda text: text.replace(" ", "")  # the word tokenizer decodes words joined by spaces
+    assert unspaced(text_of(0)) == unspaced(model.instruction)
+    assert "Neutral, Surprise, Sadness, Joy, Fear, Disgust, Anger" in model.instruction
+    assert unspaced(text_of(1)) == "Joy." and unspaced(text_of(2)) == "Anger." and text_of(3) == ""
     for example in (1, 2, 3):  # each example's speech: nq placeholders, before its label text
         slots = [k for k, (i, s, e) in enumerate(zip(ids, seg, ex)) if e == example and s == SPEECH]
         assert len(slots) == nq and all(ids[k] == model.speech_id for k in slots)
@@ -66,6 +70,25 @@ def test_placeholders_hold_each_utterances_queries_in_order(model):
         model.embed(batch, frames[:4], mask[:4])
 
 
+@pytest.mark.parametrize("instruction", [SpeechLMConfig.instruction, "Emotions: {labels}. Which one?"])
+def test_word_tokenizer_knows_every_prompt_word_and_shortens_the_prompt(instruction):
+    """The tiny LLM's default tokenizer: one token per word, built from the instruction and the label words
+    (never <unk> in a prompt, one token per label); a 7-pair prompt is under half its byte-level length."""
+    config = SpeechLMConfig(num_queries=3, qformer_dim=16, instruction=instruction)
+    words, raw = SpeechLM(config, DIM, WORDS), SpeechLM(replace(config, tokenizer="bytes"), DIM, WORDS)
+    tok = words.tokenizer
+    assert tok.unk_token_id not in words.prompt(WORDS)["ids"]
+    for model in (words, raw):
+        assert model.llm.get_input_embeddings().num_embeddings == len(model.tokenizer)
+    assert all(len(words.label_ids(w)) == 2 for w in WORDS) and len({words.label_ids(w)[0] for w in WORDS}) == 7
+    assert tok.decode(words.label_ids("Disgust"), skip_special_tokens=True) == "Disgust"
+    assert tok("Frustration", add_special_tokens=False).input_ids == [tok.unk_token_id]  # not a label: unknown
+    assert len(words.prompt(WORDS)["ids"]) < len(raw.prompt(WORDS)["ids"]) / 2
+    assert raw.label_ids("Joy") == [b + 3 for b in b"Joy"] + [raw.tokenizer.eos_token_id]  # ByT5: byte value + 3
+    with pytest.raises(ValueError, match="tokenizer='chars'"):
+        SpeechLM(replace(config, tokenizer="chars"), DIM, WORDS)
+
+
 def test_segment_and_example_embeddings_reach_the_encoder(model):
     batch = model.collate([model.prompt(["Joy"])])
     frames, mask = frames_for(2)
@@ -85,7 +108,8 @@ def test_loss_covers_only_the_target_label(model):
     tok = model.tokenizer
     for row, word in zip(batch["labels"], ["Surprise", "Joy"]):
         kept = row[row != -100].tolist()
-        assert kept == tok(word).input_ids  # the word's tokens + end of sequence, nothing from the prompt
+        # the word's tokens + end of sequence, nothing from the prompt
+        assert kept == tok(word, add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert (row[len(kept):] == -100).all()
     frames, mask = frames_for(4)
     loss = model(batch, frames, mask)
@@ -125,7 +149,7 @@ def test_scoring_learns_a_closed_set_mapping():
     frames, mask = frames_for(4, seed=1)
     targets = ["Joy", "Anger", "Fear", "Neutral"]
     batch = model.collate([model.prompt([]) for _ in targets], targets)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)  # 3e-3 oscillates
     model.train()
     for _ in range(300):
         loss = model(batch, frames, mask)
