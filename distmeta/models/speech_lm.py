@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 SPEECH_TOKEN = "<speech>"
+PAIR_LABEL = " {word}."  # an enrollment pair's label text, after its speech
 TEXT, SPEECH = 0, 1
 
 # The default LLM: a tiny T5 built locally from this config (random weights; nothing downloaded).
@@ -92,7 +93,7 @@ def word_tokenizer(texts: list[str]):
 
 def load_llm(config: SpeechLMConfig, texts: list[str]):
     """(tokenizer with the <speech> token, seq2seq LLM) for `config.llm`; `texts` (the instruction, the
-    label words, the pairs' punctuation) are the word tokenizer's vocabulary."""
+    pairs' label texts) are the word tokenizer's vocabulary."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     if config.llm == "tiny":
@@ -119,7 +120,7 @@ class SpeechLM(nn.Module):
 
         self.config, self.words = config, list(words)
         self.instruction = config.instruction.format(labels=", ".join(self.words))
-        self.tokenizer, llm = load_llm(config, [self.instruction, *self.words, "."])
+        self.tokenizer, llm = load_llm(config, [self.instruction, *(PAIR_LABEL.format(word=w) for w in self.words)])
         for p in llm.parameters():
             p.requires_grad_(False)
         targets = [t for t in config.lora_targets if any(n.split(".")[-1] == t for n, _ in llm.named_modules())]
@@ -159,7 +160,7 @@ class SpeechLM(nn.Module):
         speech = [self.speech_id] * self.config.num_queries
         for i, word in enumerate(shot_words, 1):
             add(speech, SPEECH, i)
-            add(self._text(f" {word}."), TEXT, i)
+            add(self._text(PAIR_LABEL.format(word=word)), TEXT, i)
         add(speech, SPEECH, len(shot_words) + 1)
         add([self.tokenizer.eos_token_id], TEXT, len(shot_words) + 1)
         return {"ids": ids, "segments": segments, "examples": examples}

@@ -1,5 +1,7 @@
 """MetaICL pieces: episodes, shot ranges, UA_spk against scikit-learn, the paper's tables, training, the baselines."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -122,6 +124,25 @@ def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_p
     assert evaluate.predict(fresh, bank, test_episodes, data.words) == evaluate.predict(model.eval(), bank, test_episodes, data.words)
     with pytest.raises(ValueError, match="missing"):
         metaicl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
+
+
+def test_a_speech_lm_saved_before_the_word_tokenizer_loads_with_bytes(tmp_path):
+    """Sidecars written before `model.tokenizer` existed have no such key: those models read bytes, and
+    their token embeddings (ByT5's vocabulary) must load into a byte-level model, not the word default."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    words = ["Neutral", "Anger"]
+    config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2, tokenizer="bytes")
+    old = SpeechLM(config, 12, words)
+    save_file(metaicl.trainable_state(old), str(tmp_path / "old.safetensors"))
+    settings = {k: v for k, v in asdict(config).items() if k != "tokenizer"}
+    (tmp_path / "old.json").write_text(json.dumps({"settings": {"model": settings}, "encoder_dim": 12, "words": words}))
+    loaded = metaicl.load_speech_lm(tmp_path / "old.safetensors")
+    assert loaded.config.tokenizer == "bytes" and loaded.label_ids("Anger") == old.label_ids("Anger")
+    for name, value in metaicl.trainable_state(old).items():
+        torch.testing.assert_close(metaicl.trainable_state(loaded)[name], value)
 
 
 def test_personalized_baseline_references(toy_speakers):
