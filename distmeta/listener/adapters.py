@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from distmeta.labels import NUM_CLASSES
-from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights, multilabel_scores
 from distmeta.models.ser import SERHead, SERModel, set_scope
 
 
@@ -43,8 +43,9 @@ class CeilingConfig:
     """Entire-All: fine-tuning on the annotator's whole test pool (minus the queries) with early stopping."""
     lr: float = 1e-3  # 1e-4 (Entire-Few's) stopped within a few epochs below Entire-Few on unseen E1/E4
     max_epochs: int = 30
-    patience: int = 3  # epochs without a better held-out loss before stopping
+    patience: int = 3  # epochs without a better held-out score before stopping
     held_out: float = 0.2  # share of the pool kept for early stopping
+    select: str = "loss"  # what the held-out share scores: loss (class-balanced) or maF1 (macro-F1, what Table 1 reports)
     max_items: int = 400  # a random subset (seeded by the episode) of larger pools; seen pools hold ~1,700
     batch_size: int = 32
 
@@ -131,13 +132,21 @@ class FitAll:
         order = np.random.default_rng(episode.seed).permutation(len(ids))[:config.max_items or None]
         cut = max(1, int(round(len(order) * config.held_out)))
         held, train = order[:cut], order[cut:]
+        if config.select not in ("loss", "maF1"):
+            raise ValueError(f"protocol.ceiling.select must be loss or maF1, got {config.select!r}")
         model = set_scope(self.model.clone(), "entire")
         torch.manual_seed(episode.seed)
+        held_ids, held_targets = [ids[i] for i in held], episode.pool_targets[held]
+        score = None
+        if config.select == "maF1":
+            def score(m):
+                return multilabel_scores(_probs(m, self.bank, held_ids, config.batch_size), held_targets)["maF1"]
         result = fit(model, lambda idx: self.bank.batch([ids[train[i]] for i in idx]), episode.pool_targets[train],
-                     episode.pool_targets[held], lambda idx: self.bank.batch([ids[held[i]] for i in idx]),
+                     held_targets, lambda idx: self.bank.batch([held_ids[i] for i in idx]),
                      epochs=config.max_epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0,
                      seed=episode.seed, patience=config.patience, log=None,
-                     lengths=[self.bank.length(ids[i]) for i in train], val_lengths=[self.bank.length(ids[i]) for i in held])
+                     lengths=[self.bank.length(ids[i]) for i in train], val_lengths=[self.bank.length(i) for i in held_ids],
+                     val_score=score)
         model.load_state_dict(result["best_state"])
         return _probs(model, self.bank, episode.query, config.batch_size)
 

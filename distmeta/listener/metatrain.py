@@ -16,8 +16,9 @@ of the outer steps, then second order (without DA: second order throughout);
 `lslr` trains the per-parameter per-step rates (else they stay at `inner_lr`).
 Model selection (supplementary C): every `val_every` steps the validation
 annotator is meta-tested (K support, adapt `test_steps`, class-balanced loss on
-Q queries, averaged over `val_seeds`); the lowest loss wins. Its macro/micro-F1 are
-recorded too (`val_maF1`, `val_miF1`).
+Q queries, averaged over `val_seeds`); the lowest loss wins, or with `select: maF1`
+the highest macro-F1 on those queries. Both, and micro-F1, are recorded (`val_loss`,
+`val_maF1`, `val_miF1`).
 """
 
 import json
@@ -54,6 +55,7 @@ class MetaConfig:
     val_shots: int = 0  # K of the validation annotator's support set; 0 = `shots` (set it when sweeping shots)
     val_seeds: int = 3
     val_queries: int = 64
+    select: str = "loss"  # model selection on the validation episodes: loss (class-balanced) or maF1 (macro-F1)
     seed: int = 0
 
 
@@ -225,7 +227,7 @@ def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Genera
     for index, slots in optimizer["state"].items():
         tensors.update({f"opt/{index}/{slot}": torch.as_tensor(value) for slot, value in slots.items()})
     meta = {"step": step, "rng": rng.bit_generator.state, "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "history": history, "param_groups": optimizer["param_groups"], "settings": settings}
+            "best_score": best["score"], "history": history, "param_groups": optimizer["param_groups"], "settings": settings}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"distmeta": json.dumps(meta)})
 
@@ -253,8 +255,12 @@ def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator, settin
     learner.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     rng.bit_generator.state = meta["rng"]
     best = {"state": {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}, "step": meta["best_step"],
-            "val_loss": meta["best_val_loss"]}
+            "val_loss": meta["best_val_loss"], "score": meta["best_score"]}
     return meta["step"], best, meta["history"]
+
+
+# What picks the kept meta-parameters among the validations (higher is better); ties keep the earlier step.
+SELECTION = {"loss": lambda record: -record["val_loss"], "maF1": lambda record: record["val_maF1"]}
 
 
 def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, checkpoint=None, checkpoint_every: int = 0,
@@ -271,9 +277,11 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
     from pathlib import Path
 
     config = learner.config
+    if config.select not in SELECTION:
+        raise ValueError(f"meta.select must be one of {list(SELECTION)}, got {config.select!r}")
     settings = json.loads(json.dumps(settings if settings is not None else {"meta": asdict(config)}))
     rng = np.random.default_rng(config.seed)
-    best = {"val_loss": float("inf"), "state": learner.trainable(), "step": 0}
+    best = {"val_loss": float("inf"), "score": -float("inf"), "state": learner.trainable(), "step": 0}
     history, start = [], 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start, best, history = load_checkpoint(checkpoint, learner, rng, settings)
@@ -287,15 +295,17 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
         record = {"step": step + 1, "outer_loss": float(np.mean([loss for loss, _ in results])), "second_order": second}
         if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
             record.update(validation_metrics(learner.meta, bank, val_task, config))
-            last_val = record["val_loss"]
-            if record["val_loss"] < best["val_loss"]:
-                best = {"val_loss": record["val_loss"], "state": learner.trainable(), "step": step + 1}
+            last_val = record
+            score = SELECTION[config.select](record)
+            if score > best["score"]:
+                best = {"val_loss": record["val_loss"], "score": score, "state": learner.trainable(), "step": step + 1}
         history.append(record)
         if checkpoint is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == config.outer_steps):
             save_checkpoint(checkpoint, learner, step + 1, rng, best, history, settings)
         if log:
             done, elapsed = step + 1 - start, time.time() - started
-            val = "" if last_val is None else f", val loss {last_val:.4f} (best {best['val_loss']:.4f} at {best['step']})"
+            val = "" if last_val is None else (f", val loss {last_val['val_loss']:.4f} / maF1 {last_val['val_maF1']:.3f} "
+                                               f"(best {config.select} at {best['step']})")
             log(f"meta step {step + 1}/{config.outer_steps}: outer loss {record['outer_loss']:.4f}{val}, "
                 f"{'2nd' if second else '1st'} order, {elapsed:.0f}s, ETA {elapsed / done * (config.outer_steps - step - 1):.0f}s")
         if on_step:

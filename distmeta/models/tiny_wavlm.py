@@ -35,7 +35,7 @@ import torchaudio
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from distmeta.data.synthetic.cache import GENERATOR_VERSION, default_cache_dir, render_all
+from distmeta.data.synthetic.cache import VOICE_VERSION, default_cache_dir, render_all
 from distmeta.data.synthetic.listeners import SyntheticConfig, draw_speakers, draw_utterances, voice_utterance
 from distmeta.data.synthetic.voice import Prosody
 from distmeta.io import atomic_path
@@ -96,7 +96,7 @@ def build_tiny_checkpoint(path, seed: int = 0) -> Path:
 
 def pretrained_tiny_path(seed: int = 0, epochs: int = 12, utterances: int = 2000) -> Path:
     key = {"wavlm": TINY_WAVLM, "seed": seed, "epochs": epochs, "utterances": utterances,
-           "recipe": PRETRAINING_VERSION, "generator": GENERATOR_VERSION}
+           "recipe": PRETRAINING_VERSION, "generator": VOICE_VERSION}
     return default_cache_dir() / "upstreams" / f"tiny_wavlm_pretrained_{_digest(key)}.pt"
 
 

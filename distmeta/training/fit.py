@@ -54,10 +54,13 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,
         batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0, world_size: int = 1,
         patience: int = 0, on_epoch=None, log=functools.partial(print, flush=True), lengths=None,
-        val_lengths=None) -> dict:
+        val_lengths=None, val_score=None) -> dict:
     """Train the parameters with requires_grad; return the best state (lowest validation loss) and history.
 
     With `patience` > 0, training stops once that many epochs in a row did not improve the validation loss.
+    `val_score(model) -> float`, when given, replaces the validation loss as what picks the best epoch and
+    what patience waits on (higher is better; the earliest best epoch wins ties): a loss can rise as the
+    model grows confident while the metric it serves still improves.
 
     make_inputs(indices) -> model inputs for those rows of `targets`.
     `lengths` / `val_lengths`: each row's input length (a bank's `length`): batches then hold rows of
@@ -68,7 +71,7 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
-    best = {"val_loss": math.inf, "state": None, "epoch": -1}
+    best = {"val_loss": math.inf, "score": -math.inf, "state": None, "epoch": -1}
     history = []
     started = time.time()
     model.train()
@@ -86,14 +89,20 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
             running += loss.item()
         val_loss = evaluate_loss(model, make_val_inputs, val_targets, class_weights, batch_size, val_lengths)
         metrics = {"epoch": epoch + 1, "train_loss": running / max(len(batches), 1), "val_loss": val_loss}
+        if val_score is not None:
+            model.eval()
+            metrics["val_score"] = float(val_score(model))
+            model.train()
         history.append(metrics)
-        is_best = val_loss < best["val_loss"]
+        score = metrics.get("val_score", -val_loss)
+        is_best = score > best["score"]
         if is_best:
-            best = {"val_loss": val_loss, "epoch": epoch + 1,
+            best = {"val_loss": val_loss, "score": score, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         elapsed = time.time() - started
         if log:
-            log(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}"
+            shown = f", val score {metrics['val_score']:.4f}" if val_score is not None else ""
+            log(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}{shown}"
                 f"{' (best)' if is_best else ''}, {elapsed:.0f}s elapsed, ETA {elapsed / (epoch + 1) * (epochs - epoch - 1):.0f}s")
         if on_epoch:
             on_epoch(epoch + 1, metrics, is_best, model.state_dict())

@@ -98,16 +98,20 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
     original = bank.batch
     bank.batch = lambda ids: batches.append(list(ids)) or original(ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    probs = FitAll(model, bank, CeilingConfig(lr=3e-3, max_epochs=4, patience=1)).predict(episode)
-    assert probs.shape == (12, 9) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    # trained and stopped on the pool only; the queries appear once, in the one prediction batch
-    with_queries = [b for b in batches if set(b) & set(queries)]
-    assert with_queries == [queries]
-    assert all(set(b) <= set(pool) for b in batches if b is not with_queries[0])
-    assert set().union(*[b for b in batches if b is not with_queries[0]]) == set(pool)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for select in ("loss", "maF1"):  # early stopping on the held-out loss, or on its macro-F1
+        batches.clear()
+        probs = FitAll(model, bank, CeilingConfig(lr=3e-3, max_epochs=4, patience=1, select=select)).predict(episode)
+        assert probs.shape == (12, 9) and np.allclose(probs.sum(1), 1, atol=1e-5)
+        # trained and stopped on the pool only; the queries appear once, in the one prediction batch
+        with_queries = [b for b in batches if set(b) & set(queries)]
+        assert with_queries == [queries], select
+        assert all(set(b) <= set(pool) for b in batches if b is not with_queries[0])
+        assert set().union(*[b for b in batches if b is not with_queries[0]]) == set(pool)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="pool"):
         FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))
+    with pytest.raises(ValueError, match="select"):
+        FitAll(model, bank, CeilingConfig(select="miF1")).predict(episode)
 
 
 def test_oracles_are_the_generators_perception_models(small_corpus):

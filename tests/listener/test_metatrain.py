@@ -122,3 +122,24 @@ def test_meta_training_is_reproducible(small_corpus, setting):
     b = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, log=None)
     assert all(torch.equal(a["best_state"][k], b["best_state"][k]) for k in a["best_state"])
     assert np.allclose([h["outer_loss"] for h in a["history"]], [h["outer_loss"] for h in b["history"]])
+
+
+def test_selection_on_validation_macro_f1_keeps_the_state_of_its_best_step(setting):
+    """meta.select=maF1: the kept meta-parameters are those after the step whose validation macro-F1 was
+    highest (the earliest on ties), as a run stopped at that step ends with; loss keeps the lowest loss."""
+    from dataclasses import replace
+
+    config, model, bank, tasks, val_task = setting
+    config = replace(config, outer_steps=8, val_every=1, select="maF1")
+    learner, states = MetaLearner(model.clone(), config), []
+    result = train_serial(learner, bank, tasks, val_task, log=None, on_step=lambda record: states.append(learner.state()))
+    scores = [h["val_maF1"] for h in result["history"]]
+    losses = [h["val_loss"] for h in result["history"]]
+    assert result["best_step"] == int(np.argmax(scores)) + 1
+    assert result["best_step"] != int(np.argmin(losses)) + 1  # here the two criteria disagree, so this tells them apart
+    kept = states[result["best_step"] - 1]
+    assert set(kept) == set(result["best_state"]) and all(torch.equal(result["best_state"][k], v) for k, v in kept.items())
+    by_loss = train_serial(MetaLearner(model.clone(), replace(config, select="loss")), bank, tasks, val_task, log=None)
+    assert by_loss["best_step"] == int(np.argmin(losses)) + 1
+    with pytest.raises(ValueError, match="meta.select"):
+        train_serial(MetaLearner(model.clone(), replace(config, select="UA")), bank, tasks, val_task, log=None)

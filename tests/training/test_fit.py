@@ -63,3 +63,30 @@ def test_evaluate_loss_does_not_depend_on_length_bucketing():
     bucketed = evaluate_loss(model, lambda idx: {"x": x[idx]}, targets, weights, batch_size=16,
                              lengths=rng.integers(1, 100, size=90))
     assert bucketed == pytest.approx(plain, rel=1e-6)
+
+
+def test_val_score_picks_the_best_epoch_and_drives_patience():
+    """A score to maximise replaces the validation loss: the kept state is the epoch the score liked best,
+    even where the loss preferred another, and patience counts epochs without a better score."""
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=(120, 5)), dtype=torch.float32)
+    targets = torch.nn.functional.one_hot((x[:, 1] > 0).long(), 3).float().numpy()
+    scores = iter([0.2, 0.5, 0.4, 0.3, 0.45, 0.9, 1.0])  # best at epoch 2; epochs 3-5 not better
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = DictLinear()
+        states = []
+        result = fit(model, lambda idx: {"x": x[:90][idx]}, targets[:90], targets[90:], lambda idx: {"x": x[90:][idx]},
+                     epochs=7, batch_size=16, lr=0.05, weight_decay=0.0, seed=0, log=None,
+                     on_epoch=lambda e, m, best, s: states.append({k: v.clone() for k, v in s.items()}), **kw)
+        return result, states
+
+    result, states = run(val_score=lambda model: next(scores), patience=3)
+    assert [m["val_score"] for m in result["history"]] == [0.2, 0.5, 0.4, 0.3, 0.45]  # stopped after 3 epochs without gain
+    assert result["best_epoch"] == 2
+    assert all(torch.equal(result["best_state"][k], states[1][k]) for k in states[1])
+    assert result["best_val_loss"] == result["history"][1]["val_loss"]
+    by_loss, _ = run()
+    assert "val_score" not in by_loss["history"][0]
+    assert by_loss["best_epoch"] == int(np.argmin([m["val_loss"] for m in by_loss["history"]])) + 1 != 2

@@ -13,6 +13,9 @@ from distmeta.data.corpus import Corpus, CorpusError
 
 
 GENERATOR_VERSION = 2  # bump when the generative model changes, so caches of the old one are not reused
+# The voices and the utterance plan alone (speakers, emotions, prosody, rendering), without the listeners: what
+# the tiny upstream's pretraining audio depends on. Bump it with GENERATOR_VERSION when those change.
+VOICE_VERSION = 2
 
 
 def config_hash(config) -> str:
