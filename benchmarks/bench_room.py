@@ -16,6 +16,8 @@ This answers it on the unseen scenario with the protocol's own episodes
     evidence  what each utterance conveys (the generator's latent mix): a perfect upstream
     voice     the voice parameters each utterance was rendered with, relative to its speaker
               (F0, rate, level, tilt, voice quality...): a perfect speaker-normalising front end
+    voice@S   the same, standardised, plus Gaussian noise of S standard deviations: a front end that
+              reads them with that error (S=1 scores like tiny_pretrained)
     log-mel   mean and std of 40 log-mel bands: what plain spectra carry
     tiny      mean of each hidden layer of the tiny upstream, random weights (the tests' upstream)
     tiny_pretrained   the same, pretrained (models/tiny_wavlm.py; the listener jobs' upstream)
@@ -62,6 +64,10 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
         return pd.DataFrame(np.concatenate([conveyed, np.log(conveyed + 0.05)], 1), index=utterances.index)
     if kind == "voice":
         return voice_parameters(corpus)
+    if kind.startswith("voice@"):
+        table = voice_parameters(corpus)
+        table = (table - table.mean()) / (table.std() + 1e-9)
+        return table + np.random.default_rng(0).normal(0, float(kind[len("voice@"):]), table.shape)
     audio = AudioBank(corpus, utterances.index, 12.0)
     rows = []
     if kind == "log-mel":
@@ -77,7 +83,7 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
                 hidden, _ = upstream(wav[None], torch.tensor([len(wav)]))
                 rows.append(hidden[:, 0].mean(1).flatten().numpy())
     else:
-        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, voice, log-mel, tiny, tiny_pretrained, wavlm_local:PATH")
+        raise SystemExit(f"--features: unknown {kind!r}; choose from evidence, voice, voice@S, log-mel, tiny, tiny_pretrained, wavlm_local:PATH")
     return pd.DataFrame(np.stack(rows), index=utterances.index)
 
 

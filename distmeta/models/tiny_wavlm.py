@@ -96,7 +96,7 @@ def build_tiny_checkpoint(path, seed: int = 0) -> Path:
 
 def pretrained_tiny_path(seed: int = 0, epochs: int = 12, utterances: int = 2000) -> Path:
     key = {"wavlm": TINY_WAVLM, "seed": seed, "epochs": epochs, "utterances": utterances,
-           "recipe": PRETRAINING_VERSION, "generator": VOICE_VERSION}
+           "recipe": PRETRAINING_VERSION, "generator": VOICE_VERSION}  # the key's old name: built checkpoints keep theirs
     return default_cache_dir() / "upstreams" / f"tiny_wavlm_pretrained_{_digest(key)}.pt"
 
 

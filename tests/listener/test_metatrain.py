@@ -106,7 +106,7 @@ def test_serial_training_learns_rates_and_keeps_the_best_validation_state(settin
     result = train_serial(learner, bank, tasks, val_task, log=None)
     validated = [h for h in result["history"] if "val_loss" in h]
     assert [h["step"] for h in validated] == [2, 4]
-    best = min(validated, key=lambda h: h["val_loss"])
+    best = max(validated, key=lambda h: h["val_maF1"])  # the default selection; the first of equals
     assert result["best_step"] == best["step"] and result["best_val_loss"] == best["val_loss"]
     assert any(not torch.equal(start[n], r) for n, r in learner.meta.learning_rates().items())  # LSLR trained
     frozen_config = MetaConfig(**{**config.__dict__, "lslr": False})
