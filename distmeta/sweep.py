@@ -12,8 +12,11 @@ distribution or a constant:
 
 A trial is one meta-training of one split (the distributed trainer unless the
 base config says `distributed: false`); after every validation it reports the
-validation annotator's `val_loss` (the model-selection criterion), `val_maF1`,
-`val_miF1` and the outer loss, which ASHA uses to stop weak trials early.
+validation annotator's `val_loss`, `val_maF1`, `val_miF1` and the outer loss.
+ASHA and the search read the meta-trainer's own model-selection criterion
+(`objective`: `val_maF1`, highest best, under `meta.select: maF1`, the
+default; `val_loss`, lowest best, under `meta.select: loss`), so a sweep ranks
+trials by what picks the model inside each of them.
 
 A space whose first key is `job: metaicl_train` sweeps the speech LM instead
 (its keys are `jobs/metaicl_train.py` config paths): a trial trains stage 1
@@ -31,7 +34,16 @@ import yaml
 from distmeta import config as cfg
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
-METRIC, MODE = "val_loss", "min"
+SPEECH_LM_OBJECTIVE = ("val_loss", "min")  # the speech LM's stage-2 validation loss
+
+
+def objective(select: str) -> tuple[str, str]:
+    """(Tune metric, mode) of a Meta-PerSER sweep whose trials select their model by `meta.select`."""
+    from distmeta.listener.metatrain import SELECTION
+
+    if select not in SELECTION:
+        raise ValueError(f"meta.select must be one of {sorted(SELECTION)}, got {select!r}")
+    return ("val_maF1", "max") if select == "maF1" else ("val_loss", "min")
 SWEPT_JOBS = ("meta_train", "metaicl_train")  # what a space's `job` key may name (default: meta_train)
 
 
@@ -41,7 +53,7 @@ class SweepConfig:
     num_samples: int = 8  # trials
     max_concurrent: int = 2  # trials running at once (each also holds its actors' resources)
     search: Literal["random", "optuna"] = "random"
-    asha: bool = True  # stop trials whose validation loss trails the others' at the same outer step
+    asha: bool = True  # stop trials whose objective (docs/tuning.md) trails the others' at the same step
     grace_period: int = 10  # outer steps every trial runs before ASHA may stop it
     reduction_factor: int = 2
     trial_cpus: float = 1.0  # the trial's own process (outer loop, validation); its actors come on top
@@ -210,33 +222,34 @@ def trial_id(result) -> str:
     return str((result.metrics or {}).get("trial_id", Path(result.path).name))
 
 
-def sweep_table(results, space: dict, outer_steps: int) -> pd.DataFrame:
-    """One row per trial: its params, best validation loss (and that step's F1s), steps run, early stop."""
+def sweep_table(results, space: dict, outer_steps: int, metric: str = "val_loss", mode: str = "min") -> pd.DataFrame:
+    """One row per trial: its params, the best `metric` (and that step's other validation scores), the step,
+    steps run, early stop; best trial first."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        if history is None or METRIC not in history:
+        if history is None or metric not in history:
             rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, "error": str(result.error)})
             continue
-        best = history.loc[history[METRIC].idxmin()]
+        best = history.loc[history[metric].idxmin() if mode == "min" else history[metric].idxmax()]
         steps = int(history["step"].max())
-        scores = {k: float(best[k]) for k in ("val_maF1", "val_miF1") if k in history}  # listener trials
-        rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, "best val_loss": float(best[METRIC]),
-                     **scores, "best step": int(best["step"]), "steps run": steps, "stopped early": steps < outer_steps})
-    return pd.DataFrame(rows).sort_values("best val_loss", na_position="last").reset_index(drop=True)
+        others = {k: float(best[k]) for k in ("val_loss", "val_maF1", "val_miF1") if k in history and k != metric}
+        rows.append({"trial": trial_id(result), **{k: result.config.get(k) for k in space}, f"best {metric}": float(best[metric]),
+                     **others, "best step": int(best["step"]), "steps run": steps, "stopped early": steps < outer_steps})
+    return pd.DataFrame(rows).sort_values(f"best {metric}", ascending=mode == "min", na_position="last").reset_index(drop=True)
 
 
-def plot_trials(results, path) -> None:
-    """Validation loss against outer step, one line per trial."""
+def plot_trials(results, path, metric: str = "val_loss") -> None:
+    """`metric` against outer step, one line per trial."""
     from distmeta.report import figure, save_figure
 
     fig, ax = figure(figsize=(6, 4))
     for result in results:
         history = result.metrics_dataframe
-        if history is not None and METRIC in history:
-            ax.plot(history["step"], history[METRIC], marker=".", label=trial_id(result))
+        if history is not None and metric in history:
+            ax.plot(history["step"], history[metric], marker=".", label=trial_id(result))
     ax.set_xlabel("step (outer steps; speech LM: stage-2 steps)")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel({"val_loss": "validation loss", "val_maF1": "validation macro-F1"}.get(metric, metric))
     ax.set_title("Sweep trials (ASHA-stopped lines end early)")
     ax.legend(fontsize=7)
     save_figure(fig, path)

@@ -36,8 +36,8 @@ from distmeta.jobs import MetaICLJobConfig, MetaTrainConfig, TuneJobConfig
 from distmeta.models.upstream import prepare
 from distmeta.listener.pretrain import pretrain_rotation
 from distmeta.report import save_table
-from distmeta.sweep import (METRIC, MODE, check_shots, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
-                            trial_resources, with_params)
+from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, icl_trial, load_space, meta_trial, objective, plot_trials,
+                            space_job, sweep_table, trial_resources, with_params)
 from distmeta.training.launcher import storage_path
 
 
@@ -100,10 +100,11 @@ def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corp
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     base, options = config.base, config.sweep
+    metric, mode = objective_of(config, icl is not None)
     if options.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=options.seed), options.max_concurrent)
+        searcher = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=options.seed), options.max_concurrent)
     else:
         searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
     scheduler = (ASHAScheduler(time_attr="step", max_t=steps_of(config, icl is not None), grace_period=options.grace_period,
@@ -119,7 +120,7 @@ def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corp
             trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
     tuner = tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=options.num_samples),
         run_config=tune.RunConfig(
             name="sweep", storage_path=storage_path(base.storage, Path(config.out) / "ray"), verbose=1,
@@ -129,6 +130,11 @@ def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corp
     return tuner.fit()
 
 
+def objective_of(config: TuneJobConfig, icl: bool) -> tuple[str, str]:
+    """(metric, mode) the search, ASHA and the best trial read: the meta-trainer's model-selection criterion."""
+    return SPEECH_LM_OBJECTIVE if icl else objective(config.base.meta.select)
+
+
 def steps_of(config: TuneJobConfig, icl: bool) -> int:
     """A trial's length on ASHA's axis: outer steps, or the speech LM's stage-2 steps."""
     return config.icl_base.meta.stage2_steps if icl else config.base.meta.outer_steps
@@ -136,13 +142,15 @@ def steps_of(config: TuneJobConfig, icl: bool) -> int:
 
 def save(config: TuneJobConfig, space: dict, results, icl: bool = False) -> dict:
     out = Path(config.out)
-    table = sweep_table(results, space, steps_of(config, icl))
+    metric, mode = objective_of(config, icl)
+    table = sweep_table(results, space, steps_of(config, icl), metric, mode)
     scored = "the TU+LU speech LM on the validation speakers" if icl else "the validation annotator"
-    paths = {"sweep": save_table(table, out, "sweep", f"Sweep: {len(table)} trials, {METRIC} of {scored} "
-                                 f"(lower is better), best over the steps each trial ran", ".4g")}
-    plot_trials(results, out / "sweep.png")
+    better = "lower" if mode == "min" else "higher"
+    paths = {"sweep": save_table(table, out, "sweep", f"Sweep: {len(table)} trials, {metric} of {scored} "
+                                 f"({better} is better), best over the steps each trial ran", ".4g")}
+    plot_trials(results, out / "sweep.png", metric)
     paths["plot"] = out / "sweep.png"
-    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
     job_config, base = (MetaICLJobConfig, config.icl_base) if icl else (MetaTrainConfig, config.base)
     best_config = cfg.from_dict(job_config, with_params(cfg.to_dict(base), {k: best.config[k] for k in space}),
                                 where="best trial")

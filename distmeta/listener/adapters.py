@@ -141,8 +141,8 @@ class FitAll:
         held_ids, held_targets = [ids[i] for i in held], episode.pool_targets[held]
         score = None
         if config.select == "maF1":
-            def score(m):
-                return multilabel_scores(_probs(m, self.bank, held_ids, config.batch_size), held_targets)["maF1"]
+            def score(logits):
+                return multilabel_scores(torch.softmax(logits, -1), held_targets)["maF1"]
         result = fit(model, lambda idx: self.bank.batch([ids[train[i]] for i in idx]), episode.pool_targets[train],
                      held_targets, lambda idx: self.bank.batch([held_ids[i] for i in idx]),
                      epochs=config.max_epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0,

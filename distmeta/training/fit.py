@@ -39,16 +39,24 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None, lengths=N
     return batches
 
 
-def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_size: int = 32, lengths=None) -> float:
+def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_size: int = 32, lengths=None,
+                  return_logits: bool = False):
+    """The mean loss over `targets`' rows; with `return_logits`, (loss, logits [N, C] in row order)."""
     model.eval()
-    total = 0.0
+    total, rows, outputs = 0.0, [], []
     with torch.no_grad():
         for idx in _batches(len(targets), batch_size, None, lengths):
             logits = model(make_inputs(idx))
             loss = class_balanced_cross_entropy(logits, torch.as_tensor(targets[idx]), class_weights)
             total += loss.item() * len(idx)
+            rows.append(torch.as_tensor(idx))
+            outputs.append(logits)
     model.train()
-    return total / len(targets)
+    if not return_logits:
+        return total / len(targets)
+    logits = torch.empty(len(targets), outputs[0].shape[-1], dtype=outputs[0].dtype)
+    logits[torch.cat(rows)] = torch.cat(outputs)  # batches are length-sorted: back to row order
+    return total / len(targets), logits
 
 
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,
@@ -58,9 +66,10 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
     """Train the parameters with requires_grad; return the best state (lowest validation loss) and history.
 
     With `patience` > 0, training stops once that many epochs in a row did not improve the validation loss.
-    `val_score(model) -> float`, when given, replaces the validation loss as what picks the best epoch and
+    `val_score(logits) -> float`, when given, replaces the validation loss as what picks the best epoch and
     what patience waits on (higher is better; the earliest best epoch wins ties): a loss can rise as the
-    model grows confident while the metric it serves still improves.
+    model grows confident while the metric it serves still improves. It is given the validation rows'
+    logits [N, C] in row order, from the same pass that computes the validation loss.
 
     make_inputs(indices) -> model inputs for those rows of `targets`.
     `lengths` / `val_lengths`: each row's input length (a bank's `length`): batches then hold rows of
@@ -87,12 +96,11 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
             loss.backward()
             optimizer.step()
             running += loss.item()
-        val_loss = evaluate_loss(model, make_val_inputs, val_targets, class_weights, batch_size, val_lengths)
+        val_loss, val_logits = evaluate_loss(model, make_val_inputs, val_targets, class_weights, batch_size,
+                                             val_lengths, return_logits=True)
         metrics = {"epoch": epoch + 1, "train_loss": running / max(len(batches), 1), "val_loss": val_loss}
         if val_score is not None:
-            model.eval()
-            metrics["val_score"] = float(val_score(model))
-            model.train()
+            metrics["val_score"] = float(val_score(val_logits))
         history.append(metrics)
         score = metrics.get("val_score", -val_loss)
         is_best = score > best["score"]

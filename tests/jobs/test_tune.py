@@ -45,16 +45,18 @@ def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, 
         ordered = trials.sort_values("start_time")
         assert ordered["end_time"].iloc[0] <= ordered["start_time"].iloc[1]  # the reservation kept them apart
 
-        # The best trial from MLflow's own metric histories (lowest validation loss at any step)
+        # The best trial from MLflow's own metric histories: the highest validation macro-F1 at any step, the
+        # criterion meta.select (maF1 by default) picks each trial's model by
         client = MlflowClient()
-        histories = {r: [m.value for m in client.get_metric_history(r, "val_loss")] for r in trials["run_id"]}
+        histories = {r: [m.value for m in client.get_metric_history(r, "val_maF1")] for r in trials["run_id"]}
         assert all(len(h) >= 2 for h in histories.values())  # a report per validation, i.e. per outer step
-        best = trials.set_index("run_id").loc[min(histories, key=lambda r: min(histories[r]))]
+        best = trials.set_index("run_id").loc[max(histories, key=lambda r: max(histories[r]))]
         exported = yaml.safe_load((tmp_path / "tune" / "best_config.yaml").read_text())
         for key in space:
             assert str(exported["meta"][key.split(".")[1]]) == best[f"params.{key}"], key
         table = pd.read_csv(tmp_path / "tune" / "sweep.csv")
-        assert len(table) == 2 and table["best val_loss"].min() == pytest.approx(min(map(min, histories.values())))
+        assert len(table) == 2 and table["best val_maF1"].iloc[0] == pytest.approx(max(map(max, histories.values())))
+        assert table["best val_maF1"].is_monotonic_decreasing  # best trial first
         assert (tmp_path / "tune" / "sweep.png").stat().st_size > 0
 
         # ... and the main job takes the exported file unchanged

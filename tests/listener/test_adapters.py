@@ -82,6 +82,7 @@ def test_new_head_is_seeded_by_the_episode(setting):
 
 
 def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpus):
+    from collections import Counter
     from distmeta.listener.adapters import CeilingConfig, FitAll
     from distmeta.data import rotation
     from distmeta.features import AudioBank, input_bank
@@ -107,6 +108,9 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
         assert with_queries == [queries], select
         assert all(set(b) <= set(pool) for b in batches if b is not with_queries[0])
         assert set().union(*[b for b in batches if b is not with_queries[0]]) == set(pool)
+        # one pass per epoch over every pool item: the held-out score reuses the held-out loss's logits
+        seen = Counter(u for b in batches if b is not with_queries[0] for u in b)
+        assert len(set(seen.values())) == 1, select
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="pool"):
         FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))

@@ -63,6 +63,10 @@ def test_evaluate_loss_does_not_depend_on_length_bucketing():
     bucketed = evaluate_loss(model, lambda idx: {"x": x[idx]}, targets, weights, batch_size=16,
                              lengths=rng.integers(1, 100, size=90))
     assert bucketed == pytest.approx(plain, rel=1e-6)
+    # the logits come back in row order, whatever order the length-sorted batches ran in
+    _, logits = evaluate_loss(model, lambda idx: {"x": x[idx]}, targets, weights, batch_size=16,
+                              lengths=rng.integers(1, 100, size=90), return_logits=True)
+    assert torch.allclose(logits, model({"x": x}), atol=1e-6)
 
 
 def test_val_score_picks_the_best_epoch_and_drives_patience():
@@ -72,6 +76,11 @@ def test_val_score_picks_the_best_epoch_and_drives_patience():
     x = torch.tensor(rng.normal(size=(120, 5)), dtype=torch.float32)
     targets = torch.nn.functional.one_hot((x[:, 1] > 0).long(), 3).float().numpy()
     scores = iter([0.2, 0.5, 0.4, 0.3, 0.45, 0.9, 1.0])  # best at epoch 2; epochs 3-5 not better
+    given = []
+
+    def score(logits):
+        given.append(logits)
+        return next(scores)
 
     def run(**kw):
         torch.manual_seed(0)
@@ -82,11 +91,16 @@ def test_val_score_picks_the_best_epoch_and_drives_patience():
                      on_epoch=lambda e, m, best, s: states.append({k: v.clone() for k, v in s.items()}), **kw)
         return result, states
 
-    result, states = run(val_score=lambda model: next(scores), patience=3)
+    result, states = run(val_score=score, patience=3)
     assert [m["val_score"] for m in result["history"]] == [0.2, 0.5, 0.4, 0.3, 0.45]  # stopped after 3 epochs without gain
     assert result["best_epoch"] == 2
     assert all(torch.equal(result["best_state"][k], states[1][k]) for k in states[1])
     assert result["best_val_loss"] == result["history"][1]["val_loss"]
+    # the score reads each epoch's validation logits, in row order
+    for logits, state in zip(given, states):
+        model = DictLinear()
+        model.load_state_dict(state)
+        assert torch.allclose(logits, model({"x": x[90:]}), atol=1e-6)
     by_loss, _ = run()
     assert "val_score" not in by_loss["history"][0]
     assert by_loss["best_epoch"] == int(np.argmin([m["val_loss"] for m in by_loss["history"]])) + 1 != 2
