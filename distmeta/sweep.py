@@ -34,6 +34,7 @@ import yaml
 from distmeta import config as cfg
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+SWEPT_JOBS = ("meta_train", "metaicl_train")  # what a space's `job` key may name (default: meta_train)
 SPEECH_LM_OBJECTIVE = ("val_loss", "min")  # the speech LM's stage-2 validation loss
 
 
@@ -44,7 +45,6 @@ def objective(select: str) -> tuple[str, str]:
     if select not in SELECTION:
         raise ValueError(f"meta.select must be one of {sorted(SELECTION)}, got {select!r}")
     return ("val_maF1", "max") if select == "maF1" else ("val_loss", "min")
-SWEPT_JOBS = ("meta_train", "metaicl_train")  # what a space's `job` key may name (default: meta_train)
 
 
 @dataclass
