@@ -14,9 +14,9 @@ A trial is one meta-training of one split (the distributed trainer unless the
 base config says `distributed: false`); after every validation it reports the
 validation annotator's `val_loss`, `val_maF1`, `val_miF1` and the outer loss.
 ASHA and the search read the meta-trainer's own model-selection criterion
-(`objective`: `val_maF1`, highest best, under `meta.select: maF1`, the
-default; `val_loss`, lowest best, under `meta.select: loss`), so a sweep ranks
-trials by what picks the model inside each of them.
+(`metatrain.selection`: `val_maF1`, highest best, under `meta.select: maF1`,
+the default; `val_loss`, lowest best, under `meta.select: loss`), so a sweep
+ranks trials by what picks the model inside each of them.
 
 A space whose first key is `job: metaicl_train` sweeps the speech LM instead
 (its keys are `jobs/metaicl_train.py` config paths): a trial trains stage 1
@@ -36,15 +36,6 @@ from distmeta import config as cfg
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 SWEPT_JOBS = ("meta_train", "metaicl_train")  # what a space's `job` key may name (default: meta_train)
 SPEECH_LM_OBJECTIVE = ("val_loss", "min")  # the speech LM's stage-2 validation loss
-
-
-def objective(select: str) -> tuple[str, str]:
-    """(Tune metric, mode) of a Meta-PerSER sweep whose trials select their model by `meta.select`."""
-    from distmeta.listener.metatrain import SELECTION
-
-    if select not in SELECTION:
-        raise ValueError(f"meta.select must be one of {sorted(SELECTION)}, got {select!r}")
-    return ("val_maF1", "max") if select == "maF1" else ("val_loss", "min")
 
 
 @dataclass

@@ -34,10 +34,11 @@ from distmeta.data.scenarios import rotation
 from distmeta.data.sources import load_corpus
 from distmeta.jobs import MetaICLJobConfig, MetaTrainConfig, TuneJobConfig
 from distmeta.models.upstream import prepare
+from distmeta.listener.metatrain import selection
 from distmeta.listener.pretrain import pretrain_rotation
 from distmeta.report import save_table
-from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, icl_trial, load_space, meta_trial, objective, plot_trials,
-                            space_job, sweep_table, trial_resources, with_params)
+from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
+                            trial_resources, with_params)
 from distmeta.training.launcher import storage_path
 
 
@@ -132,7 +133,7 @@ def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corp
 
 def objective_of(config: TuneJobConfig, icl: bool) -> tuple[str, str]:
     """(metric, mode) the search, ASHA and the best trial read: the meta-trainer's model-selection criterion."""
-    return SPEECH_LM_OBJECTIVE if icl else objective(config.base.meta.select)
+    return SPEECH_LM_OBJECTIVE if icl else selection(config.base.meta.select)
 
 
 def steps_of(config: TuneJobConfig, icl: bool) -> int:

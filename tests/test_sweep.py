@@ -9,7 +9,8 @@ import pytest
 from distmeta.config import ConfigError
 from distmeta.jobs import MetaTrainConfig
 from distmeta.listener.distributed import ActorConfig
-from distmeta.sweep import load_space, objective, sweep_table, trial_resources, with_params
+from distmeta.listener.metatrain import selection
+from distmeta.sweep import load_space, sweep_table, trial_resources, with_params
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +98,16 @@ def test_shot_counts_a_task_cannot_supply_are_refused_before_any_trial(tmp_path,
 def test_the_objective_follows_the_meta_trainers_model_selection():
     from types import SimpleNamespace
 
-    assert objective("maF1") == ("val_maF1", "max") and objective("loss") == ("val_loss", "min")
+    assert selection("maF1") == ("val_maF1", "max") and selection("loss") == ("val_loss", "min")
     with pytest.raises(ValueError, match="meta.select"):
-        objective("miF1")
+        selection("miF1")
     # two trials: a has the lower loss, b the higher macro-F1 (at another step than its lowest loss)
     histories = {"a": {"step": [1, 2], "val_loss": [0.8, 0.6], "val_maF1": [0.30, 0.35], "val_miF1": [0.4, 0.5]},
                  "b": {"step": [1, 2], "val_loss": [0.7, 0.9], "val_maF1": [0.45, 0.40], "val_miF1": [0.6, 0.5]}}
     results = [SimpleNamespace(metrics_dataframe=pd.DataFrame(h), config={"meta.inner_lr": i}, metrics={"trial_id": t},
                                path=t, error=None) for i, (t, h) in enumerate(histories.items())]
-    by_f1 = sweep_table(results, {"meta.inner_lr": None}, 2, *objective("maF1"))
+    by_f1 = sweep_table(results, {"meta.inner_lr": None}, 2, *selection("maF1"))
     assert list(by_f1["trial"]) == ["b", "a"] and list(by_f1["best val_maF1"]) == [0.45, 0.35]
     assert by_f1.loc[0, "best step"] == 1 and by_f1.loc[0, "val_loss"] == 0.7  # the other scores at that step
-    by_loss = sweep_table(results, {"meta.inner_lr": None}, 2, *objective("loss"))
+    by_loss = sweep_table(results, {"meta.inner_lr": None}, 2, *selection("loss"))
     assert list(by_loss["trial"]) == ["a", "b"] and list(by_loss["best val_loss"]) == [0.6, 0.7]

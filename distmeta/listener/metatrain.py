@@ -261,8 +261,15 @@ def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator, settin
     return meta["step"], best, meta["history"]
 
 
-# What picks the kept meta-parameters among the validations (higher is better); ties keep the earlier step.
-SELECTION = {"loss": lambda record: -record["val_loss"], "maF1": lambda record: record["val_maF1"]}
+SELECTION = {"loss": ("val_loss", "min"), "maF1": ("val_maF1", "max")}  # meta.select: record key, better way
+
+
+def selection(select: str) -> tuple[str, str]:
+    """What picks the kept meta-parameters among the validations (ties keep the earlier step), and what
+    sweeps rank trials by (jobs/tune.py): (validation record key, "min" or "max")."""
+    if select not in SELECTION:
+        raise ValueError(f"meta.select must be one of {list(SELECTION)}, got {select!r}")
+    return SELECTION[select]
 
 
 def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, checkpoint=None, checkpoint_every: int = 0,
@@ -279,8 +286,7 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
     from pathlib import Path
 
     config = learner.config
-    if config.select not in SELECTION:
-        raise ValueError(f"meta.select must be one of {list(SELECTION)}, got {config.select!r}")
+    selected, direction = selection(config.select)
     settings = json.loads(json.dumps(settings if settings is not None else {"meta": asdict(config)}))
     rng = np.random.default_rng(config.seed)
     best = {"val_loss": float("inf"), "score": -float("inf"), "state": learner.trainable(), "step": 0}
@@ -298,7 +304,7 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
         if (step + 1) % config.val_every == 0 or step + 1 == config.outer_steps:
             record.update(validation_metrics(learner.meta, bank, val_task, config))
             last_val = record
-            score = SELECTION[config.select](record)
+            score = record[selected] if direction == "max" else -record[selected]
             if score > best["score"]:
                 best = {"val_loss": record["val_loss"], "score": score, "state": learner.trainable(), "step": step + 1}
         history.append(record)
