@@ -24,13 +24,17 @@ micro-F1, are recorded (`val_loss`, `val_maF1`, `val_miF1`).
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from distmeta.listener.maml import MetaModel
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models.ser import set_scope, trainable_parameters
+from distmeta.models.upstream import build_name
+from distmeta.training.artifacts import is_done, save_model
 
 
 @dataclass
@@ -283,8 +287,6 @@ def train(learner: MetaLearner, gradients, n_tasks: int, bank, val_task, *, chec
     uninterrupted run's. `settings` (default: the meta settings) is everything that shaped the run, saved
     in the checkpoint; resuming with any of it changed is refused.
     """
-    from pathlib import Path
-
     config = learner.config
     selected, direction = selection(config.select)
     settings = json.loads(json.dumps(settings if settings is not None else {"meta": asdict(config)}))
@@ -330,8 +332,6 @@ def train_serial(learner: MetaLearner, bank, tasks: list, val_task, log=print, o
 def build_meta_model(upstream_config, ssl_e, config: MetaConfig) -> MetaModel:
     """The meta-model meta-training starts from: SSL-E (INI; `ssl_e` its file or its state dict) or the
     untrained upstream with a fresh head, with every trainable parameter's rates at `inner_lr`."""
-    from safetensors.torch import load_file
-
     from distmeta.models.ser import SERModel
     from distmeta.models.upstream import Upstream
 
@@ -397,18 +397,12 @@ def meta_train_cached(path, corpus, split, upstream_config, ssl_e_path, config: 
                       max_seconds=None, log=print, **training) -> dict:
     """meta_train_split (`training`: its actors, checkpointing and on_step), saved to `path`
     (safetensors + JSON sidecar): the MetaModel's state dict. Reused when the settings match."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from distmeta.training.artifacts import is_done, save_model
-
     path, ssl_e = Path(path), None if ssl_e_path is None else str(ssl_e_path)
     # The SSL-E it starts from counts by what shaped that model (its own settings), not by its file name.
     if ssl_e is not None and Path(ssl_e).with_suffix(".json").is_file():
         ssl_e = json.loads(Path(ssl_e).with_suffix(".json").read_text())["settings"]
     # "saved": what the file holds (a maml.MetaModel state dict), so files of an older layout are retrained
-    settings = json.loads(json.dumps({"saved": "MetaModel", "meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config),
+    settings = json.loads(json.dumps({"saved": "MetaModel", "meta": asdict(config), "split": asdict(split), "upstream": asdict(upstream_config), "upstream_build": build_name(upstream_config),
                                       "data": data_settings, "corpus": corpus.fingerprint(), "ssl_e": ssl_e}))
     if is_done(path, settings):
         return load_file(str(path))

@@ -33,7 +33,7 @@ from distmeta.data.sources import DataConfig, load_corpus
 from distmeta.features import AudioBank, PooledBank, input_bank
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
-from distmeta.models.upstream import Upstream, UpstreamConfig, landed, portable
+from distmeta.models.upstream import Upstream, UpstreamConfig, build_name, landed, portable
 from distmeta.training.artifacts import is_done, shaping
 from distmeta.training.fit import fit
 from distmeta.training.launcher import storage_path, train_many
@@ -105,7 +105,7 @@ def build_model(kind: Kind, upstream_config: UpstreamConfig, num_heads: int = 1)
 def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Split, config: PretrainConfig,
               corpus: str) -> dict:
     """Everything that shapes a pretrained model (`corpus`: the corpus's fingerprint, audio included)."""
-    return json.loads(json.dumps({"kind": kind, "data": asdict(data), "corpus": corpus, "upstream": asdict(upstream),
+    return json.loads(json.dumps({"kind": kind, "data": asdict(data), "corpus": corpus, "upstream": asdict(upstream), "upstream_build": build_name(upstream),
                                   "split": asdict(split), "pretrain": shaping(config)}))
 
 

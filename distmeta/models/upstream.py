@@ -49,6 +49,13 @@ def _tiny_path(config: UpstreamConfig) -> Path:
     return pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
 
 
+def build_name(config: UpstreamConfig) -> str:
+    """For the locally built tiny upstreams, their checkpoint's file name, which names the recipe and the
+    generator version that built it ("" for other names): part of every trained model's cache key beside
+    the config, so models trained on an older `tiny_pretrained` are retrained, not reused."""
+    return _tiny_path(config).name if config.name in ("tiny", "tiny_pretrained") else ""
+
+
 def prepare(config: UpstreamConfig) -> Path | None:
     """Build the locally made checkpoint a `tiny` name needs, once per machine (jobs call this on the
     driver before any worker or actor constructs the upstream); its path, or None for other names."""

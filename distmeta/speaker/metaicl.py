@@ -26,7 +26,7 @@ from distmeta.features import AudioBank, FrameBank
 from distmeta.io import write_json
 from distmeta.models import trainable_parameters
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
-from distmeta.models.upstream import Upstream
+from distmeta.models.upstream import Upstream, build_name
 from distmeta.training.artifacts import digest, is_done, shaping
 from distmeta.training.launcher import storage_path, train_many
 from distmeta.speaker.episodes import Episode, episode_batch, random_episodes, stage_enrollment
@@ -129,7 +129,7 @@ def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
     """The frozen encoder's frames of every utterance, computed once per (corpus, upstream, layer) and saved;
     the corpus counts by its fingerprint (audio files' sizes and modification times, labels), so audio
     changed in place gets new frames."""
-    key = json.dumps([corpus.fingerprint(), asdict(upstream_config), layer])
+    key = json.dumps([corpus.fingerprint(), asdict(upstream_config), build_name(upstream_config), layer])
     path = Path(models_dir).resolve() / f"frames-{upstream_config.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.safetensors"
     if not path.is_file():
         print(f"encoding {len(corpus.utterances)} utterances with {upstream_config.name} (layer {layer}) -> {path}", flush=True)
@@ -212,6 +212,7 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     "": models_dir/ray, one node).
     """
     common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
+                                    "upstream_build": build_name(upstream_config),
                                     "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": shaping(meta)}))
     models_dir, key = Path(models_dir).resolve(), digest(common)
     paths = {t: models_dir / f"speech_lm-{key}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}

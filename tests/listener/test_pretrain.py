@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from distmeta.data import rotation
 from distmeta.data.sources import DataConfig
 from distmeta.features import AudioBank, PooledBank, input_bank
-from distmeta.models.upstream import UpstreamConfig
+from distmeta.models import tiny_wavlm
+from distmeta.models.upstream import UpstreamConfig, build_name
+from distmeta.listener import pretrain
 from distmeta.listener.pretrain import PretrainConfig, build_model, pretrain_many, training_rows
 from distmeta.training.fit import fit
 
@@ -34,6 +36,18 @@ def test_training_rows_hold_out_whole_utterances(small_corpus):
     assert multi["train"][2].max().item() == len(split.train_annotators) - 1
     agg = training_rows(small_corpus, split, "ssl_e", 0.1, 0)
     assert np.allclose(agg["train"][1].sum(1), 1)  # vote distributions
+
+
+def test_a_new_tiny_pretrained_recipe_is_a_new_cache_key(small_corpus, monkeypatch):
+    """A model trained on an older build of `tiny_pretrained` (same upstream config) is not reused."""
+    split, config = rotation(small_corpus, "unseen")[0], UpstreamConfig(name="tiny_pretrained")
+
+    def settings():
+        return pretrain._settings("ssl_e", DataConfig(), config, split, PretrainConfig(), "corpus")
+    before = settings()
+    monkeypatch.setattr(tiny_wavlm, "PRETRAINING_VERSION", tiny_wavlm.PRETRAINING_VERSION + 1)
+    assert settings()["upstream"] == before["upstream"] and settings() != before
+    assert build_name(config).startswith("tiny_wavlm_pretrained_") and build_name(UpstreamConfig(name="fbank")) == ""
 
 
 @pytest.mark.slow

@@ -4,17 +4,19 @@ import numpy as np
 import torch
 
 from distmeta.data.synthetic.listeners import draw_speakers
-from distmeta.models.tiny_wavlm import PRETRAINING_STREAM, build_tiny_checkpoint, pretrained_tiny_path
+from distmeta.models.tiny_wavlm import HOP, PRETRAINING_STREAM, build_tiny_checkpoint, frame_pitch, pretrained_tiny_path
 from distmeta.models.upstream import Upstream, UpstreamConfig
 
 
-def test_pretrained_tiny_learns_both_workers_and_is_built_once(tmp_path, monkeypatch, capsys):
+def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path))
     config = UpstreamConfig(name="tiny_pretrained", pretrain_epochs=4, pretrain_utterances=128)
     upstream = Upstream(config)
-    epochs = [tuple(map(float, m)) for m in re.findall(r"L1 ([\d.]+), prosody MSE ([\d.]+)", capsys.readouterr().out)]
+    log = capsys.readouterr().out
+    epochs = [tuple(map(float, m)) for m in re.findall(r"L1 ([\d.]+), prosody MSE ([\d.]+), frame F0 MSE ([\d.]+)", log)]
     assert len(epochs) == 4
-    assert epochs[-1][0] < 0.9 * epochs[0][0] and epochs[-1][1] < epochs[0][1]  # both losses fall
+    assert epochs[-1][0] < 0.9 * epochs[0][0] and epochs[-1][1] < epochs[0][1]  # the masked-frame and prosody losses fall
+    assert epochs[-1][2] < 0.7 * epochs[0][2]  # and the last layer learns to track F0 frame by frame (1.96 -> 1.08 here)
     path = pretrained_tiny_path(0, 4, 128)
     assert path.is_file() and torch.load(path, weights_only=True)["cfg"]["encoder_layers"] == 2
     built = path.stat().st_mtime_ns
@@ -32,3 +34,14 @@ def test_pretraining_speakers_are_not_a_corpus_speakers():
     corpus_voices = {s.f0 for seed in range(5) for s in draw_speakers(np.random.default_rng(seed)).values()}
     pretraining_voices = {s.f0 for s in draw_speakers(np.random.default_rng([0, PRETRAINING_STREAM])).values()}
     assert not corpus_voices & pretraining_voices
+
+
+def test_the_pitch_target_is_each_mostly_voiced_frames_f0_in_semitones():
+    pitch = np.zeros(4 * HOP + 100, np.float32)  # the 100 samples past the last whole frame are dropped
+    pitch[:HOP] = 200.0  # 12 semitones above 100 Hz
+    pitch[HOP:2 * HOP] = np.where(np.arange(HOP) < 0.7 * HOP, 50.0, 0.0)  # mostly voiced: the voiced part's mean
+    pitch[2 * HOP:3 * HOP] = np.where(np.arange(HOP) < 0.3 * HOP, 400.0, 0.0)  # mostly unvoiced
+    frames = frame_pitch(pitch)
+    assert frames.shape == (4,)
+    np.testing.assert_allclose(frames[:2], [12.0, -12.0], atol=1e-5)
+    assert np.isnan(frames[2:]).all()

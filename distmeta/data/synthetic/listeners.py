@@ -30,7 +30,7 @@ import soundfile as sf
 
 from distmeta.data.corpus import Corpus, build_annotations
 from distmeta.data.synthetic.cache import cached_corpus, config_hash, render_all, save_generated
-from distmeta.data.synthetic.voice import SAMPLE_RATE, Prosody, Speaker, synthesize
+from distmeta.data.synthetic.voice import SAMPLE_RATE, Prosody, Speaker, synthesize_with_pitch
 from distmeta.io import atomic_path
 from distmeta.labels import CLASSES, NUM_CLASSES
 from distmeta.metrics import multilabel_scores
@@ -187,16 +187,18 @@ def prosody_for(latent: np.ndarray, strength: float, rng) -> Prosody:
     return Prosody(**mixed)
 
 
-def voice_utterance(speaker: dict, latent, strength: float, seconds: float, seed: int) -> tuple[np.ndarray, Prosody]:
-    """One planned utterance's waveform and the prosody it was rendered with (both from its own seed)."""
+def voice_utterance(speaker: dict, latent, strength: float, seconds: float, seed: int) -> tuple[np.ndarray, Prosody, np.ndarray]:
+    """One planned utterance's waveform, the prosody it was rendered with and its F0 per sample (Hz, 0 where
+    unvoiced), all from its own seed."""
     rng = np.random.default_rng(seed)
     prosody = prosody_for(np.asarray(latent), strength, rng)
-    return synthesize(Speaker(**speaker), prosody, seconds, rng), prosody
+    wav, pitch = synthesize_with_pitch(Speaker(**speaker), prosody, seconds, rng)
+    return wav, prosody, pitch
 
 
 def _render(job) -> float:
     path, *planned = job
-    wav, _ = voice_utterance(*planned)
+    wav, _, _ = voice_utterance(*planned)
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return len(wav) / SAMPLE_RATE

@@ -60,6 +60,13 @@ def _resonator_sos(freqs, bandwidths):
 
 def synthesize(speaker: Speaker, prosody: Prosody, duration: float, rng: np.random.Generator) -> np.ndarray:
     """A float32 waveform of about `duration` seconds at 16 kHz."""
+    return synthesize_with_pitch(speaker, prosody, duration, rng)[0]
+
+
+def synthesize_with_pitch(speaker: Speaker, prosody: Prosody, duration: float,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`synthesize`'s waveform and the F0 it was voiced with, per sample (Hz; 0 where nothing is voiced:
+    pauses and consonant onsets), what a pitch tracker would estimate on real speech."""
     syl_rate = speaker.rate * prosody.rate
     n_syl = max(2, int(round(duration * syl_rate)))
     syl_len = rng.uniform(0.75, 1.25, n_syl) / syl_rate
@@ -99,7 +106,7 @@ def synthesize(speaker: Speaker, prosody: Prosody, duration: float, rng: np.rand
     source = low + 10 ** (5 * prosody.tilt / 20) * (source - low)
     source /= np.sqrt(np.mean(source**2)) + 1e-9
 
-    out = np.zeros(n)
+    out, voicing = np.zeros(n), np.zeros(n)
     bandwidths = np.array([80, 100, 140, 200]) * (1 + 0.5 * breath)
     for i in range(n_syl):
         s0, s1 = int(bounds[i] * SAMPLE_RATE), min(n, int(bounds[i + 1] * SAMPLE_RATE))
@@ -120,11 +127,13 @@ def synthesize(speaker: Speaker, prosody: Prosody, duration: float, rng: np.rand
             burst[:onset] = rng.normal(0, 0.25, onset) * np.hanning(onset)
             burst = sosfilt(_resonator_sos([rng.uniform(2500, 6000)], [1500]), burst)
         out[s0:s1] += stress * env * segment + burst
+        voicing[s0:s1] = env > 0
     out *= np.linspace(1.0, 0.7, n)  # phrase-level intensity declination
     out *= BASE_LEVEL * 10 ** (prosody.gain_db / 20) / (np.sqrt(np.mean(out**2)) + 1e-9)
     pad = int(rng.uniform(0.05, 0.2) * SAMPLE_RATE)
     out = np.concatenate([np.zeros(pad), out, np.zeros(pad)])
+    pitch = np.concatenate([np.zeros(pad), f0 * voicing, np.zeros(pad)]).astype(np.float32)
     floor = BASE_LEVEL * 10 ** (-rng.uniform(30, 40) / 20)
     noise = lfilter([1], [1, -0.9], rng.normal(0, 1, len(out)))
     out += floor * noise / np.sqrt(np.mean(noise**2))
-    return np.clip(out, -0.99, 0.99).astype(np.float32)
+    return np.clip(out, -0.99, 0.99).astype(np.float32), pitch

@@ -8,7 +8,7 @@ import soundfile as sf
 
 from distmeta.data import make_synthetic_corpus, oracle_gap
 from distmeta.data.synthetic.listeners import EXTERNAL_BIAS, prosody_for
-from distmeta.data.synthetic.voice import SAMPLE_RATE, Speaker, synthesize
+from distmeta.data.synthetic.voice import SAMPLE_RATE, Prosody, Speaker, synthesize, synthesize_with_pitch
 from distmeta.labels import CLASSES
 
 
@@ -131,6 +131,35 @@ def test_anger_flattens_the_spectrum(tmp_path):
             values.append(_features(tmp_path / "x.wav")[1])
         alpha[emotion] = np.mean(values)
     assert alpha["angry"] > alpha["neutral"] + 2
+
+
+def test_the_pitch_track_is_the_f0_the_audio_was_voiced_with():
+    """The per-sample F0 that `synthesize_with_pitch` reports (the upstream's pitch-worker target) against
+    an autocorrelation pitch estimate of the waveform itself, and the audio is `synthesize`'s, unchanged."""
+    speaker = Speaker(f0=120, vtl=1.0, rate=3.0, expressiveness=1.0, breathiness=0.0)
+    prosody = Prosody(f0_st=4.0)
+    wav, pitch = synthesize_with_pitch(speaker, prosody, 2.0, np.random.default_rng(3))
+    np.testing.assert_array_equal(wav, synthesize(speaker, prosody, 2.0, np.random.default_rng(3)))
+    assert pitch.shape == wav.shape and pitch[0] == 0 and pitch[-1] == 0  # the pauses around the speech are unvoiced
+    voiced = pitch > 0
+    assert 0.5 < voiced.mean() < 0.95  # consonant onsets and pauses are not voiced
+    checked = 0
+    for start in range(0, len(wav) - 640, 640):  # 40 ms windows that are voiced throughout
+        window = slice(start, start + 640)
+        if not voiced[window].all():
+            continue
+        x = wav[window] - wav[window].mean()
+        lags = np.arange(SAMPLE_RATE // 500, SAMPLE_RATE // 80)
+        correlation = [np.dot(x[:-lag], x[lag:]) / np.sqrt(np.dot(x[:-lag], x[:-lag]) * np.dot(x[lag:], x[lag:])) for lag in lags]
+        estimate = SAMPLE_RATE / lags[int(np.argmax(correlation))]
+        assert abs(12 * np.log2(estimate / pitch[window].mean())) < 1.0  # within a semitone
+        checked += 1
+    assert checked >= 10
+    # the final rise is in the track: without pitch accents the contour is the phrase's 2-semitone declination
+    # (-1 at the middle, -2 at the end) plus the 6-semitone rise at the end
+    _, pitch = synthesize_with_pitch(speaker, Prosody(f0_st=4.0, f0_range=0.0, rising_end_st=6.0), 2.0, np.random.default_rng(3))
+    middle, end = np.flatnonzero(pitch > 0)[[int((pitch > 0).sum()) // 2, -1]]
+    assert 4.0 < 12 * np.log2(pitch[end] / pitch[middle]) < 5.5
 
 
 def test_listeners_differ_like_table_a1_and_it_matters(small_corpus):
