@@ -136,10 +136,10 @@ def pretraining_audio(seed: int, utterances: int, progress: bool = True) -> tupl
     return [torch.from_numpy(w) for w, _, _ in rendered], (prosody - prosody.mean(0)) / prosody.std(0), pitch
 
 
-def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[torch.Tensor] | None, epochs: int,
+def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[torch.Tensor], epochs: int,
                   seed: int = 0, lr: float = 2e-3, batch_size: int = 32, log=print):
-    """The tiny WavLM (conv encoder included) trained with the masked-frame, prosody and (given `pitch`, the
-    standardised F0 per frame) pitch workers."""
+    """The tiny WavLM (conv encoder included) trained with the masked-frame, prosody and pitch workers
+    (`pitch`: each utterance's standardised F0 per frame, NaN where unvoiced)."""
     model = _wavlm(seed)
     layers = TINY_WAVLM["encoder_layers"]
     log_mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, win_length=400, hop_length=HOP, n_mels=40, center=False)
@@ -166,11 +166,10 @@ def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[t
             frame_loss = frame_loss / valid[:, :frames].sum()
             pooled = torch.cat([(h.transpose(0, 1) * valid[..., None]).sum(1) for h, _ in results], -1) / valid.sum(1, keepdim=True)
             prosody_loss = ((prosody_worker(pooled) - prosody[batch]) ** 2).mean()
-            pitch_loss = torch.zeros(())
-            if pitch is not None:  # F0 of each mostly voiced frame, read from the last layer (PASE's prosody worker)
-                f0 = pad_sequence([pitch[i] for i in batch], batch_first=True, padding_value=float("nan"))[:, :frames]
-                voiced = ~torch.isnan(f0) & (valid[:, :f0.shape[1]] > 0)
-                pitch_loss = ((pitch_worker(last[:, :f0.shape[1]])[..., 0] - f0.nan_to_num()) ** 2)[voiced].mean()
+            # F0 of each mostly voiced frame, read from the last layer (PASE's frame-level prosody target)
+            f0 = pad_sequence([pitch[i] for i in batch], batch_first=True, padding_value=float("nan"))[:, :frames]
+            voiced = ~torch.isnan(f0) & (valid[:, :f0.shape[1]] > 0)
+            pitch_loss = ((pitch_worker(last[:, :f0.shape[1]])[..., 0] - f0.nan_to_num()) ** 2)[voiced].mean()
             optimizer.zero_grad()
             (frame_loss + prosody_loss + pitch_loss).backward()
             optimizer.step()
