@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,21 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
         seen = Counter(u for b in batches if b is not with_queries[0] for u in b)
         assert len(set(seen.values())) == 1, select
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # batches: random ones by default (the reference: the permutation fit draws), or of similar length
+    config = CeilingConfig(lr=3e-3, max_epochs=1, patience=1, batch_size=8)
+    order = np.random.default_rng(episode.seed).permutation(len(pool))
+    train = order[int(round(len(pool) * config.held_out)):]
+    first = [pool[train[j]] for j in np.random.default_rng(episode.seed).permutation(len(train))]
+    for buckets in (False, True):
+        batches.clear()
+        FitAll(model, bank, replace(config, length_buckets=buckets)).predict(episode)
+        trained = batches[:len(train) // 8]
+        lengths = [[bank.length(u) for u in b] for b in trained]
+        assert sum(map(len, trained)) == len(train) and set().union(*trained) == {pool[i] for i in train}
+        if buckets:
+            assert all(ls == sorted(ls) for ls in lengths)
+        else:
+            assert trained == [first[i:i + 8] for i in range(0, len(first), 8)]
     with pytest.raises(ValueError, match="pool"):
         FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))
     with pytest.raises(ValueError, match="select"):
