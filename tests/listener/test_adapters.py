@@ -122,13 +122,13 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
     for buckets in (False, True):
         batches.clear()
         FitAll(model, bank, replace(config, length_buckets=buckets)).predict(episode)
-        trained = batches[:len(train) // 8]
-        lengths = [[bank.length(u) for u in b] for b in trained]
+        size = config.batch_size
+        trained = batches[:len(train) // size]
         assert sum(map(len, trained)) == len(train) and set().union(*trained) == {pool[i] for i in train}
         if buckets:
-            assert all(ls == sorted(ls) for ls in lengths)
+            assert all([bank.length(u) for u in b] == sorted(bank.length(u) for u in b) for b in trained)
         else:
-            assert trained == [first[i:i + 8] for i in range(0, len(first), 8)]
+            assert trained == [first[i:i + size] for i in range(0, len(first), size)]
     with pytest.raises(ValueError, match="pool"):
         FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))
     with pytest.raises(ValueError, match="select"):
