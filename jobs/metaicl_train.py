@@ -8,12 +8,13 @@
 1. setup:     the corpus seen by speaker (train / validation / test speakers); the speech encoder,
               pretrained on the training speakers' emotions as a Ray Train run (speaker/encoder.py; any
               s3prl upstream instead with upstream.name=...), then frozen; its frames, computed once and
-              kept under `models_dir` (and log-mel frames for Scratch).
+              kept under `models_dir`.
 2. train:     one Ray Train run: stage 1 (no enrollment pairs), then stage 2 (MetaICL) from stage 1
               for TU+LU, and with `ablation=true` TO+LD (7 shots) and Neutral (0..7) for Table IV, with
               `baselines` 1-shot_N (one neutral pair). Models already in `models_dir` with the same
               settings are reused; an interrupted model resumes from its last Ray Train checkpoint.
-3. baselines: the classifier baselines Scratch, Pretrained, Personalized_N, Personalized_A; then MAML
+3. baselines: the classifier baselines Scratch (the encoder's own pretraining model, encoder + SER
+              head: trained from random weights on log-mel), Pretrained, Personalized_N, Personalized_A; then MAML
               on speaker tasks from Pretrained (the listener path's meta-learner, one Ray task actor per
               group of training speakers), adapted at test time on the same enrollment pairs the LM reads.
 4. evaluate:  k-shot inference on the test speakers; results.csv (one row per prediction),
@@ -34,7 +35,7 @@ from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.speaker import baselines, evaluate, metaicl, tables
 from distmeta.speaker import maml as speaker_maml
-from distmeta.speaker.encoder import ready_upstream
+from distmeta.speaker.encoder import pretrain_encoder, ready_upstream
 from distmeta.cluster import connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
@@ -42,7 +43,6 @@ from distmeta.features import FrameBank
 from distmeta.listener.distributed import ActorPool
 from distmeta.report import save_table
 from distmeta.jobs import MetaICLJobConfig
-from distmeta.models.upstream import UpstreamConfig
 
 
 @contextmanager
@@ -90,15 +90,15 @@ def main(argv=None) -> int:
         # baselines
         rows, bank, pretrained = [], FrameBank.load(frames), None
         if config.baselines:
-            with phase(timing, "frames"):
-                fbank = metaicl.frame_bank(corpus, UpstreamConfig(name="fbank"), -1, config.models_dir)
-            fbank_bank = bank if fbank == frames else FrameBank.load(fbank)  # Scratch reads log-mel frames
+            print("classifier baseline Scratch: the speech encoder's pretraining model", flush=True)
+            with phase(timing, "Scratch"):  # nothing to train when the encoder above is this run (the default)
+                scratch = pretrain_encoder(corpus, data, config.encoder, config.models_dir, config.storage)
+                rows.append(baselines.evaluate_scratch(scratch, corpus, data))
             for name in baselines.BASELINES:
                 print(f"classifier baseline {name}", flush=True)
-                reads = fbank_bank if name == "Scratch" else bank
                 with phase(timing, name):
-                    model, _ = baselines.train_classifier(name, reads, data, config.classifier)
-                    rows.append(baselines.evaluate_classifier(name, model, reads, data, config.evaluation.seed))
+                    model, _ = baselines.train_classifier(name, bank, data, config.classifier)
+                    rows.append(baselines.evaluate_classifier(name, model, bank, data, config.evaluation.seed))
                 pretrained = model if name == "Pretrained" else pretrained
         # MAML on speaker tasks, from the Pretrained classifier, on Ray task actors
         if config.maml.enabled:

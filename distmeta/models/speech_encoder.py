@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 HOP = 160  # 10 ms at 16 kHz
 SUBSAMPLING = 4  # two poolings of 2
+HEAD = "head."  # checkpoint keys of the pretraining head (speaker/encoder.py: the Scratch baseline), not the encoder's
 
 
 @dataclass
@@ -107,5 +108,5 @@ class SpeechEncoder(nn.Module):
         if not path.is_file() or not sidecar.is_file():
             raise FileNotFoundError(f"speech encoder {path}: needs the .safetensors file and its .json sidecar")
         encoder = cls(SpeechEncoderConfig(**json.loads(sidecar.read_text())["encoder"]))
-        encoder.load_state_dict(load_file(str(path)))
+        encoder.load_state_dict({k: v for k, v in load_file(str(path)).items() if not k.startswith(HEAD)})
         return encoder.eval()

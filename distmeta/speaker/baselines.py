@@ -1,5 +1,7 @@
-"""The classifier baselines of the ICL paper's Table II: Scratch, Pretrained, Personalized_N and
-Personalized_A, on the same frozen frames as the speech LM.
+"""The classifier baselines of the ICL paper's Table II: Pretrained, Personalized_N and Personalized_A on
+the same frozen frames as the speech LM, and Scratch: the speech encoder's own pretraining run
+(`speaker.encoder`: log-mel -> the encoder's shape from random weights -> attentive pooling -> softmax,
+trained on the training speakers' emotions), which was that baseline's recipe already.
 """
 
 from dataclasses import dataclass
@@ -10,12 +12,14 @@ import torch
 
 from distmeta.data.speakers import SpeakerTask, sample_enrollment
 from distmeta.models.speaker_classifier import SpeakerClassifier
+from distmeta.speaker.encoder import load_encoder_ser, mel_batch, split_inputs
 from distmeta.speaker.episodes import Episode, result_rows
 from distmeta.training.fit import fit
 
 
-# name -> (reference utterances: none / one neutral / one of each emotion, encoder layers trained from scratch)
-BASELINES = {"Scratch": ("none", 2), "Pretrained": ("none", 0), "Personalized_N": ("neutral", 0), "Personalized_A": ("all", 0)}
+# name -> reference utterances: none / one neutral / one of each emotion
+BASELINES = {"Pretrained": "none", "Personalized_N": "neutral", "Personalized_A": "all"}
+CLASSIFIERS = ("Scratch", *BASELINES)  # Table II's classifier rows, in the paper's order
 
 
 @dataclass
@@ -53,11 +57,11 @@ def classifier_inputs(bank, episodes: list[Episode]) -> dict:
 
 def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print):
     """Train baseline `name` on the training speakers (model selection on the validation speakers' loss)."""
-    references, encoder_layers = BASELINES[name]
+    references = BASELINES[name]
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_refs = {"none": 0, "neutral": 1, "all": len(data.emotions)}[references]
-    model = SpeakerClassifier(bank.dim, len(data.emotions), n_refs, encoder_layers)
+    model = SpeakerClassifier(bank.dim, len(data.emotions), n_refs)
     train = reference_episodes(data.splits["train"], references, data.emotions, rng)
     val = reference_episodes(data.splits["valid"], references, data.emotions, np.random.default_rng(config.seed + 1))
     one_hot = lambda eps: np.eye(len(data.emotions), dtype=np.float32)[[e.task.labels[e.target] for e in eps]]
@@ -76,8 +80,19 @@ def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print)
 
 def evaluate_classifier(name: str, model, bank, data, seed: int) -> pd.DataFrame:
     """Baseline `name`'s trained `model` on every test utterance (references drawn reproducibly from `seed`)."""
-    episodes = reference_episodes(data.splits["test"], BASELINES[name][0], data.emotions, np.random.default_rng(seed))
+    episodes = reference_episodes(data.splits["test"], BASELINES[name], data.emotions, np.random.default_rng(seed))
     with torch.no_grad():
         predicted = torch.cat([model(classifier_inputs(bank, episodes[i:i + 64])).argmax(-1) for i in range(0, len(episodes), 64)])
     return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model=name, training="",
+                       setting="", emotion="")
+
+
+def evaluate_scratch(encoder_path, corpus, data) -> pd.DataFrame:
+    """Scratch on every test utterance: the speech encoder's pretraining model (encoder + its SER head)."""
+    model = load_encoder_ser(encoder_path)
+    episodes = reference_episodes(data.splits["test"], "none", data.emotions, np.random.default_rng(0))
+    mels, _ = split_inputs(corpus, data.splits["test"], model.encoder.config.n_mels, len(data.emotions))  # episode order
+    with torch.no_grad():
+        predicted = torch.cat([model(mel_batch(mels[i:i + 64])).argmax(-1) for i in range(0, len(mels), 64)])
+    return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model="Scratch", training="",
                        setting="", emotion="")

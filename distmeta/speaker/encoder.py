@@ -5,8 +5,10 @@
 Supervised SER on the training speakers only (model selection on the validation speakers' loss,
 early stopping after `patience` epochs without improvement); test speakers are never read. Afterwards
 the encoder is frozen: Pretrained, Personalized_N/A, MAML and the speech LM all read its last layer's
-frames (Scratch keeps reading log-mel with a transformer trained from random weights). The pooling
-and classifier of pretraining are dropped: the Pretrained baseline trains its own.
+frames. This run is also Table II's Scratch baseline (log-mel -> the encoder's shape from random
+weights -> attentive pooling -> softmax, trained on the training speakers' emotions): its pooling and
+classifier are saved with it as `head.*` (`load_encoder_ser`), the encoder alone loads as an upstream,
+and the Pretrained baseline trains its own head on the frozen frames.
 
 It runs through `training.launcher` like every other pretraining: the workers get the log-mel frames
 through the object store, the encoder comes back as a checkpoint, and the driver saves it under
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from distmeta.data.audio import load_audio
 from distmeta.models.speaker_classifier import AttentivePooling
-from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig, log_mel
+from distmeta.models.speech_encoder import HEAD, SpeechEncoder, SpeechEncoderConfig, log_mel
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.training.artifacts import digest, is_done, shaping
 from distmeta.training.fit import fit
@@ -62,6 +65,17 @@ class EncoderSER(nn.Module):
         return self.classifier(self.pooling(hidden[-1], mask))
 
 
+def load_encoder_ser(path) -> EncoderSER:
+    """The whole pretraining model (encoder + head: the Scratch baseline) from the encoder's checkpoint."""
+    state = load_file(str(path))
+    sidecar = json.loads(Path(path).with_suffix(".json").read_text())
+    if f"{HEAD}classifier.weight" not in state:
+        raise ValueError(f"speech encoder {path}: has no pretraining head ({HEAD}*); it was not saved by this version")
+    model = EncoderSER(SpeechEncoderConfig(**sidecar["encoder"]), state[f"{HEAD}classifier.weight"].shape[0])
+    model.load_state_dict({k.removeprefix(HEAD) if k.startswith(HEAD) else f"encoder.{k}": v for k, v in state.items()})
+    return model.eval()
+
+
 def mel_batch(mels: list[torch.Tensor], device="cpu") -> dict:
     return {"mel": pad_sequence(mels, batch_first=True).to(device), "mel_lengths": torch.tensor([len(m) for m in mels]).to(device)}
 
@@ -88,8 +102,8 @@ def _train_loop(worker) -> None:
                      seed=config.seed, rank=worker.rank, world_size=worker.world, patience=config.patience,
                      on_epoch=lambda epoch, metrics, is_best, state: worker.report({**metrics, "model": "speech_encoder"}),
                      log=functools.partial(print, flush=True) if worker.rank == 0 else None)
-        state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in result["best_state"].items()
-                 if k.removeprefix("module.").startswith("encoder.")}
+        best = {k.removeprefix("module."): v for k, v in result["best_state"].items()}
+        state = {k.removeprefix("encoder.") if k.startswith("encoder.") else f"{HEAD}{k}": v for k, v in best.items()}
         worker.finish(request, state, {"settings": settings, "encoder": asdict(config.model),
                                        "best": result["history"][result["best_epoch"] - 1]})
 
@@ -106,7 +120,8 @@ def pretrain_encoder(corpus, data, config: EncoderPretrainConfig, models_dir, st
     """The pretrained encoder's checkpoint for this corpus and split (trained now unless already saved)."""
     splits = {name: [t.speaker for t in data.splits[name]] for name in ("train", "valid")}
     settings = json.loads(json.dumps({"corpus": corpus.fingerprint(), "speakers": digest(splits),
-                                      "emotions": list(data.emotions), "pretrain": shaping(config)}))
+                                      "emotions": list(data.emotions), "pretrain": shaping(config),
+                                      "saved": "encoder and head"}))  # checkpoints without the head retrain
     path = Path(models_dir).resolve() / f"speech_encoder-{digest(settings)}.safetensors"
     request = {"settings": settings, "out_path": str(path), "init": ""}
     parts = {"classes": len(data.emotions)}

@@ -7,7 +7,7 @@ import pandas as pd
 
 from distmeta.io import atomic_path
 from distmeta.report import figure, save_figure, save_table
-from distmeta.speaker.baselines import BASELINES
+from distmeta.speaker.baselines import CLASSIFIERS
 from distmeta.speaker.episodes import ua_spk
 
 
@@ -24,7 +24,7 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E;
     then MAML (gradient-based) at k = 0..E on the same enrollment pairs (its "ICL" column: the pairs it adapted on)."""
     rows = []
-    for name in [*BASELINES, "0-shot", "1-shot_N"]:
+    for name in [*CLASSIFIERS, "0-shot", "1-shot_N"]:
         part = results[results["model"] == name]
         if len(part):
             rows.append({"model": name, "ICL": f"{part['k'].iloc[0]}-shot" if name == "1-shot_N" else "-",

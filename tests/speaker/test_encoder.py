@@ -11,9 +11,9 @@ import torch
 
 from distmeta.data.audio import load_audio
 from distmeta.data.speakers import speaker_view
-from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig, log_mel
 from distmeta.models.upstream import Upstream, UpstreamConfig
-from distmeta.speaker import encoder
+from distmeta.speaker import baselines, encoder
 from distmeta.features import FrameBank
 from distmeta.speaker.metaicl import frame_bank
 from distmeta.training.fit import fit
@@ -51,6 +51,10 @@ def test_ray_train_pretraining_equals_the_same_fit_in_process(pretrained):
     assert saved.keys() == serial.keys()
     for key, value in serial.items():  # float noise: the Ray Train worker runs torch with its own thread count
         assert torch.allclose(saved[key], value, atol=1e-4), key
+    whole = encoder.load_encoder_ser(upstream.path).state_dict()  # with its head: the Scratch baseline
+    assert whole.keys() == result["best_state"].keys() and whole.keys() > {f"encoder.{k}" for k in serial}
+    for key, value in result["best_state"].items():
+        assert torch.allclose(whole[key], value, atol=1e-4), key
     sidecar = json.loads(Path(upstream.path).with_suffix(".json").read_text())
     assert sidecar["best"]["epoch"] == result["best_epoch"]
     assert np.isclose(sidecar["best"]["val_loss"], result["best_val_loss"], atol=1e-4)
@@ -80,3 +84,18 @@ def test_a_saved_encoder_is_reused_and_its_frames_are_what_the_speaker_path_read
     direct = SpeechEncoder.load(upstream.path)([wav])["hidden_states"][-1][0]
     assert torch.allclose(bank.items[utterance], direct, atol=1e-5)
     assert bank.dim == CONFIG.model.dim and Upstream(upstream).num_layers == CONFIG.model.layers + 1
+
+
+def test_scratch_is_the_pretraining_model_predicting_each_test_utterance(pretrained):
+    corpus, data, _, upstream = pretrained
+    rows = baselines.evaluate_scratch(upstream.path, corpus, data)
+    model = encoder.load_encoder_ser(upstream.path)
+    paths, expected = corpus.utterances["path"], []
+    with torch.no_grad():  # one utterance at a time, from its audio: the batched evaluation must not mix them
+        for task in data.splits["test"]:
+            for u in task.utterances:
+                mel = log_mel(load_audio(paths[u]))
+                expected.append(data.words[int(model(encoder.mel_batch([mel])).argmax())])
+    assert list(rows["utterance"]) == [u for t in data.splits["test"] for u in t.utterances]
+    assert list(rows["prediction"]) == expected and set(rows["model"]) == {"Scratch"}
+    assert list(rows["label"]) == [data.words[i] for t in data.splits["test"] for i in t.labels]
