@@ -81,10 +81,7 @@ def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print)
 def evaluate_classifier(name: str, model, bank, data, seed: int) -> pd.DataFrame:
     """Baseline `name`'s trained `model` on every test utterance (references drawn reproducibly from `seed`)."""
     episodes = reference_episodes(data.splits["test"], BASELINES[name], data.emotions, np.random.default_rng(seed))
-    with torch.no_grad():
-        predicted = torch.cat([model(classifier_inputs(bank, episodes[i:i + 64])).argmax(-1) for i in range(0, len(episodes), 64)])
-    return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model=name, training="",
-                       setting="", emotion="")
+    return _predicted_rows(name, episodes, data, lambda i, j: model(classifier_inputs(bank, episodes[i:j])))
 
 
 def evaluate_scratch(encoder_path, corpus, data) -> pd.DataFrame:
@@ -92,7 +89,12 @@ def evaluate_scratch(encoder_path, corpus, data) -> pd.DataFrame:
     model = load_encoder_ser(encoder_path)
     episodes = reference_episodes(data.splits["test"], "none", data.emotions, np.random.default_rng(0))
     mels, _ = split_inputs(corpus, data.splits["test"], model.encoder.config.n_mels, len(data.emotions))  # episode order
+    return _predicted_rows("Scratch", episodes, data, lambda i, j: model(mel_batch(mels[i:j])))
+
+
+def _predicted_rows(name: str, episodes: list[Episode], data, logits_of, batch_size: int = 64) -> pd.DataFrame:
+    """Result rows of model `name` on `episodes`; logits_of(i, j) -> the logits of episodes i..j-1."""
     with torch.no_grad():
-        predicted = torch.cat([model(mel_batch(mels[i:i + 64])).argmax(-1) for i in range(0, len(mels), 64)])
-    return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model="Scratch", training="",
+        predicted = torch.cat([logits_of(i, i + batch_size).argmax(-1) for i in range(0, len(episodes), batch_size)])
+    return result_rows(episodes, [data.words[i] for i in predicted.tolist()], data.words, model=name, training="",
                        setting="", emotion="")

@@ -67,12 +67,12 @@ class EncoderSER(nn.Module):
 
 def load_encoder_ser(path) -> EncoderSER:
     """The whole pretraining model (encoder + head: the Scratch baseline) from the encoder's checkpoint."""
-    state = load_file(str(path))
-    sidecar = json.loads(Path(path).with_suffix(".json").read_text())
-    if f"{HEAD}classifier.weight" not in state:
+    encoder = SpeechEncoder.load(path)  # checks the file and its sidecar; leaves the head out
+    head = {k.removeprefix(HEAD): v for k, v in load_file(str(path)).items() if k.startswith(HEAD)}
+    if "classifier.weight" not in head:
         raise ValueError(f"speech encoder {path}: has no pretraining head ({HEAD}*); it was not saved by this version")
-    model = EncoderSER(SpeechEncoderConfig(**sidecar["encoder"]), state[f"{HEAD}classifier.weight"].shape[0])
-    model.load_state_dict({k.removeprefix(HEAD) if k.startswith(HEAD) else f"encoder.{k}": v for k, v in state.items()})
+    model = EncoderSER(encoder.config, head["classifier.weight"].shape[0])
+    model.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **head})
     return model.eval()
 
 
