@@ -133,17 +133,19 @@ class PooledBank(Bank):
 
     For scopes that leave the upstream fixed this is all the SER head needs
     (see models/ser.py), so the upstream runs once per utterance, without gradients.
-    Only utterances of equal length share a batch: padding would move a shorter one's
-    features (by ~1e-5: the convolutional position embedding sees it), and an utterance
-    must get the same features in a meta-test pool as alone in a served request.
+    An utterance must get the same features in a meta-test pool as alone in a served
+    request: from conv features padding changes nothing (models/upstream.py), so any
+    lengths share a batch (longest first); from waveforms a padded batch would move a
+    shorter utterance's features, so only utterances of equal length do.
     """
 
     def __init__(self, upstream, audio: "AudioBank | ConvFeatureBank", batch_size: int = 32):
         self.items = {}
         ids = sorted(audio.items, key=lambda u: -audio.length(u))
+        any_length = isinstance(audio, ConvFeatureBank)
         chunks = []
         for u in ids:
-            if chunks and len(chunks[-1]) < batch_size and audio.length(chunks[-1][0]) == audio.length(u):
+            if chunks and len(chunks[-1]) < batch_size and (any_length or audio.length(chunks[-1][0]) == audio.length(u)):
                 chunks[-1].append(u)
             else:
                 chunks.append([u])

@@ -36,7 +36,7 @@ from distmeta.jobs import MetaTrainConfig
 from distmeta.listener.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import prepare
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
-from distmeta.listener.protocol import paired, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.listener.protocol import EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_table, table1, table2
 from distmeta.report import save_table
 
 
@@ -116,6 +116,7 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
 
     rows = []
     actors = ActorPool(config.actors) if config.distributed else None
+    workers = EpisodeWorkers(config.protocol.workers) if config.protocol.workers else None
     # Every model here shares the upstream's frozen conv encoder: its outputs are computed once for the job.
     inputs = input_bank(Upstream(config.upstream), AudioBank(corpus, corpus.utterances.index, config.pretrain.max_seconds))
     for scenario, scenario_splits in splits.items():
@@ -131,10 +132,12 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
                                             config.pretrain.max_seconds, config.protocol.ceiling, inputs), **metas}
             labels = {"scenario": scenario, "upstream": config.upstream.name}
             methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
-            rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels)
+            rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels,
+                                 workers=workers)
             seconds["meta-test"] = seconds.get("meta-test", 0.0) + time.time() - began
-    if actors is not None:
-        actors.shutdown()
+    for pool in (actors, workers):
+        if pool is not None:
+            pool.shutdown()
     return pd.DataFrame(rows)
 
 

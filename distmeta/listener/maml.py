@@ -42,15 +42,28 @@ def _rate(lr: torch.Tensor, step: int) -> torch.Tensor:
     return lr[min(step, len(lr) - 1)]
 
 
+def _call(model, params: dict, inputs):
+    """`model(inputs)` with `params` in place of its parameters of those names. tie_weights=False: torch's
+    default walks every parameter of the model (the whole upstream) on every call to find tied ones, which
+    is most of an inner step on pooled features; `_check_untied` makes sure there are none."""
+    return functional_call(model, params, (inputs,), tie_weights=False)
+
+
+def _check_untied(model) -> None:
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters())):
+        raise ValueError("the model shares a parameter between two names (tied weights): not supported here")
+
+
 def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None):
     """Run `steps` inner SGD steps from `params` (default: the model's trainable parameters) with
     `lrs[name]` the per-step rates of each. Returns the parameter dicts after each step (0: the start)."""
+    _check_untied(model)
     params = params if params is not None else trainable_parameters(model)
     inputs, targets = batch
     trajectory = [params]
     for step in range(steps):
         current = trajectory[-1]
-        loss = loss_fn(functional_call(model, current, (inputs,)), targets)
+        loss = loss_fn(_call(model, current, inputs), targets)
         grads = torch.autograd.grad(loss, list(current.values()), create_graph=second_order, allow_unused=True)
         trajectory.append({name: w if g is None else w - _rate(lrs[name], step) * g
                            for (name, w), g in zip(current.items(), grads)})
@@ -76,11 +89,11 @@ def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second
     trajectory = adapt(model, loss_fn, inner_batch, lrs=rates, steps=steps, second_order=second_order)
     outer_inputs, outer_targets = outer_batch if outer_batch is not None else inner_batch
     if step_weights is None:
-        outer_loss = loss_fn(functional_call(model, trajectory[-1], (outer_inputs,)), outer_targets)
+        outer_loss = loss_fn(_call(model, trajectory[-1], outer_inputs), outer_targets)
     else:
         if len(step_weights) != steps:
             raise ValueError(f"step_weights has {len(step_weights)} entries for {steps} steps")
-        outer_loss = sum(w * loss_fn(functional_call(model, p, (outer_inputs,)), outer_targets)
+        outer_loss = sum(w * loss_fn(_call(model, p, outer_inputs), outer_targets)
                          for w, p in zip(step_weights, trajectory[1:]))
     leaves = list(params.values()) + list(rates.values())
     grads = [torch.zeros_like(leaf) if g is None else g
@@ -137,7 +150,8 @@ def batched_adapt(model, loss_fn, batches: list, *, lrs, steps) -> list[dict]:
 
 
 def _functional_loss(model, loss_fn):
-    return lambda params, inputs, targets: loss_fn(functional_call(model, params, (inputs,)), targets)
+    _check_untied(model)
+    return lambda params, inputs, targets: loss_fn(_call(model, params, inputs), targets)
 
 
 def _functional_adapt(loss_of, params, rates, inputs, targets, steps, second_order) -> list[dict]:
@@ -171,13 +185,14 @@ class MetaModel(nn.Module):
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, loss_fn=batch_balanced_loss):
         super().__init__()
+        _check_untied(model)
         self.model, self.loss_fn = model, loss_fn
         self.rates = nn.ParameterDict({_rate_key(name): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
                                        for name in trainable_parameters(model)})
 
     def forward(self, inputs, params: dict | None = None):
         """The model's output, with `params` (e.g. adapted ones) in place of its trainable parameters."""
-        return self.model(inputs) if params is None else functional_call(self.model, params, (inputs,))
+        return self.model(inputs) if params is None else _call(self.model, params, inputs)
 
     def learning_rates(self) -> dict:
         """{model parameter name: its per-step rates}."""

@@ -16,8 +16,10 @@ entire (everything), head (everything after the upstream), linear (layer
 weights + classifier).
 """
 
+import pickle
 from typing import Literal
 
+import cloudpickle
 import torch
 from torch import nn
 
@@ -26,6 +28,11 @@ from distmeta.models.upstream import Upstream
 
 Scope = Literal["entire", "head", "linear"]
 PROJECTION_DIM = 256
+# A batch runs through the upstream in up to this many groups of rows of similar length, each padded only to
+# its own longest row. Attention, quadratic in the padded length, then pays far less for a random batch's
+# padding, and each row's features are nearer its features alone (s3prl's padding mask lets a frame that
+# overlaps the padding into attention, ~1e-3 on the logits; batch composition still decides the rest).
+LENGTH_GROUPS = 3
 
 
 class SERHead(nn.Module):
@@ -63,7 +70,20 @@ class SERModel(nn.Module):
             return inputs["pooled"]
         if "hidden" in inputs:
             return self.head.pool(inputs["hidden"], inputs["frames"])
-        return self.head.pool(*self.upstream(inputs.get("wavs"), inputs["lengths"], conv=inputs.get("conv")))
+        lengths = inputs["lengths"]
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in torch.tensor_split(order, min(LENGTH_GROUPS, len(order))):
+            longest = lengths[rows].max()
+            wavs = inputs.get("wavs")
+            conv = inputs.get("conv")
+            if conv is not None:
+                conv = conv[rows, :, :int(self.upstream.frame_counts(longest[None])[0])]
+            else:
+                wavs = wavs[rows, :int(longest)]
+            parts.append(self.head.pool(*self.upstream(wavs, lengths[rows], conv=conv)))
+        pooled = torch.cat(parts, dim=1)
+        return pooled[:, torch.argsort(order)]  # back to the batch's row order
 
     def embed(self, inputs: dict) -> torch.Tensor:
         return self.head.embed_pooled(self.pooled(inputs))
@@ -72,13 +92,11 @@ class SERModel(nn.Module):
         return self.head.classifier(self.embed(inputs))
 
     def clone(self) -> "SERModel":
-        """An independent copy. (copy.deepcopy is wrong here: s3prl's forward hooks would still
-        write the copy's hidden states into the original's buffer.)"""
-        twin = SERModel(Upstream(self.upstream.config), self.head.classifier.out_features)
-        twin.load_state_dict(self.state_dict())
-        for mine, theirs in zip(self.parameters(), twin.parameters()):
-            theirs.requires_grad_(mine.requires_grad)
-        return twin
+        """An independent copy, made in memory (nothing is read from disk, so a model that reached another
+        node through Ray clones there too). copy.deepcopy is wrong here: s3prl's forward hooks are closures
+        it does not copy, so they would still write the copy's hidden states into the original's buffer; a
+        cloudpickle round trip copies them along with the modules they belong to."""
+        return pickle.loads(cloudpickle.dumps(self))
 
 
 def set_scope(model: SERModel, scope: Scope) -> SERModel:

@@ -180,11 +180,17 @@ class Upstream(nn.Module):
         if conv is None:
             hidden = self.model([w[:n] for w, n in zip(wavs, lengths)])["hidden_states"]
         else:
-            # The wrapper derives the padding mask from the waveform lengths, so it gets silent
-            # stand-ins of the right lengths; its extractor returns `conv` instead of reading them.
+            # The wrapper derives the padding mask from waveform lengths (a frame is padding when all of its
+            # share of the samples are), so it gets silent stand-ins; its extractor returns `conv` instead
+            # of reading them. A stand-in of `downsample` samples per conv frame of its utterance makes that
+            # mask exactly the frames past the utterance's own. (Stand-ins as long as the audio would let
+            # the padded batch's next frame, computed over padding, into every shorter utterance's attention
+            # and position convolution: its features would depend on what it is batched with.)
+            frames = torch.clamp(self.frame_counts(lengths), min=1)
+            conv = conv[:, :, :int(frames.max())]
             self._pending_conv = conv
             try:
-                hidden = self.model([conv.new_zeros(int(n)) for n in lengths])["hidden_states"]
+                hidden = self.model([conv.new_zeros(int(n) * self.downsample) for n in frames])["hidden_states"]
             finally:
                 self._pending_conv = None
         hidden = torch.stack(hidden)  # [L, B, F, D]

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from distmeta.io import atomic_path, write_json
 
-SCALING = ("use_gpu", "cpus_per_worker")  # where a training runs, not what it learns
+SCALING = ("use_gpu", "cpus_per_worker", "parallel")  # where a training runs, not what it learns
 
 
 def shaping(config) -> dict:

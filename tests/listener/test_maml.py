@@ -229,3 +229,14 @@ def test_meta_model_batched_adapt_and_gradients_equal_its_single_ones(setting):
         expected_loss, expected = meta.meta_gradients(batch, steps=3, second_order=True)
         assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
         assert set(grads) == set(expected) and all(torch.allclose(grads[n], expected[n], atol=1e-12) for n in expected)
+
+
+def test_a_model_with_tied_weights_is_refused(setting):
+    """The core swaps parameters in by name without looking for tied ones (maml._call): a parameter shared
+    under two names would keep its old value under the other name, so such a model is refused up front."""
+    model, inner, _, lrs = setting
+    model.c = model.b  # the same parameters under a second name
+    with pytest.raises(ValueError, match="tied"):
+        adapt(model, ce, inner, lrs=lrs, steps=1)
+    with pytest.raises(ValueError, match="tied"):
+        MetaModel(model, 2, 0.1)

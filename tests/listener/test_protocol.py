@@ -1,5 +1,7 @@
 """Table 1's headroom column and the paired comparison, against hand computations on a built results frame."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -49,3 +51,64 @@ def test_paired_differences_match_scipy(results):
         assert row["low"] == pytest.approx(low, abs=0.01) and row["high"] == pytest.approx(high, abs=0.01)
         assert row["episodes"] == 12 and row["wins"] == int((diff > 0).sum())
     assert paired(results, "Meta-PerSER", "nobody", 32).empty
+
+
+@pytest.mark.slow
+def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_worker(small_corpus, tmp_path):
+    """Whole-model fine-tuning (Entire-Few, Entire-All) on two Ray actors against the serial protocol."""
+    import ray
+    import torch
+
+    from distmeta.data import rotation
+    from distmeta.features import AudioBank, input_bank
+    from distmeta.listener.adapters import AdaptConfig, CeilingConfig, FineTune, FitAll, Oracle, RandomGuess
+    from distmeta.listener.protocol import EpisodeWorkers, ProtocolConfig, run_episodes
+    from distmeta.models import SERModel, Upstream, UpstreamConfig
+
+    class DiesOnce:  # defined here, so it travels to the actors by value
+        """An adapter whose process exits the first time it is asked (a marker file remembers): a worker lost
+        mid-episode, as when a node is preempted."""
+
+        name = "Dies-Once"
+
+        def __init__(self, marker):
+            self.marker = marker
+
+        def predict(self, episode):
+            import os
+
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)
+            return np.full((len(episode.query), 9), 1 / 9 + 0.01 * (episode.seed % 2))
+
+    torch.manual_seed(0)
+    model = SERModel(Upstream(UpstreamConfig()))
+    task = rotation(small_corpus, "unseen")[0].test_task(small_corpus)
+    bank = input_bank(model.upstream, AudioBank(small_corpus, task.utterances))
+    adapters = {"Random": RandomGuess(), "Entire-Few": FineTune("Entire-Few", model, "entire", bank, AdaptConfig(steps=3)),
+                "Entire-All": FitAll(model, bank, CeilingConfig(max_epochs=2, max_items=40)),
+                "Oracle-Listener": Oracle("Oracle-Listener", small_corpus, task.annotator)}
+    config = ProtocolConfig(seeds=2, shots=4, queries=8, methods=tuple(adapters), sweep_shots=(2, 4),
+                            sweep_methods=("Entire-Few",))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a one-CPU actor: the same arithmetic, so the same scores to the last bit
+    try:
+        serial = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None)
+    finally:
+        torch.set_num_threads(threads)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        workers = EpisodeWorkers(2)
+        parallel = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None, workers=workers)
+        assert len(parallel) == len(serial) == 2 * 4 + 2 * 1
+        for mine, theirs in zip(parallel, serial):  # the same plan order and scores (actors: one thread each)
+            assert {k: v for k, v in mine.items() if k != "seconds"} == pytest.approx(
+                {k: v for k, v in theirs.items() if k != "seconds"}, abs=0)
+        lost = {**adapters, "Dies-Once": DiesOnce(str(tmp_path / "died"))}
+        again = run_episodes(lost, task, replace(config, methods=tuple(lost)), {}, log=None, workers=workers)
+        assert (tmp_path / "died").exists() and len(again) == 2 * 5 + 2 * 1
+        assert [r["method"] for r in again[:5]] == list(lost)
+        workers.shutdown()
+    finally:
+        ray.shutdown()
