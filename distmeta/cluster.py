@@ -8,9 +8,16 @@ A local instance starts with its dashboard (bound to 127.0.0.1): Ray's State API
 lives there, and Ray Train's placement-group cleaner asks it, every second of a
 training, whether the run's controller is alive. Without it each ask fails with
 a warning line (about 1,200 of them in the default main job).
+
+Ray merges log lines of different workers that differ only in their numbers ("[repeated 2x
+across cluster]"); with models trained side by side that drops one run's progress lines (epoch 3
+of one model and of another read alike). Ray reads RAY_DEDUP_LOGS once, when it is imported, and
+every job imports this module before Ray, so the default is set here, at import.
 """
 
 import os
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def connect(address: str = "") -> None:

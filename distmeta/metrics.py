@@ -68,8 +68,15 @@ def class_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cl
     `targets` are multi-hot labels or vote distributions; rows are normalised to
     a distribution, so one labelled class and a vote share are treated alike.
     """
-    targets = targets.to(logits.dtype)
-    soft = targets / targets.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)
-    item_loss = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
-    item_weight = soft @ class_weights.to(logits.dtype)
-    return (item_weight * item_loss).mean()
+    return weighted_cross_entropy(logits, *balanced_targets(targets.to(logits.dtype), class_weights))
+
+
+def balanced_targets(targets: torch.Tensor, class_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of the class-balanced loss that depends on the targets alone: (t [N, C], w [N])."""
+    soft = targets / targets.sum(-1, keepdim=True).clamp(min=torch.finfo(targets.dtype).tiny)
+    return soft, soft @ class_weights.to(targets.dtype)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+    """Mean over items of item_weight_i * CE(softmax(logits_i), soft_i) (see class_balanced_cross_entropy)."""
+    return (item_weight * -(soft * F.log_softmax(logits, dim=-1)).sum(-1)).mean()

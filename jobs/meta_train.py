@@ -48,13 +48,13 @@ def setup(config: MetaTrainConfig):
     return corpus, splits
 
 
-def pretrain_models(config: MetaTrainConfig, splits) -> dict:
+def pretrain_models(config: MetaTrainConfig, splits, inputs=None) -> dict:
     kinds = sorted({KIND_OF_METHOD[m] for m in config.protocol.methods if m in KIND_OF_METHOD}
                    | ({"ssl_e"} if "Meta-PerSER" in config.protocol.methods or config.protocol.table2 else set()))
     if "multi" in kinds and "linear" not in kinds:
         kinds.append("linear")  # Multi-Few adapts on the Linear model's frozen-upstream features
     return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir,
-                             config.storage)
+                             config.storage, inputs)
 
 
 def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
@@ -109,16 +109,19 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, ac
     return adapters
 
 
-def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict) -> pd.DataFrame:
-    """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`."""
+def job_inputs(config: MetaTrainConfig, corpus):
+    """Every model of the job shares the upstream's frozen conv encoder: its outputs (or the audio), once."""
     from distmeta.features import AudioBank, input_bank
     from distmeta.models.upstream import Upstream
 
+    return input_bank(Upstream(config.upstream), AudioBank(corpus, corpus.utterances.index, config.pretrain.max_seconds))
+
+
+def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict, inputs) -> pd.DataFrame:
+    """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`."""
     rows = []
     actors = ActorPool(config.actors) if config.distributed else None
     workers = EpisodeWorkers(config.protocol.workers) if config.protocol.workers else None
-    # Every model here shares the upstream's frozen conv encoder: its outputs are computed once for the job.
-    inputs = input_bank(Upstream(config.upstream), AudioBank(corpus, corpus.utterances.index, config.pretrain.max_seconds))
     for scenario, scenario_splits in splits.items():
         for split in scenario_splits:
             found = checkpoints[(scenario, split.test_annotator)]
@@ -217,10 +220,11 @@ def main(argv=None) -> int:
     with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:
         seconds = {}
         corpus, splits = setup(config)
+        inputs = job_inputs(config, corpus)
         seconds["setup"] = time.time() - started
-        checkpoints = pretrain_models(config, splits)
+        checkpoints = pretrain_models(config, splits, inputs)
         seconds["pretrain"] = time.time() - started - seconds["setup"]
-        results = evaluate(config, corpus, splits, checkpoints, seconds)
+        results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)
         paths = save(config, corpus, splits, results)
         register_meta_perser(config, splits)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):

@@ -1,4 +1,8 @@
+import os
+
 import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # as the jobs run (distmeta/cluster.py), before any test imports Ray
 
 from distmeta.data import make_synthetic_corpus
 

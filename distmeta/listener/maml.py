@@ -29,13 +29,33 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+from distmeta.metrics import balanced_targets, class_balanced_weights, weighted_cross_entropy
 from distmeta.models.ser import trainable_parameters
 
 
-def batch_balanced_loss(logits, targets):
-    """Class-balanced loss with class weights from the batch itself (its N items are the training items)."""
-    return class_balanced_cross_entropy(logits, targets, class_balanced_weights(targets.detach()).to(targets.device))
+class BatchBalancedLoss:
+    """Class-balanced loss with class weights from the batch itself (its N items are the training items).
+
+    What depends on the targets alone (soft targets, item weights; most of the loss's ops) is computed once
+    per batch by `prepare`, which the core calls before its loops: an inner step on pooled features then runs
+    only the ops that depend on the logits. Called with raw targets it prepares them itself.
+    """
+
+    def prepare(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = targets.detach()
+        return balanced_targets(targets, class_balanced_weights(targets).to(targets.device))
+
+    def __call__(self, logits, targets):
+        return weighted_cross_entropy(logits, *(self.prepare(targets) if torch.is_tensor(targets) else targets))
+
+
+batch_balanced_loss = BatchBalancedLoss()
+
+
+def _prepared(loss_fn, targets):
+    """`targets` as `loss_fn` takes them in its inner loops (prepared once when it can, see BatchBalancedLoss)."""
+    prepare = getattr(loss_fn, "prepare", None)
+    return targets if prepare is None else prepare(targets)
 
 
 def _rate(lr: torch.Tensor, step: int) -> torch.Tensor:
@@ -59,7 +79,7 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None)
     `lrs[name]` the per-step rates of each. Returns the parameter dicts after each step (0: the start)."""
     _check_untied(model)
     params = params if params is not None else trainable_parameters(model)
-    inputs, targets = batch
+    inputs, targets = batch[0], _prepared(loss_fn, batch[1])
     trajectory = [params]
     for step in range(steps):
         current = trajectory[-1]
@@ -88,6 +108,7 @@ def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second
     rates = {name: lrs[name].detach().clone().requires_grad_(True) for name in params}
     trajectory = adapt(model, loss_fn, inner_batch, lrs=rates, steps=steps, second_order=second_order)
     outer_inputs, outer_targets = outer_batch if outer_batch is not None else inner_batch
+    outer_targets = _prepared(loss_fn, outer_targets)
     if step_weights is None:
         outer_loss = loss_fn(_call(model, trajectory[-1], outer_inputs), outer_targets)
     else:
@@ -131,7 +152,8 @@ def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: l
     outer = outer_batches if outer_batches is not None else inner_batches
     per_task = vmap(grad_and_value(outer_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))
     with sdpa_kernel([SDPBackend.MATH]):  # as in meta_gradients: the double backward needs the math kernel
-        (param_grads, rate_grads), losses = per_task(params, rates, *_stacked(inner_batches), *_stacked(outer))
+        (param_grads, rate_grads), losses = per_task(params, rates, *_stacked(inner_batches, loss_fn),
+                                                     *_stacked(outer, loss_fn))
     return [(losses[t].detach(), {n: g[t] for n, g in param_grads.items()}, {n: g[t] for n, g in rate_grads.items()})
             for t in range(len(inner_batches))]
 
@@ -145,7 +167,7 @@ def batched_adapt(model, loss_fn, batches: list, *, lrs, steps) -> list[dict]:
     rates = {name: lrs[name].detach() for name in params}
     loss_of = _functional_loss(model, loss_fn)
     final = vmap(lambda inputs, targets: _functional_adapt(loss_of, params, rates, inputs, targets, steps, False)[-1])
-    adapted = final(*_stacked(batches))
+    adapted = final(*_stacked(batches, loss_fn))
     return [{name: p[i].detach() for name, p in adapted.items()} for i in range(len(batches))]
 
 
@@ -167,13 +189,16 @@ def _functional_adapt(loss_of, params, rates, inputs, targets, steps, second_ord
     return trajectory
 
 
-def _stacked(batches: list) -> tuple:
+def _stacked(batches: list, loss_fn) -> tuple:
     """[(inputs, targets)] -> (inputs, targets) with a leading dimension over the batches; inputs: a tensor or
-    a dict of them."""
+    a dict of them; targets: as `loss_fn` takes them (prepared per batch, see BatchBalancedLoss)."""
     first = batches[0][0]
     inputs = ({key: torch.stack([b[0][key] for b in batches]) for key in first} if isinstance(first, dict)
               else torch.stack([b[0] for b in batches]))
-    return inputs, torch.stack([b[1] for b in batches])
+    targets = [_prepared(loss_fn, b[1]) for b in batches]
+    if isinstance(targets[0], tuple):
+        return inputs, tuple(torch.stack(part) for part in zip(*targets))
+    return inputs, torch.stack(targets)
 
 
 def _rate_key(name: str) -> str:

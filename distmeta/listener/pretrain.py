@@ -30,7 +30,7 @@ from torch import nn
 
 from distmeta.data.scenarios import Split
 from distmeta.data.sources import DataConfig, load_corpus
-from distmeta.features import AudioBank, PooledBank, input_bank
+from distmeta.features import AudioBank, ConvFeatureBank, PooledBank, input_bank, inputs_for
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
 from distmeta.models.upstream import Upstream, UpstreamConfig, build_name, landed, portable
@@ -112,11 +112,15 @@ def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Spl
                                   "split": asdict(split), "pretrain": shaping(config)}))
 
 
+def _say(name: str, line: str) -> None:
+    print(f"{name}: {line}", flush=True)  # which model: runs side by side interleave their lines
+
+
 def _train_loop(worker) -> None:
     """Runs on every Ray Train worker (a `training.launcher.Worker`): trains each pending request in turn."""
     import ray.train.torch
 
-    audio = worker.shared["audio"]
+    given = worker.shared["inputs"]  # the driver's input bank (conv features) or the audio
     inputs = {}  # per upstream: its frozen conv encoder's outputs (or the audio), computed once
     frozen_pooled = None  # pooled features of the untrained upstream, shared by every linear/multi model
     for number, request in worker.pending():
@@ -126,8 +130,9 @@ def _train_loop(worker) -> None:
         upstream_key = json.dumps(settings["upstream"], sort_keys=True)
         upstream = landed(UpstreamConfig(**settings["upstream"]), worker.shared["upstreams"][upstream_key])
         model = build_model(kind, upstream, len(settings["split"]["train_annotators"]))
-        if upstream_key not in inputs:
-            inputs[upstream_key] = input_bank(model.upstream, audio)
+        if upstream_key not in inputs:  # the driver's conv features (refused if another encoder's), else computed here
+            inputs[upstream_key] = (inputs_for(model.upstream, given.items, given) if isinstance(given, ConvFeatureBank)
+                                    else input_bank(model.upstream, given))
         if kind != "ssl_e" and frozen_pooled is None:
             frozen_pooled = PooledBank(model.upstream, inputs[upstream_key])
         bank = inputs[upstream_key] if kind == "ssl_e" else frozen_pooled
@@ -139,7 +144,7 @@ def _train_loop(worker) -> None:
         def lengths(part):
             return [bank.length(u) for u in parts[part][0]] if config.length_buckets else None
 
-        def inputs_for(part):
+        def batches_of(part):
             ids, _, heads = parts[part]
 
             def make(idx):
@@ -151,25 +156,27 @@ def _train_loop(worker) -> None:
         def report(epoch, metrics, is_best, state, name=name, number=number):
             worker.report({**metrics, "model": name, "model_index": number})
 
-        result = fit(model, inputs_for("train"), parts["train"][1], parts["val"][1], inputs_for("val"),
+        result = fit(model, batches_of("train"), parts["train"][1], parts["val"][1], batches_of("val"),
                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
                      seed=config.seed, rank=worker.rank, world_size=worker.world, on_epoch=report,
-                     log=functools.partial(print, flush=True) if worker.rank == 0 else None,
+                     log=functools.partial(_say, name) if worker.rank == 0 else None,
                      lengths=lengths("train"), val_lengths=lengths("val"))
         state = {k.removeprefix("module."): v for k, v in result["best_state"].items()}
         best = result["history"][result["best_epoch"] - 1]
         worker.finish(request, state, {"settings": settings, "best": best, "classes": list(CLASSES)})
 
 
-def pretrain_many(requests, storage: str, name: str = "pretrain", max_failures: int = 2) -> list[Path]:
-    """Train every (kind, data, upstream, split, config, out_path) request in one Ray Train run
+def pretrain_many(requests, storage: str, name: str = "pretrain", max_failures: int = 2, inputs=None) -> list[Path]:
+    """Train every (kind, data, upstream, split, config, out_path) request in Ray Train runs
     (`training.launcher`: `storage` is Ray's storage, a shared folder or URI on a cluster).
 
     Models already saved with the same settings are skipped, so a rerun, or a
     worker restarted after a failure, picks up where it stopped. Saved files are
     safetensors with a JSON sidecar (settings, best epoch and losses). The workers
-    get the audio, their training rows and the upstream's checkpoint from the
-    driver through the object store: they need nothing on their node's disk.
+    get the audio (or `inputs`, the job's input bank of the whole corpus: conv
+    features they need not compute again), their training rows and the upstream's
+    checkpoint from the driver through the object store: they need nothing on
+    their node's disk.
     """
     corpora = [json.dumps(asdict(r[1]), sort_keys=True) for r in requests]
     data_of = dict(zip(corpora, (r[1] for r in requests)))
@@ -185,7 +192,7 @@ def pretrain_many(requests, storage: str, name: str = "pretrain", max_failures: 
     for t, r in pending:
         t["rows"] = training_rows(corpus, r[3], t["settings"]["kind"], config.val_fraction, config.seed)
     upstreams = {json.dumps(t["settings"]["upstream"], sort_keys=True): r[2] for t, r in pending}
-    shared = {"audio": AudioBank(corpus, corpus.utterances.index, config.max_seconds),
+    shared = {"inputs": inputs if inputs is not None else AudioBank(corpus, corpus.utterances.index, config.max_seconds),
               "upstreams": {key: portable(upstream) for key, upstream in upstreams.items()}}
     return train_many(_train_loop, todo, shared, config, storage, name, max_failures)
 
@@ -200,12 +207,13 @@ KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "
 
 
 def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config: PretrainConfig, splits: dict,
-                      models_dir, storage: str = "") -> dict:
+                      models_dir, storage: str = "", inputs=None) -> dict:
     """Pretrain `kinds` for every split of every scenario in one Ray Train run.
 
     Returns {(scenario, test annotator): {kind: path}}; models live under
     models_dir/<scenario>/<test annotator>/<kind>.safetensors. `storage`: Ray's
-    storage (a folder every node sees, or a URI; "": models_dir/ray, one node).
+    storage (a folder every node sees, or a URI; "": models_dir/ray, one node). `inputs`: the job's input bank
+    of the corpus (see pretrain_many), or None.
     """
     checkpoints, requests = {}, []
     for scenario, scenario_splits in splits.items():
@@ -215,5 +223,5 @@ def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config:
                 checkpoints.setdefault((scenario, split.test_annotator), {})[kind] = path
                 requests.append((kind, data, upstream, split, config, path))
     if requests:
-        pretrain_many(requests, storage_path(storage, Path(models_dir) / "ray"), name="pretrain")
+        pretrain_many(requests, storage_path(storage, Path(models_dir) / "ray"), name="pretrain", inputs=inputs)
     return checkpoints
