@@ -11,6 +11,7 @@ from a job-wide bank, which keeps them per upstream, so the trainings and
 adapters that share an upstream (a split's SSL-E) run it once.
 """
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -44,14 +45,15 @@ class Bank:
     def pooled(self, upstream) -> "PooledBank":
         """The pooled features of every utterance here under `upstream` (frozen), computed once per upstream
         weights and kept for the last `POOLED_KEPT` upstreams (a job's bank: see `pooled_for`)."""
-        kept = self.__dict__.setdefault("_pooled", OrderedDict())  # the constructors differ; a subset keeps none
-        key = upstream.digest()
-        if key not in kept:
-            kept[key] = PooledBank(upstream, self)
-            while len(kept) > POOLED_KEPT:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        return kept[key]
+        with _POOLED_LOCK:  # trainings side by side (jobs/meta_train.py) ask for a split's features at once
+            kept = self.__dict__.setdefault("_pooled", OrderedDict())  # the constructors differ; a subset keeps none
+            key = upstream.digest()
+            if key not in kept:
+                kept[key] = PooledBank(upstream, self)
+                while len(kept) > POOLED_KEPT:
+                    kept.popitem(last=False)
+            kept.move_to_end(key)
+            return kept[key]
 
 
 class AudioBank(Bank):
@@ -118,6 +120,7 @@ def inputs_for(upstream, utterances, shared: Bank | None, corpus=None, max_secon
 # A split's SSL-E (its Meta-PerSER trainings, Table 2 variants and meta-test adapters share that upstream)
 # and the untrained upstream (Linear, Multi, Table 2's "none"): each runs once per split, not once per use.
 POOLED_KEPT = 2
+_POOLED_LOCK = threading.Lock()
 
 
 def pooled_for(upstream, utterances, shared: Bank | None, corpus=None, max_seconds=None) -> "PooledBank":

@@ -40,10 +40,14 @@ class MetaTrainConfig:
     upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
-    # Two actors share the 9 training annotators: on pooled features an actor computes its tasks together,
-    # and 9 actors on a 2-core machine only contend for it (docs/listener.md); 0: one actor per task.
-    actors: ActorConfig = field(default_factory=lambda: ActorConfig(max_actors=2))
+    # One actor holds a training's 9 training annotators: on pooled features it computes its tasks together,
+    # and more actors on a 2-core machine only contend for it (docs/listener.md); 0: one actor per task.
+    actors: ActorConfig = field(default_factory=lambda: ActorConfig(max_actors=1))
     distributed: bool = True  # false: the serial in-process trainer (the reference; same numbers)
+    # Meta-trainings side by side (a split's Table 2 variants), each on its own actors, which it holds for the
+    # whole job: one training leaves the 2-core machine half idle (its actor waits for the driver's
+    # validation, the driver for its actor). parallel x actors must fit the cluster.
+    parallel: int = 2
     checkpoint_every: int = 10  # outer steps between checkpoints
     resume: bool = False  # continue from the checkpoints under out/checkpoints (`--resume DIR`)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)

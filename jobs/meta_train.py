@@ -17,6 +17,7 @@ Everything is logged to MLflow: the job is one run, each meta-training a nested 
 with its per-step outer and validation losses.
 """
 
+import functools
 import sys
 import time
 from dataclasses import asdict, replace
@@ -28,7 +29,7 @@ from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.cluster import connect
-from distmeta.data.scenarios import rotation
+from distmeta.data.scenarios import TooFewItems, rotation
 from distmeta.data.sources import load_corpus
 from distmeta.listener.distributed import ActorPool
 from distmeta.io import atomic_path
@@ -36,15 +37,23 @@ from distmeta.jobs import MetaTrainConfig
 from distmeta.listener.metatrain import ABLATIONS, MetaConfig, meta_train_cached
 from distmeta.models.upstream import prepare
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
-from distmeta.listener.protocol import EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_table, table1, table2
+from distmeta.listener.protocol import (EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
+                                       table2)
 from distmeta.report import save_table
 
 
 def setup(config: MetaTrainConfig):
-    connect(config.ray_address)
     corpus = load_corpus(config.data)
-    prepare(config.upstream)  # a tiny upstream is built here once, before any worker needs it
     splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
+    for scenario_splits in splits.values():  # before anything trains: every test pool must hold Table 1's K + Q
+        for split in scenario_splits:
+            try:
+                split.test_task(corpus).sample(config.protocol.shots, config.protocol.queries)
+            except TooFewItems as error:
+                raise SystemExit(f"{error}: lower protocol.shots or protocol.queries, or leave the annotator out "
+                                 f"of protocol.test_annotators") from None
+    connect(config.ray_address)
+    prepare(config.upstream)  # a tiny upstream is built here once, before any worker needs it
     return corpus, splits
 
 
@@ -85,28 +94,72 @@ def register_meta_perser(config: MetaTrainConfig, splits) -> int | None:
     return version
 
 
-def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, actors, inputs) -> dict:
-    """Meta-train (or reuse) every Meta-PerSER variant for one split; each is a nested MLflow run."""
+def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, pools: list, inputs) -> dict:
+    """Meta-train (or reuse) every Meta-PerSER variant for one split, each a nested MLflow run. The variants
+    train side by side, one per actor pool in `pools` (a list of [None] trains serially in process), each
+    printing its lines under its own name; a model two variants share trains once."""
     import mlflow
+    from concurrent.futures import ThreadPoolExecutor
 
-    adapters = {}
-    for method, meta_config in meta_variants(config, scenario).items():
-        path = meta_model_path(config, scenario, split, meta_config)
-        print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
-        with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True):
-            mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
-                               "test_annotator": split.test_annotator, "method": method})
+    variants = meta_variants(config, scenario)
+    parent = mlflow.active_run().info.run_id
+    by_path = {}  # model file -> the variants it serves (Meta-PerSER is Table 2's last row)
+    for method, meta_config in variants.items():
+        by_path.setdefault(meta_model_path(config, scenario, split, meta_config), []).append(method)
 
-            def log_step(record):
-                mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step"}, step=record["step"])
+    def train(path: Path, methods: list, actors) -> dict:
+        states = {}
+        for method in methods:  # the first trains, the others reuse its file
+            meta_config = variants[method]
+            print(f"meta-training {method} ({scenario}, test {split.test_annotator}, validation {split.val_annotator})", flush=True)
+            with mlflow.start_run(run_name=f"{method} {scenario} {split.test_annotator}", nested=True,
+                                  parent_run_id=parent) as run:
+                mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
+                                   "test_annotator": split.test_annotator, "method": method})
+                steps = StepMetrics(run.info.run_id)
+                states[method] = meta_train_cached(
+                    path, corpus, split, config.upstream, checkpoints["ssl_e"], meta_config, asdict(config.data),
+                    config.pretrain.max_seconds, log=functools.partial(say, method), actors=actors, on_step=steps.add,
+                    checkpoint=Path(config.out) / "checkpoints" / path.relative_to(config.models_dir),
+                    checkpoint_every=config.checkpoint_every, resume=config.resume, inputs=inputs)
+                steps.flush()
+        return states
 
-            state = meta_train_cached(path, corpus, split, config.upstream,
-                                      checkpoints["ssl_e"], meta_config, asdict(config.data), config.pretrain.max_seconds,
-                                      actors=actors, on_step=log_step, checkpoint=Path(config.out) / "checkpoints" / path.relative_to(config.models_dir),
-                                      checkpoint_every=config.checkpoint_every, resume=config.resume, inputs=inputs)
-        adapters[method] = meta_adapter(method, corpus, split, config.upstream, state, meta_config, config.pretrain.max_seconds,
-                                        inputs)
-    return adapters
+    jobs = list(by_path.items())
+    with ThreadPoolExecutor(len(pools)) as side_by_side:  # pool i trains every len(pools)-th model
+        shares = [side_by_side.submit(lambda share, actors: [train(p, m, actors) for p, m in share], jobs[i::len(pools)], pool)
+                  for i, pool in enumerate(pools)]
+        states = {method: state for share in shares for done in share.result() for method, state in done.items()}
+    return {method: meta_adapter(method, corpus, split, config.upstream, states[method], meta_config,
+                                 config.pretrain.max_seconds, inputs) for method, meta_config in variants.items()}
+
+
+class StepMetrics:
+    """A meta-training's per-step metrics, sent to its MLflow run in one batch per validation step: each
+    call is a database write (~8 ms of the driver's CPU), and 150 steps x 30 trainings of them cost the
+    default run ~40 s of CPU. The curves in MLflow are the same, up to `val_every` steps behind."""
+
+    def __init__(self, run_id: str):
+        self.run_id, self.pending = run_id, []
+
+    def add(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, record["step"]) for k, v in record.items() if k != "step"]
+        if "val_loss" in record:
+            self.flush()
+
+    def flush(self) -> None:
+        import mlflow
+
+        if self.pending:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+
+
+def say(name: str, line: str) -> None:
+    print(f"{name}: {line}", flush=True)  # whose line: trainings side by side interleave theirs
 
 
 def job_inputs(config: MetaTrainConfig, corpus):
@@ -118,29 +171,48 @@ def job_inputs(config: MetaTrainConfig, corpus):
 
 
 def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict, inputs) -> pd.DataFrame:
-    """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`."""
-    rows = []
-    actors = ActorPool(config.actors) if config.distributed else None
+    """Meta-train and meta-test every split; adds the wall seconds of both phases to `seconds`.
+
+    With episode actors (`protocol.workers`) a split's meta-test runs in a second driver thread while the
+    next split meta-trains: the trainings leave cores idle (validation, one model's actor waiting for its
+    driver thread) that the episode actors fill. The two phases' seconds then overlap. In process, the
+    meta-test waits for its turn: adapters there seed torch's global random state, which trainings share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pools = [ActorPool(config.actors) if config.distributed else None for _ in range(max(1, config.parallel))]
     workers = EpisodeWorkers(config.protocol.workers) if config.protocol.workers else None
-    for scenario, scenario_splits in splits.items():
-        for split in scenario_splits:
-            found = checkpoints[(scenario, split.test_annotator)]
-            began = time.time()
-            metas = meta_train(config, corpus, scenario, split, found, actors, inputs)
-            seconds["meta-train"] = seconds.get("meta-train", 0.0) + time.time() - began
-            began = time.time()
-            print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
-            baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
-            adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
-                                            config.pretrain.max_seconds, config.protocol.ceiling, inputs), **metas}
-            labels = {"scenario": scenario, "upstream": config.upstream.name}
-            methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
-            rows += run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels,
-                                 workers=workers)
-            seconds["meta-test"] = seconds.get("meta-test", 0.0) + time.time() - began
-    for pool in (actors, workers):
-        if pool is not None:
-            pool.shutdown()
+    testing, tests = ThreadPoolExecutor(1), []  # one meta-test at a time, in split order
+
+    def meta_test(scenario, split, adapters, methods) -> list[dict]:
+        began = time.time()
+        print(f"meta-test: {scenario}, test annotator {split.test_annotator}", flush=True)
+        labels = {"scenario": scenario, "upstream": config.upstream.name}
+        rows = run_episodes(adapters, split.test_task(corpus), replace(config.protocol, methods=tuple(methods)), labels,
+                            workers=workers)
+        seconds["meta-test"] = seconds.get("meta-test", 0.0) + time.time() - began
+        return rows
+
+    try:
+        for scenario, scenario_splits in splits.items():
+            for split in scenario_splits:
+                found = checkpoints[(scenario, split.test_annotator)]
+                began = time.time()
+                metas = meta_train(config, corpus, scenario, split, found, pools, inputs)
+                baselines = [m for m in config.protocol.methods if m != "Meta-PerSER"]
+                adapters = {**baseline_adapters(baselines, corpus, split, found, config.upstream, config.protocol.adapt,
+                                                config.pretrain.max_seconds, config.protocol.ceiling, inputs), **metas}
+                seconds["meta-train"] = seconds.get("meta-train", 0.0) + time.time() - began
+                methods = list(config.protocol.methods) + [m for m in metas if m.startswith("Meta[")]
+                [test.result() for test in tests if test.done()]  # a failed meta-test stops the job now
+                tests.append(testing.submit(meta_test, scenario, split, adapters, methods))
+                if workers is None:
+                    tests[-1].result()
+        rows = [row for test in tests for row in test.result()]
+    finally:
+        testing.shutdown(cancel_futures=True)
+        for pool in (*pools, workers):
+            if pool is not None:
+                pool.shutdown()
     return pd.DataFrame(rows)
 
 
@@ -165,7 +237,8 @@ def save(config: MetaTrainConfig, corpus, splits, results: pd.DataFrame) -> dict
                                      "mean ± 95% CI (%)")
     sweep_methods = [m for m in config.protocol.sweep_methods if m in config.protocol.methods]
     if sweep_methods and len(set(results["shots"])) > 1:
-        paths["sweep"] = save_table(sweep_table(results, sweep_methods), out, "shots_sweep", "Shots sweep (Table A4 layout), mean (%)")
+        paths["sweep"] = save_table(sweep_table(results, sweep_methods), out, "shots_sweep", "Shots sweep (Table A4 layout), mean (%)"
+                                    + sweep_note(results, sweep_methods, config.protocol.shots))
         plot_sweep(results, sweep_methods, out / "shots_sweep.png")
         paths["sweep_plot"] = out / "shots_sweep.png"
     for scenario, name in (("seen", "table_a1"), ("unseen", "table_a2")):
@@ -225,6 +298,7 @@ def main(argv=None) -> int:
         checkpoints = pretrain_models(config, splits, inputs)
         seconds["pretrain"] = time.time() - started - seconds["setup"]
         results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)
+        seconds["meta-train and meta-test wall"] = time.time() - started - seconds["setup"] - seconds["pretrain"]  # they overlap
         paths = save(config, corpus, splits, results)
         register_meta_perser(config, splits)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):

@@ -24,6 +24,9 @@ A MetaModel saves and loads as an ordinary state dict. The functional core below
 it against finite differences.
 """
 
+import threading
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -62,6 +65,24 @@ def _rate(lr: torch.Tensor, step: int) -> torch.Tensor:
     return lr[min(step, len(lr) - 1)]
 
 
+# `sdpa_kernel` sets process-wide flags, so a thread beside this one (trainings side by side in one process,
+# jobs/meta_train.py's `parallel`) would run its attention with them, or lose them mid-way when another
+# thread's section ends. Sections that need them take turns; pooled features (the head alone) run no
+# attention and leave them alone.
+_MATH_ATTENTION = threading.RLock()
+
+
+@contextmanager
+def _double_backward_attention(inputs):
+    """The math attention kernel while a second-order pass over `inputs` runs: the fused kernels (flash,
+    memory-efficient) have no double backward."""
+    if isinstance(inputs, dict) and set(inputs) == {"pooled"}:
+        yield
+        return
+    with _MATH_ATTENTION, sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _call(model, params: dict, inputs):
     """`model(inputs)` with `params` in place of its parameters of those names. tie_weights=False: torch's
     default walks every parameter of the model (the whole upstream) on every call to find tied ones, which
@@ -93,8 +114,7 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None)
 def meta_gradients(model, loss_fn, inner_batch, outer_batch=None, *, lrs, steps, second_order, step_weights=None):
     """(outer loss, {name: meta-gradient of each trainable parameter}, {name: gradient of its rates})."""
     if second_order:
-        # Fused attention kernels (flash, memory-efficient) have no double backward; the math one does.
-        with sdpa_kernel([SDPBackend.MATH]):
+        with _double_backward_attention(inner_batch[0]):
             return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, True, step_weights)
     return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, False, step_weights)
 
@@ -151,7 +171,7 @@ def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: l
 
     outer = outer_batches if outer_batches is not None else inner_batches
     per_task = vmap(grad_and_value(outer_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))
-    with sdpa_kernel([SDPBackend.MATH]):  # as in meta_gradients: the double backward needs the math kernel
+    with _double_backward_attention(inner_batches[0][0]):  # as in meta_gradients
         (param_grads, rate_grads), losses = per_task(params, rates, *_stacked(inner_batches, loss_fn),
                                                      *_stacked(outer, loss_fn))
     return [(losses[t].detach(), {n: g[t] for n, g in param_grads.items()}, {n: g[t] for n, g in rate_grads.items()})

@@ -22,6 +22,7 @@ micro-F1, are recorded (`val_loss`, `val_maF1`, `val_miF1`).
 """
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from distmeta.listener.checkpoint import load_checkpoint, save_checkpoint
 from distmeta.listener.maml import MetaModel
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models.ser import set_scope, trainable_parameters
@@ -63,6 +65,11 @@ class MetaConfig:
     # early (step 20-60 of 150) as adapted predictions grow confident while macro-F1 still rises (docs/listener.md).
     select: str = "maF1"
     seed: int = 0
+
+
+# torch's global random state, which seeded code below sets and draws from: trainings side by side in one
+# process (jobs/meta_train.py's `parallel`) take turns, so each draws exactly what it would alone.
+SEEDED = threading.RLock()
 
 
 def task_seed(config: MetaConfig, step: int, task_index: int) -> int:
@@ -99,7 +106,7 @@ def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: in
     inner_idx, outer_idx = sample_batches(task, config, step, task_index)
     inner = task_batch(bank, task, inner_idx, device)
     outer = None if outer_idx is None else task_batch(bank, task, outer_idx, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with SEEDED, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(task_seed(config, step, task_index))
         loss, grads = meta.meta_gradients(inner, outer, steps=config.inner_steps, second_order=second_order,
                                           step_weights=step_weights(config))
@@ -189,7 +196,7 @@ def validation_metrics(meta: MetaModel, bank, task, config: MetaConfig) -> dict:
     else:
         adapted = []
         for (_, seed, _, _), (inputs, targets) in zip(episodes, supports):
-            with torch.random.fork_rng(devices=[]):
+            with SEEDED, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 adapted.append(meta.adapt(inputs, targets, config.test_steps))
     for (task, seed, support, query), fast in zip(episodes, adapted):
@@ -217,52 +224,6 @@ def chosen_tasks(rng: np.random.Generator, n_tasks: int, config: MetaConfig) -> 
     if config.tasks_per_step and config.tasks_per_step < n_tasks:
         return sorted(int(i) for i in rng.choice(n_tasks, config.tasks_per_step, replace=False))
     return list(range(n_tasks))
-
-
-def save_checkpoint(path, learner: MetaLearner, step: int, rng: np.random.Generator, best: dict, history: list,
-                    settings: dict) -> None:
-    """Everything needed to continue after `step` outer steps, in one safetensors file written atomically;
-    `settings`: what shaped the run (see `train`), compared on resume."""
-    from safetensors.torch import save_file
-
-    from distmeta.io import atomic_path
-
-    optimizer = learner.optimizer.state_dict()
-    tensors = {f"now/{k}": v for k, v in learner.trainable().items()}
-    tensors.update({f"best/{k}": v for k, v in best["state"].items()})
-    for index, slots in optimizer["state"].items():
-        tensors.update({f"opt/{index}/{slot}": torch.as_tensor(value) for slot, value in slots.items()})
-    meta = {"step": step, "rng": rng.bit_generator.state, "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "best_score": best["score"], "history": history, "param_groups": optimizer["param_groups"], "settings": settings}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"distmeta": json.dumps(meta)})
-
-
-def load_checkpoint(path, learner: MetaLearner, rng: np.random.Generator, settings: dict) -> tuple[int, dict, list]:
-    """Restore a checkpoint into `learner` and `rng`; returns (step, best, history). Refuses one written
-    with other `settings`, naming every key that differs."""
-    from safetensors import safe_open
-
-    from distmeta.config import differences
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["distmeta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    changed = differences(meta.get("settings", {}), settings)
-    if changed:
-        raise ValueError(f"checkpoint {path} was written with other settings:\n  " + "\n  ".join(changed)
-                         + "\nresume with the same settings, or start a new output folder")
-    learner.load_trainable({k[4:]: v for k, v in tensors.items() if k.startswith("now/")})
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("opt/"):
-            _, index, slot = key.split("/", 2)
-            state.setdefault(int(index), {})[slot] = value
-    learner.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    rng.bit_generator.state = meta["rng"]
-    best = {"state": {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}, "step": meta["best_step"],
-            "val_loss": meta["best_val_loss"], "score": meta["best_score"]}
-    return meta["step"], best, meta["history"]
 
 
 SELECTION = {"loss": ("val_loss", "min"), "maF1": ("val_maF1", "max")}  # meta.select: record key, better way
@@ -335,8 +296,9 @@ def build_meta_model(upstream_config, ssl_e, config: MetaConfig) -> MetaModel:
     from distmeta.models.ser import SERModel
     from distmeta.models.upstream import Upstream
 
-    torch.manual_seed(config.seed)
-    model = SERModel(Upstream(upstream_config))
+    with SEEDED:
+        torch.manual_seed(config.seed)
+        model = SERModel(Upstream(upstream_config))
     if config.ini:
         model.load_state_dict(ssl_e if isinstance(ssl_e, dict) else load_file(str(ssl_e)))
     return meta_model_of(model, config)

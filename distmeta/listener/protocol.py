@@ -64,9 +64,14 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
     """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row.
     In this process, or on `workers` (Ray actors scoring episodes in parallel; the same rows, in plan order)."""
     methods = [name for name in config.methods if name in adapters]  # the oracles exist only for synthetic corpora
+    task.sample(config.shots, config.queries)  # Table 1's K must fit the pool: TooFewItems names the annotator
+    sweep = [k for k in config.sweep_shots if k != config.shots and k + config.queries <= len(task)]
+    left_out = [k for k in config.sweep_shots if k + config.queries > len(task)]
+    if left_out and log:  # a small pool cannot hold every sweep K beside the queries; sweep_note says so too
+        log(f"  {task.annotator}: shots sweep K={left_out} left out: {len(task)} items in {task.pool}, "
+            f"Q={config.queries} of them queries")
     plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
-    plan += [(seed, k, name) for seed in range(config.seeds) for k in config.sweep_shots if k != config.shots
-             for name in config.sweep_methods if name in methods]
+    plan += [(seed, k, name) for seed in range(config.seeds) for k in sweep for name in config.sweep_methods if name in methods]
     started = time.time()
 
     def progress(done: int) -> None:
@@ -209,6 +214,19 @@ def sweep_table(results: pd.DataFrame, methods) -> pd.DataFrame:
     chosen = results[results["method"].isin(list(methods))]
     table = chosen.groupby(["shots", "scenario", "method"])[list(METRICS)].mean().mul(100).unstack(["scenario", "method"])
     return table.reorder_levels([1, 2, 0], axis=1).sort_index(axis=1)
+
+
+def sweep_note(results: pd.DataFrame, methods, shots: int) -> str:
+    """The test annotators a sweep K leaves out (their test pool is too small for K support items beside the
+    queries), for the sweep table's title: "" when every K has every annotator of Table 1's K."""
+    chosen = results[results["method"].isin(list(methods))]
+    everyone = set(map(tuple, chosen[chosen["shots"] == shots][["scenario", "annotator"]].to_numpy()))
+    notes = []
+    for k, group in chosen.groupby("shots"):
+        missing = sorted(everyone - set(map(tuple, group[["scenario", "annotator"]].to_numpy())))
+        if missing:
+            notes.append(f"K={k} leaves out " + ", ".join(f"{s} {a}" for s, a in missing))
+    return f" ({'; '.join(notes)}: too few items in their test pools)" if notes else ""
 
 
 def plot_sweep(results: pd.DataFrame, methods, path) -> None:

@@ -47,6 +47,9 @@ class MetaICLConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers
+    # Stage-2 trainings side by side, that many Ray Train runs once stage 1 is saved (not in the cache key:
+    # a model is the same whichever run trains it, up to the float rounding of its worker's thread count)
+    parallel: int = 2
 
 
 def _unwrap(model):
@@ -204,7 +207,9 @@ def _train_loop(worker) -> None:
 
 def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_config, meta: MetaICLConfig,
                        trainings, frames, models_dir, storage: str = "", max_failures: int = 2) -> dict:
-    """Stage 1, then each stage-2 `trainings` setting from it, in one Ray Train run (`training.launcher`).
+    """Stage 1, then each stage-2 `trainings` setting from it, in Ray Train runs (`training.launcher`): one
+    run, or with `meta.parallel` > 1 stage 1's run and then the stage-2 trainings shared among that many
+    runs side by side, each starting from the saved stage-1 model.
 
     Returns {"stage1": path, training: path, ...}: safetensors of the trainable parameters (best validation
     step) with a JSON sidecar; models already saved with the same settings are reused. The workers get the
@@ -221,6 +226,8 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     if all(is_done(r["out_path"], r["settings"]) for r in requests):
         return paths
     shared = {"data": speaker_view(load_corpus(data_config, progress=False)), "frames": FrameBank.load(frames)}
-    train_many(_train_loop, requests, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
-               max_failures)
+    waves = [requests] if meta.parallel <= 1 else [requests[:1], requests[1:]]
+    for wave in waves:
+        train_many(_train_loop, wave, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
+                   max_failures)
     return paths

@@ -106,3 +106,17 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     assert ListenerBase.load("models:/distmeta-listener/2").digest == on_disk.digest
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(first)}
     assert {"results.csv", "table1.md", "shots_sweep.png"} <= artifacts
+
+
+def test_a_test_pool_too_small_for_k_and_q_stops_the_job_before_anything_trains(load_job, small_corpus, tmp_path):
+    from dataclasses import replace
+
+    from distmeta.data.sources import DataConfig
+    from distmeta.jobs import MetaTrainConfig
+
+    data = DataConfig(path=str(tmp_path / "corpus"), seed=3, n_utterances=300)
+    small_corpus.save(data.path)  # loads as a cache hit: the same seed and size
+    config = MetaTrainConfig(data=data)
+    config = replace(config, protocol=replace(config.protocol, queries=1000))
+    with pytest.raises(SystemExit, match=r"annotator 'E\d+' has \d+ labelled utterances in .*K=32 support \+ Q=1000"):
+        load_job("meta_train").setup(config)  # setup checks the pools first, then starts Ray

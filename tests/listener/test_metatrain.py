@@ -143,3 +143,24 @@ def test_selection_on_validation_macro_f1_keeps_the_state_of_its_best_step(setti
     assert by_loss["best_step"] == int(np.argmin(losses)) + 1
     with pytest.raises(ValueError, match="meta.select"):
         train_serial(MetaLearner(model.clone(), replace(config, select="UA")), bank, tasks, val_task, log=None)
+
+
+def test_trainings_side_by_side_in_threads_equal_each_alone(small_corpus, setting):
+    """jobs/meta_train.py trains a split's variants in threads of one process (`parallel`): the global
+    random state they seed from is taken in turns, so each training draws what it draws alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    config, *_ = setting
+    split = rotation(small_corpus, "unseen")[0]
+    configs = [config, replace(config, csmt=False, seed=1)]
+
+    def run(meta_config):
+        return meta_train_split(small_corpus, split, UpstreamConfig(), None, meta_config, log=None)
+
+    alone = [run(c) for c in configs]
+    with ThreadPoolExecutor(2) as side_by_side:
+        together = list(side_by_side.map(run, configs))
+    for a, b in zip(alone, together):
+        assert all(torch.equal(a["best_state"][k], b["best_state"][k]) for k in a["best_state"])
+        assert [h["outer_loss"] for h in a["history"]] == [h["outer_loss"] for h in b["history"]]

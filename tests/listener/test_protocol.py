@@ -112,3 +112,28 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
         workers.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_a_sweep_k_the_test_pool_cannot_hold_is_left_out_and_named_and_table_1s_k_must_fit():
+    """A 20-item pool with Q=8 holds K=8 and K=12 beside the queries, not K=16: that K is left out (logged,
+    and named in the sweep table's title); a Table 1 K that does not fit is an error naming the annotator."""
+    from distmeta.data import Task, TooFewItems
+    from distmeta.listener.protocol import ProtocolConfig, run_episodes, sweep_note
+
+    class Uniform:
+        def predict(self, episode):
+            return np.full((len(episode.query), 2), 0.5)
+
+    targets = np.eye(2, dtype=np.float32)[np.arange(20) % 2]
+    small = Task("E5", "sessions [5]", tuple(f"u{i}" for i in range(20)), targets)
+    config = ProtocolConfig(seeds=1, shots=8, queries=8, methods=("Entire-Few",), sweep_shots=(8, 12, 16),
+                            sweep_methods=("Entire-Few",))
+    said = []
+    rows = run_episodes({"Entire-Few": Uniform()}, small, config, {"scenario": "unseen"}, log=said.append)
+    assert sorted(r["shots"] for r in rows) == [8, 12]
+    assert said[0] == "  E5: shots sweep K=[16] left out: 20 items in sessions [5], Q=8 of them queries"
+    big = Task("E1", "sessions [5]", tuple(f"v{i}" for i in range(40)), np.eye(2, dtype=np.float32)[np.arange(40) % 2])
+    rows += run_episodes({"Entire-Few": Uniform()}, big, config, {"scenario": "unseen"}, log=None)
+    assert sweep_note(pd.DataFrame(rows), ["Entire-Few"], 8) == " (K=16 leaves out unseen E5: too few items in their test pools)"
+    with pytest.raises(TooFewItems, match="'E5' has 20 labelled utterances"):
+        run_episodes({"Entire-Few": Uniform()}, small, replace(config, shots=16), {"scenario": "unseen"}, log=None)

@@ -248,3 +248,40 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     stamp = outcome["paths"]["stage1"].stat().st_mtime_ns
     again = metaicl.metaicl_train_many(data, upstream, -1, model, meta, [], frames, tmp_path / "models")  # Ray is down:
     assert again == outcome["paths"] and again["stage1"].stat().st_mtime_ns == stamp  # a saved model is only reused
+
+
+@pytest.mark.slow
+def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker_corpus):
+    """meta.parallel=2: once stage 1 is saved, the stage-2 trainings run in two Ray Train runs side by side,
+    each starting from the saved stage-1 model; every model equals the one-run (parallel=1) model's."""
+    import shutil
+
+    import ray
+    from safetensors.torch import load_file
+
+    from distmeta.models.upstream import UpstreamConfig
+
+    data, corpus = speaker_corpus
+    upstream = UpstreamConfig(name="fbank")
+    # one CPU per worker in both layouts, so each model computes with the same thread count
+    meta = metaicl.MetaICLConfig(stage1_steps=10, stage2_steps=10, val_every=5, val_episodes=4, batch_size=4,
+                                 cpus_per_worker=1, parallel=1)
+    model = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
+        one = metaicl.metaicl_train_many(data, upstream, -1, model, meta, ["TU+LU", "Neutral1"], frames, tmp_path / "one")
+        (tmp_path / "two").mkdir()
+        for path in (one["stage1"], one["stage1"].with_suffix(".json")):  # stage 1 saved: its run is skipped
+            shutil.copy(path, tmp_path / "two" / path.name)
+        two = metaicl.metaicl_train_many(data, upstream, -1, model, meta.__class__(**{**meta.__dict__, "parallel": 2}),
+                                         ["TU+LU", "Neutral1"], frames, tmp_path / "two")
+    finally:
+        ray.shutdown()
+    assert list(one) == list(two) == ["stage1", "TU+LU", "Neutral1"]
+    assert one["TU+LU"].name == two["TU+LU"].name  # parallel is not part of a model's cache key
+    for training in ("TU+LU", "Neutral1"):
+        a, b = load_file(str(one[training])), load_file(str(two[training]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), training
+    runs = [p.name for p in (tmp_path / "two" / "ray").iterdir() if p.is_dir()]
+    assert len(runs) == 2, runs  # one run per stage-2 training
