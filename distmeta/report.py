@@ -9,6 +9,11 @@ import pandas as pd
 from distmeta.io import atomic_path, write_text
 
 
+def say(name: str, line: str) -> None:
+    """Print `line` under `name`: trainings side by side (threads or Ray Train runs) interleave their lines."""
+    print(f"{name}: {line}", flush=True)
+
+
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
     header = [str(df.index.name or "")] + [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in df.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -39,7 +39,7 @@ from distmeta.models.upstream import prepare
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
 from distmeta.listener.protocol import (EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
                                        table2)
-from distmeta.report import save_table
+from distmeta.report import save_table, say
 
 
 def setup(config: MetaTrainConfig):
@@ -156,10 +156,6 @@ class StepMetrics:
         if self.pending:
             mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
             self.pending = []
-
-
-def say(name: str, line: str) -> None:
-    print(f"{name}: {line}", flush=True)  # whose line: trainings side by side interleave theirs
 
 
 def job_inputs(config: MetaTrainConfig, corpus):

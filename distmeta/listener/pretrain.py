@@ -34,6 +34,7 @@ from distmeta.features import AudioBank, ConvFeatureBank, PooledBank, input_bank
 from distmeta.labels import CLASSES
 from distmeta.models.ser import SERHead, SERModel, set_scope
 from distmeta.models.upstream import Upstream, UpstreamConfig, build_name, landed, portable
+from distmeta.report import say
 from distmeta.training.artifacts import is_done, shaping
 from distmeta.training.fit import fit
 from distmeta.training.launcher import storage_path, train_many
@@ -112,10 +113,6 @@ def _settings(kind: Kind, data: DataConfig, upstream: UpstreamConfig, split: Spl
                                   "split": asdict(split), "pretrain": shaping(config)}))
 
 
-def _say(name: str, line: str) -> None:
-    print(f"{name}: {line}", flush=True)  # which model: runs side by side interleave their lines
-
-
 def _train_loop(worker) -> None:
     """Runs on every Ray Train worker (a `training.launcher.Worker`): trains each pending request in turn."""
     import ray.train.torch
@@ -159,7 +156,7 @@ def _train_loop(worker) -> None:
         result = fit(model, batches_of("train"), parts["train"][1], parts["val"][1], batches_of("val"),
                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
                      seed=config.seed, rank=worker.rank, world_size=worker.world, on_epoch=report,
-                     log=functools.partial(_say, name) if worker.rank == 0 else None,
+                     log=functools.partial(say, name) if worker.rank == 0 else None,
                      lengths=lengths("train"), val_lengths=lengths("val"))
         state = {k.removeprefix("module."): v for k, v in result["best_state"].items()}
         best = result["history"][result["best_epoch"] - 1]
