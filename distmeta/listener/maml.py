@@ -146,49 +146,52 @@ def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: l
                            second_order, step_weights=None) -> list:
     """`meta_gradients` of several tasks at once: [(outer loss, params' meta-gradients, rates' gradients)] per task.
 
-    One vectorised computation (torch.func.vmap over the tasks) instead of a loop: every op runs once for
-    all tasks, which is what makes a small model's meta-gradient cheap (a loop spends its time in per-op
-    overhead, not arithmetic). The tasks' inputs must stack: the same keys and shapes (pooled features,
-    K items each), and the model must be deterministic (no dropout: the loop seeds each task apart).
+    One vectorised computation instead of a loop: each task gets its own copy of the parameters and rates
+    (stacked along a first dimension), the forward runs for all tasks at once (torch.func.vmap), and ordinary
+    autograd differentiates the sum of the tasks' losses, which gives each copy its own task's gradient.
+    Every op runs once for all tasks, which is what makes a small model's meta-gradient cheap (a loop spends
+    its time in per-op overhead, not arithmetic; vmapping the gradients as well cost ~1.5x this). The tasks'
+    inputs must stack: the same keys and shapes (pooled features, K items each), and the model must be
+    deterministic (no dropout: the loop seeds each task apart).
     """
-    from torch.func import grad_and_value, vmap
-
     params = {name: p.detach() for name, p in trainable_parameters(model).items()}
     missing = sorted(set(params) - set(lrs))
     if missing:
         raise KeyError(f"no learning rates for trainable parameter(s) {missing}")
-    rates = {name: lrs[name].detach() for name in params}
     if step_weights is not None and len(step_weights) != steps:
         raise ValueError(f"step_weights has {len(step_weights)} entries for {steps} steps")
-
-    loss_of = _functional_loss(model, loss_fn)
-
-    def outer_loss(p, r, inner_inputs, inner_targets, outer_inputs, outer_targets):
-        trajectory = _functional_adapt(loss_of, p, r, inner_inputs, inner_targets, steps, second_order)
-        if step_weights is None:
-            return loss_of(trajectory[-1], outer_inputs, outer_targets)
-        return sum(w * loss_of(q, outer_inputs, outer_targets) for w, q in zip(step_weights, trajectory[1:]))
-
-    outer = outer_batches if outer_batches is not None else inner_batches
-    per_task = vmap(grad_and_value(outer_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))
+    tasks = len(inner_batches)
+    start = {name: _per_task(p, tasks).requires_grad_(True) for name, p in params.items()}
+    rates = {name: _per_task(lrs[name].detach(), tasks).requires_grad_(True) for name in params}
+    losses_of = _task_losses(model, loss_fn)
+    outer_inputs, outer_targets = _stacked(outer_batches if outer_batches is not None else inner_batches, loss_fn)
     with _double_backward_attention(inner_batches[0][0]):  # as in meta_gradients
-        (param_grads, rate_grads), losses = per_task(params, rates, *_stacked(inner_batches, loss_fn),
-                                                     *_stacked(outer, loss_fn))
+        trajectory = _stacked_adapt(losses_of, start, rates, *_stacked(inner_batches, loss_fn), steps, second_order)
+        if step_weights is None:
+            losses = losses_of(trajectory[-1], outer_inputs, outer_targets)
+        else:
+            losses = sum(w * losses_of(q, outer_inputs, outer_targets) for w, q in zip(step_weights, trajectory[1:]))
+        leaves = list(start.values()) + list(rates.values())
+        grads = [torch.zeros_like(leaf) if g is None else g
+                 for leaf, g in zip(leaves, torch.autograd.grad(losses.sum(), leaves, allow_unused=True))]
+    param_grads, rate_grads = dict(zip(start, grads[:len(start)])), dict(zip(rates, grads[len(start):]))
     return [(losses[t].detach(), {n: g[t] for n, g in param_grads.items()}, {n: g[t] for n, g in rate_grads.items()})
-            for t in range(len(inner_batches))]
+            for t in range(tasks)]
 
 
 def batched_adapt(model, loss_fn, batches: list, *, lrs, steps) -> list[dict]:
-    """`adapt` (first order) on several batches at once (vmap, see batched_meta_gradients): the final
+    """`adapt` (first order) on several batches at once (see batched_meta_gradients): the final
     parameters of each, detached."""
-    from torch.func import vmap
-
-    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
-    rates = {name: lrs[name].detach() for name in params}
-    loss_of = _functional_loss(model, loss_fn)
-    final = vmap(lambda inputs, targets: _functional_adapt(loss_of, params, rates, inputs, targets, steps, False)[-1])
-    adapted = final(*_stacked(batches, loss_fn))
-    return [{name: p[i].detach() for name, p in adapted.items()} for i in range(len(batches))]
+    tasks = len(batches)
+    params = {name: _per_task(p.detach(), tasks) for name, p in trainable_parameters(model).items()}
+    rates = {name: _per_task(lrs[name].detach(), tasks) for name in params}
+    losses_of = _task_losses(model, loss_fn)
+    inputs, targets = _stacked(batches, loss_fn)
+    for step in range(steps):  # first order: each step starts from the last one's values, no graph across steps
+        params = {name: p.requires_grad_(True) for name, p in params.items()}
+        grads = torch.autograd.grad(losses_of(params, inputs, targets).sum(), list(params.values()))
+        params = {name: (w - _task_rate(rates[name], step, w) * g).detach() for (name, w), g in zip(params.items(), grads)}
+    return [{name: p[i] for name, p in params.items()} for i in range(tasks)]
 
 
 def _functional_loss(model, loss_fn):
@@ -196,17 +199,33 @@ def _functional_loss(model, loss_fn):
     return lambda params, inputs, targets: loss_fn(_call(model, params, inputs), targets)
 
 
-def _functional_adapt(loss_of, params, rates, inputs, targets, steps, second_order) -> list[dict]:
-    """`adapt`'s inner loop in torch.func form (what vmap maps over tasks)."""
-    from torch.func import grad
+def _task_losses(model, loss_fn):
+    """(params, inputs, targets), each stacked over tasks -> the tasks' losses [T]: the forward of every task at once."""
+    from torch.func import vmap
 
+    return vmap(_functional_loss(model, loss_fn))
+
+
+def _per_task(tensor: torch.Tensor, tasks: int) -> torch.Tensor:
+    """`tasks` copies of `tensor` along a new first dimension."""
+    return tensor.unsqueeze(0).repeat(tasks, *[1] * tensor.dim()).contiguous()
+
+
+def _stacked_adapt(losses_of, params, rates, inputs, targets, steps, second_order) -> list[dict]:
+    """`adapt`'s inner loop for stacked tasks: params {name: [T, ...]}, rates {name: [T, steps]}. The sum of
+    the tasks' losses differentiates into each task's own gradient, since a task's copy reaches only its loss."""
     trajectory = [params]
     for step in range(steps):
-        g = grad(loss_of)(trajectory[-1], inputs, targets)
-        if not second_order:
-            g = {name: v.detach() for name, v in g.items()}
-        trajectory.append({name: w - _rate(rates[name], step) * g[name] for name, w in trajectory[-1].items()})
+        current = trajectory[-1]
+        grads = torch.autograd.grad(losses_of(current, inputs, targets).sum(), list(current.values()),
+                                    create_graph=second_order)
+        trajectory.append({name: w - _task_rate(rates[name], step, w) * g for (name, w), g in zip(current.items(), grads)})
     return trajectory
+
+
+def _task_rate(rates: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
+    """Each task's rate at `step` ([T, steps] -> [T, 1, ...]), shaped to scale `like` [T, ...]."""
+    return rates[:, min(step, rates.shape[1] - 1)].reshape(-1, *[1] * (like.dim() - 1))
 
 
 def _stacked(batches: list, loss_fn) -> tuple:
@@ -265,13 +284,14 @@ class MetaModel(nn.Module):
         """`meta_gradients` of several tasks in one vectorised computation (see the function): [(loss, grads)]."""
         results = batched_meta_gradients(self.model, self.loss_fn, inner_batches, outer_batches, lrs=self.learning_rates(),
                                          steps=steps, second_order=second_order, step_weights=step_weights)
-        return [(loss, self._named(params, rates)) for loss, params, rates in results]
+        names = list(trainable_parameters(self))  # once, not per task: it walks the whole model
+        return [(loss, self._named(params, rates, names)) for loss, params, rates in results]
 
-    def _named(self, params: dict, rates: dict) -> dict:
-        """Gradients keyed like `self.named_parameters()`, for the parameters that require grad."""
+    def _named(self, params: dict, rates: dict, names: list | None = None) -> dict:
+        """Gradients keyed like `self.named_parameters()`, for the parameters that require grad (`names`)."""
         grads = {f"model.{name}": g for name, g in params.items()}
         grads.update({f"rates.{_rate_key(name)}": g for name, g in rates.items()})
-        return {name: grads[name] for name in trainable_parameters(self)}
+        return {name: grads[name] for name in (names if names is not None else trainable_parameters(self))}
 
     def clone(self) -> "MetaModel":
         """An independent copy (the model's own `clone`, see SERModel.clone)."""

@@ -74,7 +74,7 @@ class MultiHeadSER(nn.Module):
         logits = pooled.new_zeros(pooled.shape[1], self.heads[0].classifier.out_features)
         for h in task.unique().tolist():  # each row through its own annotator's head only
             rows = task == h
-            logits[rows] = self.heads[h].classifier(self.heads[h].embed_pooled(pooled[:, rows]))
+            logits[rows] = self.heads[h].logits_pooled(pooled[:, rows])
         return logits
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope, trainable_parameters
+from distmeta.models import SERHead, SERModel, Upstream, UpstreamConfig, set_scope, trainable_parameters
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,22 @@ def test_embedding_is_the_hand_computed_pipeline(model):
     expected = torch.stack([projected[0].mean(0), projected[1, :4].mean(0)])
     assert torch.allclose(model.embed({"hidden": hidden, "frames": frames}), expected, atol=1e-6)
     assert torch.allclose(model({"hidden": hidden, "frames": frames}), model.head.classifier(expected), atol=1e-6)
+
+
+def test_logits_apply_the_product_of_projection_and_classifier_with_the_same_gradients():
+    # logits_pooled folds the two affine layers into one; the function and its gradients stay the layered ones
+    torch.manual_seed(3)
+    head = SERHead(3, 64).double()
+    with torch.no_grad():
+        head.layer_weights.normal_()
+    pooled = torch.randn(3, 5, 64, dtype=torch.float64)
+    folded = head.logits_pooled(pooled)
+    layered = head.classifier(head.embed_pooled(pooled))
+    assert torch.allclose(folded, layered, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(folded)
+    got = torch.autograd.grad((folded * weights).sum(), list(head.parameters()))
+    expected = torch.autograd.grad((layered * weights).sum(), list(head.parameters()))
+    assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-12) for g, e in zip(got, expected))
 
 
 def test_hidden_input_path_equals_waveform_path(model):
