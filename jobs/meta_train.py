@@ -28,7 +28,7 @@ import pandas as pd
 from distmeta import config as cfg
 from distmeta import tracking
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
-from distmeta.cluster import connect
+from distmeta.cluster import beside_workers, connect
 from distmeta.data.scenarios import TooFewItems, rotation
 from distmeta.data.sources import load_corpus
 from distmeta.listener.distributed import ActorPool
@@ -291,9 +291,10 @@ def main(argv=None) -> int:
         corpus, splits = setup(config)
         inputs = job_inputs(config, corpus)
         seconds["setup"] = time.time() - started
-        checkpoints = pretrain_models(config, splits, inputs)
-        seconds["pretrain"] = time.time() - started - seconds["setup"]
-        results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)
+        with beside_workers():  # from here on Ray workers compute; the driver's small ops run beside them
+            checkpoints = pretrain_models(config, splits, inputs)
+            seconds["pretrain"] = time.time() - started - seconds["setup"]
+            results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)
         seconds["meta-train and meta-test wall"] = time.time() - started - seconds["setup"] - seconds["pretrain"]  # they overlap
         paths = save(config, corpus, splits, results)
         register_meta_perser(config, splits)

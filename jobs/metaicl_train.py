@@ -25,7 +25,7 @@ The job is one MLflow run: per-model training curves, the tables as metrics and 
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from distmeta import tracking
 from distmeta.speaker import baselines, evaluate, metaicl, tables
 from distmeta.speaker import maml as speaker_maml
 from distmeta.speaker.encoder import pretrain_encoder, ready_upstream
-from distmeta.cluster import connect
+from distmeta.cluster import beside_workers, connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                 actors = ActorPool(config.maml.actors) if config.maml.distributed else None
                 where = f"{config.maml.actors.max_actors or 'one per speaker'} task actors" if actors else "serial"
                 print(f"MAML on {len(data.splits['train'])} training speakers ({where})", flush=True)
-                meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
+                with beside_workers() if actors else nullcontext():  # the driver validates beside its actors
+                    meta, result = speaker_maml.meta_train(bank, data, pretrained, config.maml.meta, actors=actors)
                 if actors:
                     actors.shutdown()
                 mlflow.log_metric(tracking.metric_name("best_val_loss", "MAML"), result["best_val_loss"])
