@@ -56,15 +56,15 @@ def start_two_node_cluster(env: dict, temp_dir: str, hidden: Path) -> str:
     return f"http://127.0.0.1:{dashboard}"
 
 
-def run_submitted(command: list[str], env: dict) -> subprocess.CompletedProcess:
+def run_submitted(command: list[str], env: dict, patience: float = 300.0) -> subprocess.CompletedProcess:
     """`ray job submit`, again while the head's job agent is still starting (it answers "No available
-    agent" for a few seconds after `ray start`)."""
-    for _ in range(30):
+    agent" for a few seconds after `ray start`, and for minutes on a loaded 2-core machine)."""
+    deadline = time.time() + patience
+    while True:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-        if "No available agent" not in done.stdout + done.stderr:
+        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
             return done
         time.sleep(2)
-    return done
 
 
 def kill_a_train_worker_mid_pretraining(storage: Path, total: int, outcome: dict, stop: threading.Event) -> None:
