@@ -20,6 +20,7 @@ with its per-step outer and validation losses.
 import functools
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -291,7 +292,10 @@ def main(argv=None) -> int:
         corpus, splits = setup(config)
         inputs = job_inputs(config, corpus)
         seconds["setup"] = time.time() - started
-        with beside_workers():  # from here on Ray workers compute; the driver's small ops run beside them
+        # From here on Ray workers compute and the driver's small ops run beside them, unless the meta-training
+        # and the meta-test both run in this process (the serial reference), which then keeps its threads.
+        beside = config.distributed or config.protocol.workers
+        with beside_workers() if beside else nullcontext():
             checkpoints = pretrain_models(config, splits, inputs)
             seconds["pretrain"] = time.time() - started - seconds["setup"]
             results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)

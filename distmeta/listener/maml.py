@@ -224,8 +224,8 @@ def _stacked_adapt(losses_of, params, rates, inputs, targets, steps, second_orde
 
 
 def _task_rate(rates: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
-    """Each task's rate at `step` ([T, steps] -> [T, 1, ...]), shaped to scale `like` [T, ...]."""
-    return rates[:, min(step, rates.shape[1] - 1)].reshape(-1, *[1] * (like.dim() - 1))
+    """Each task's rate at `step` (`_rate` of each row of [T, steps]), shaped [T, 1, ...] to scale `like` [T, ...]."""
+    return _rate(rates.T, step).reshape(-1, *[1] * (like.dim() - 1))
 
 
 def _stacked(batches: list, loss_fn) -> tuple:

@@ -49,9 +49,13 @@ class SERHead(nn.Module):
         valid = (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < frames[:, None]).to(hidden.dtype)
         return torch.einsum("lbfd,bf->lbd", hidden, valid) / valid.sum(1)[None, :, None]
 
+    def mix(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The softmax-weighted sum of the pooled layers: [L, B, D] -> [B, D]."""
+        return torch.einsum("l,lbd->bd", torch.softmax(self.layer_weights, dim=0), pooled)
+
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Utterance embeddings [B, 256] from pooled layers: weighted layer sum, then the projection."""
-        return self.projector(torch.einsum("l,lbd->bd", torch.softmax(self.layer_weights, dim=0), pooled))
+        return self.projector(self.mix(pooled))
 
     def embed(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         return self.embed_pooled(self.pool(hidden, frames))
@@ -63,7 +67,7 @@ class SERHead(nn.Module):
         meta-training runs ~1.3x faster)."""
         weight = self.classifier.weight @ self.projector.weight
         bias = self.classifier.weight @ self.projector.bias + self.classifier.bias
-        return F.linear(torch.einsum("l,lbd->bd", torch.softmax(self.layer_weights, dim=0), pooled), weight, bias)
+        return F.linear(self.mix(pooled), weight, bias)
 
     def forward(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         return self.logits_pooled(self.pool(hidden, frames))
