@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True)
     e = commands.add_parser("enroll", parents=[common], help="adapt a meta-trained model to one person's labelled clips")
     e.add_argument("--kind", choices=["listener", "speaker"],
-                   help="listener: Meta-PerSER adapted with its learned rates to the person's labels; speaker: the "
+                   help="listener: Meta-PerSER adapted to the person's labels as its meta-test does (meta.test_adapt); speaker: the "
                         "speech LM's enrollment pairs (at most 7), encoded once (default: the model's kind)")
     e.add_argument("--model", required=True,
                    help="listener: a meta-trained model, models_dir/<scenario>/<annotator>/meta-*.safetensors or "

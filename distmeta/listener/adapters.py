@@ -11,7 +11,8 @@ Entire-Few   SSL-E fine-tuned entirely on the support set
 Linear-Few   the Linear model (frozen upstream) with layer weights + classifier fine-tuned
 Multi-Few    the multi-task model's upstream with a new head from random init trained on the support
 Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the support, softmax
-Meta-PerSER  the meta-trained model, adapted with its learned per-layer per-step rates (LSLR)
+Meta-PerSER  the meta-trained model, fine-tuned entirely as Entire-Few (`meta.test_adapt: finetune`) or
+             adapted with its learned per-layer per-step rates (LSLR, `rates`)
 
 Ceilings: how much personalization was possible at all.
 Entire-All        SSL-E fine-tuned entirely on everything the annotator labelled in the test pool
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 
 from distmeta.labels import NUM_CLASSES
-from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights, multilabel_scores
+from distmeta.metrics import multilabel_scores
 from distmeta.models.ser import SERHead, SERModel, set_scope
+from distmeta.training.fit import fine_tune, fit
 
 
 @dataclass
@@ -102,18 +104,8 @@ class FineTune:
             torch.manual_seed(episode.seed)
             model.head = SERHead(model.upstream.num_layers, model.upstream.dim)
         set_scope(model, self.scope)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        targets = torch.as_tensor(episode.support_targets)
-        weights = class_balanced_weights(targets)
-        inputs = self.bank.batch(episode.support)
-        model.train()
-        for _ in range(self.config.steps):
-            loss = class_balanced_cross_entropy(model(inputs), targets, weights)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return model
+        return fine_tune(model, self.bank.batch(episode.support), torch.as_tensor(episode.support_targets),
+                         steps=self.config.steps, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def predict(self, episode: Episode) -> np.ndarray:
         return _probs(self.adapt(episode), self.bank, episode.query, self.config.batch_size)
@@ -129,8 +121,6 @@ class FitAll:
         self.model, self.bank, self.config = model, bank, config
 
     def predict(self, episode: Episode) -> np.ndarray:
-        from distmeta.training.fit import fit
-
         if not len(episode.pool):
             raise ValueError("Entire-All needs the episode's pool (run_episodes fills it)")
         config, ids = self.config, list(episode.pool)
@@ -199,17 +189,18 @@ class Similarity:
 
 
 class MetaPerSER:
-    """Adapt the meta-trained parameters with the learned LSLR rates for `steps` SGD steps; the
-    steps past the trained ones reuse the last trained rate."""
+    """Adapt the meta-trained model to the support set as `config.test_adapt` says (metatrain.adapt_to): the
+    learned LSLR rates (steps past the trained ones reuse the last trained rate), or fine-tuning the whole
+    model from the meta-trained state as Entire-Few fine-tunes SSL-E."""
 
-    def __init__(self, name: str, meta, bank, steps: int):
-        self.name, self.meta, self.bank, self.steps = name, meta, bank, steps
+    def __init__(self, name: str, meta, bank, config):
+        self.name, self.meta, self.bank, self.config = name, meta, bank, config
 
     def predict(self, episode: Episode) -> np.ndarray:
         from distmeta.listener.metatrain import adapted_probs
 
-        return adapted_probs(self.meta, self.bank, episode.support, episode.support_targets, episode.query,
-                             self.steps).numpy()
+        return adapted_probs(self.meta, self.config, self.bank, episode.support, episode.support_targets,
+                             episode.query).numpy()
 
 
 def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_config, max_seconds, inputs=None) -> MetaPerSER:
@@ -218,8 +209,8 @@ def meta_adapter(name: str, corpus, split, upstream_config, state: dict, meta_co
 
     meta = build_meta_model(upstream_config, None, replace(meta_config, ini=False))
     meta.load_state_dict(state)
-    bank = make_bank(meta, corpus, split.test_task(corpus).utterances, meta_config, max_seconds, inputs)
-    return MetaPerSER(name, meta, bank, meta_config.test_steps)
+    bank = make_bank(meta, corpus, split.test_task(corpus).utterances, meta_config, max_seconds, inputs, test=True)
+    return MetaPerSER(name, meta, bank, meta_config)
 
 
 ORACLES = ("Oracle-Listener", "Oracle-Aggregate")

@@ -25,9 +25,17 @@ from distmeta.metrics import multilabel_scores
 METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
 CEILINGS = ("Entire-All", "Oracle-Aggregate", "Oracle-Listener")  # the oracles: synthetic corpora only
-# Whole-model fine-tuning per episode (~16 and ~10 s on one CPU; the rest take under a second): EpisodeWorkers
+# Whole-model fine-tuning per episode (~16 s for Entire-All, ~10 s for Entire-Few and for Meta-PerSER and its
+# Table 2 variants with `meta.test_adapt: finetune`, on one CPU; the rest take under a second): EpisodeWorkers
 # hands these out first, so that a split ends on cheap episodes and no actor idles while another finishes one.
-SLOWEST_FIRST = ("Entire-All", "Entire-Few")
+SLOWEST_FIRST = ("Entire-All", "Entire-Few", "Meta-PerSER")
+
+
+def slowness_rank(name: str) -> int:
+    """Where `name`'s episodes go in the hand-out order: SLOWEST_FIRST's order, Table 2's `Meta[...]` with
+    Meta-PerSER, the rest after them."""
+    name = "Meta-PerSER" if name.startswith("Meta[") else name
+    return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
 
 @dataclass
@@ -131,8 +139,7 @@ class EpisodeWorkers:
             self.actors.append(self._start())
         setup = (ray.put(adapters), task, config, labels)
         ray.get([actor.setup.remote(*setup) for actor in self.actors])
-        rank = {name: r for r, name in enumerate(SLOWEST_FIRST)}  # the rest after them, in plan order
-        order = sorted(range(len(plan)), key=lambda i: rank.get(plan[i][2], len(rank)))
+        order = sorted(range(len(plan)), key=lambda i: slowness_rank(plan[i][2]))  # stable: plan order within a rank
         rows, queue, running, restarts = [None] * len(plan), order[::-1], {}, 0
         while queue or running:
             busy = {a for a, _ in running.values()}

@@ -1,12 +1,14 @@
 """Listener profiles: the meta-trained Meta-PerSER model adapted to one person's labelled clips.
 
     base = ListenerBase.load("runs/models/unseen/E1/meta-ini1-csmt1-da1-lslr1.safetensors")
-    tensors, meta = enroll(base, read_labelled("my_labels.csv"))      # adapt with the learned rates
+    tensors, meta = enroll(base, read_labelled("my_labels.csv"))      # adapt as meta-test does
     rows = predict(base, ["a.wav", "b.wav"], tensors)                  # per-file probabilities and labels
 
 Enrollment and prediction are exactly the meta-test protocol's Meta-PerSER (`metatrain.adapted_probs`, split in two):
-`meta.test_steps` inner steps on all K clips with the learned per-layer per-step rates, from the
-meta-trained parameters. A profile holds the adapted trainable parameters (the head, for scope `head`).
+`metatrain.adapt_to` on all K clips from the meta-trained parameters (`meta.test_adapt`: the whole model
+fine-tuned for `meta.test_steps` AdamW steps, or that many steps with the learned per-layer per-step rates).
+A profile holds the adapted parameters: every one but the frozen conv encoder's (finetune), or the
+scope's trainable ones (rates: the head, for scope `head`).
 """
 
 import json
@@ -24,7 +26,7 @@ from distmeta.data.audio import AudioError, load_audio
 from distmeta.features import AudioBank, input_bank
 from distmeta.labels import CLASSES, UnknownLabel, canonical_label
 from distmeta.listener.maml import MetaModel
-from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
+from distmeta.listener.metatrain import MetaConfig, adapt_to, build_meta_model, make_bank, query_probs
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.profiles.store import csv_rows, file_digest, model_file
 
@@ -55,9 +57,9 @@ class ListenerBase:
         return cls(meta, config, saved.get("max_seconds"), file_digest(path), path)
 
     def bank(self, waveforms: dict):
-        """What the meta-model reads for these waveforms: their pooled features (scope head) or inputs."""
+        """What the meta-model reads for these waveforms at enrollment and prediction (make_bank's `test`)."""
         inputs = input_bank(self.meta.model.upstream, AudioBank.of_waveforms(waveforms))
-        return make_bank(self.meta, None, list(waveforms), self.config, self.max_seconds, inputs)
+        return make_bank(self.meta, None, list(waveforms), self.config, self.max_seconds, inputs, test=True)
 
 
 def read_labelled(path) -> list[tuple[str, np.ndarray]]:
@@ -90,9 +92,9 @@ def enroll(base: ListenerBase, clips: list[tuple[str, np.ndarray]], kind: str = 
             raise ValueError(f"enrollment clip: {err}") from None
     bank = base.bank(waveforms)
     targets = torch.as_tensor(np.stack([t for _, t in clips]))
-    adapted = base.meta.adapt(bank.batch([c for c, _ in clips]), targets, base.config.test_steps)
+    adapted = adapt_to(base.meta, base.config, bank.batch([c for c, _ in clips]), targets)
     meta = {"kind": kind, "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(clips),
-            "classes": list(CLASSES), "steps": base.config.test_steps, "distmeta": __version__,
+            "classes": list(CLASSES), "steps": base.config.test_steps, "adapt": base.config.test_adapt, "distmeta": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return adapted, meta
 

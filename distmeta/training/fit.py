@@ -1,4 +1,6 @@
-"""Supervised training with the class-balanced loss: SSL-E, Linear and Multi pretraining use it.
+"""Supervised training with the class-balanced loss: SSL-E, Linear and Multi pretraining use `fit`; the
+few-shot methods that fine-tune on a support batch (Entire-Few, Linear-Few, Multi-Few, Meta-PerSER's
+`test_adapt: finetune`) use `fine_tune`.
 
 `fit` is plain PyTorch; Ray Train workers call it with their rank and world
 size (each worker takes every world_size-th batch) and a report callback.
@@ -57,6 +59,21 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
     logits = torch.empty(len(targets), outputs[0].shape[-1], dtype=outputs[0].dtype)
     logits[torch.cat(rows)] = torch.cat(outputs)  # batches are length-sorted: back to row order
     return total / len(targets), logits
+
+
+def fine_tune(model, inputs, targets: torch.Tensor, *, steps: int, lr: float, weight_decay: float = 0.0):
+    """`steps` AdamW steps of `model`'s parameters with requires_grad on one batch (the class-balanced loss,
+    weighted by the batch's own labels), in train mode, in place: few-shot adaptation on a support set."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    weights = class_balanced_weights(targets)
+    model.train()
+    for _ in range(steps):
+        loss = class_balanced_cross_entropy(model(inputs), targets, weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
 
 
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,

@@ -74,6 +74,30 @@ def test_fine_tune_fits_the_support_and_leaves_the_model_alone(setting):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_meta_perser_fine_tuning_is_entire_fews_procedure_from_the_meta_trained_state(setting):
+    from distmeta.features import input_bank
+    from distmeta.listener.adapters import MetaPerSER
+    from distmeta.listener.metatrain import MetaConfig, meta_model_of
+
+    model, audio, hidden, episode = setting
+    meta = meta_model_of(model.clone(), MetaConfig())  # scope head: only the head was meta-trained
+    with torch.no_grad():
+        meta.model.head.classifier.bias.add_(torch.linspace(-1, 1, 9))  # a meta-trained state other than `model`'s
+    before = {k: v.clone() for k, v in meta.state_dict().items()}
+    config, inputs = MetaConfig(test_steps=4, test_lr=3e-3), input_bank(model.upstream, audio)
+    ours = MetaPerSER("Meta-PerSER", meta, inputs, config).predict(episode)
+    few = FineTune("Entire-Few", meta.model, "entire", inputs, AdaptConfig(steps=4, lr=3e-3)).predict(episode)
+    assert np.allclose(ours, few, atol=1e-6)  # the whole model, AdamW: Entire-Few's steps from another start
+    assert all(torch.equal(before[k], v) for k, v in meta.state_dict().items())
+    zero = FineTune("x", meta.model, "entire", inputs, AdaptConfig(steps=0)).predict(episode)
+    assert not np.allclose(ours, zero, atol=1e-3)
+    # the MAML rule: the head alone with the learned rates, on pooled features
+    rates = MetaPerSER("Meta-PerSER", meta, hidden, replace(config, test_adapt="rates")).predict(episode)
+    assert not np.allclose(rates, ours, atol=1e-3)
+    with pytest.raises(ValueError, match="test_adapt"):
+        MetaConfig(test_adapt="entire")
+
+
 def test_new_head_is_seeded_by_the_episode(setting):
     model, _, hidden, episode = setting
     adapter = FineTune("Multi-Few", model, "head", hidden, AdaptConfig(steps=2), new_head=True)

@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,20 +16,26 @@ from distmeta.models import UpstreamConfig
 from distmeta.profiles.listener import ListenerBase, enroll, read_labelled
 from distmeta.profiles.store import ProfileStore
 
-def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(small_corpus, trained, tmp_path, labels_csv):
+@pytest.mark.parametrize("test_adapt", ["finetune", "rates"])
+def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(small_corpus, trained, tmp_path, labels_csv,
+                                                                             test_adapt):
     split, path, state, episode = trained
-    trained_with = ListenerBase.load(path).config  # the meta settings, from the model's sidecar
-    protocol = meta_adapter("Meta-PerSER", small_corpus, split, UpstreamConfig(), state, trained_with, None).predict(episode)
-    labels_csv(tmp_path / "labels.csv", small_corpus, episode.support, episode.support_targets)
     base = ListenerBase.load(path)
+    base.config = replace(base.config, test_adapt=test_adapt)  # the meta settings, from the model's sidecar
+    protocol = meta_adapter("Meta-PerSER", small_corpus, split, UpstreamConfig(), state, base.config, None).predict(episode)
+    labels_csv(tmp_path / "labels.csv", small_corpus, episode.support, episode.support_targets)
     adapted, meta = enroll(base, read_labelled(tmp_path / "labels.csv"))
     paths = [small_corpus.utterances.loc[u, "path"] for u in episode.query]
     from distmeta.data.audio import load_audio
 
     bank = base.bank({p: load_audio(p) for p in paths})
-    # pooled features are batch-invariant (features.PooledBank), so the pool's and a lone clip's are the same
+    # features are batch-invariant (features.PooledBank; padded conv features, models/upstream.py), so the
+    # pool's and a lone clip's are the same
     assert np.allclose(query_probs(base.meta, bank, paths, adapted).numpy(), protocol, atol=1e-5)
     assert meta["shots"] == 8 and meta["base"] == base.digest and meta["classes"] == list(CLASSES)
+    assert meta["adapt"] == test_adapt
+    head = {name for name in adapted if name.startswith("head.")}
+    assert (head == set(adapted)) == (test_adapt == "rates")  # finetune moves the upstream too
     unpersonalized = query_probs(base.meta, bank, paths).numpy()
     assert not np.allclose(unpersonalized, protocol, atol=1e-3)  # the profile is what moved them
 
