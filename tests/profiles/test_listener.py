@@ -20,8 +20,8 @@ from distmeta.profiles.store import ProfileStore
 def test_enrolling_the_support_of_an_episode_gives_the_protocols_predictions(small_corpus, trained, tmp_path, labels_csv,
                                                                              test_adapt):
     split, path, state, episode = trained
-    base = ListenerBase.load(path)
-    base.config = replace(base.config, test_adapt=test_adapt)  # the meta settings, from the model's sidecar
+    base = ListenerBase.load(path)  # the meta settings come from the model's sidecar; each adaptation rule in turn
+    base.config = replace(base.config, test_adapt=test_adapt)
     protocol = meta_adapter("Meta-PerSER", small_corpus, split, UpstreamConfig(), state, base.config, None).predict(episode)
     labels_csv(tmp_path / "labels.csv", small_corpus, episode.support, episode.support_targets)
     adapted, meta = enroll(base, read_labelled(tmp_path / "labels.csv"))
