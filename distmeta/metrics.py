@@ -80,3 +80,14 @@ def balanced_targets(targets: torch.Tensor, class_weights: torch.Tensor) -> tupl
 def weighted_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
     """Mean over items of item_weight_i * CE(softmax(logits_i), soft_i) (see class_balanced_cross_entropy)."""
     return (item_weight * -(soft * F.log_softmax(logits, dim=-1)).sum(-1)).mean()
+
+
+def t_interval(values) -> tuple[float, float]:
+    """The mean of `values` and the half-width of its 95% t-interval (nan for fewer than two values): the
+    paired comparisons' and Table 1's error bars."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))

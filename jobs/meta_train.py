@@ -98,7 +98,8 @@ def register_meta_perser(config: MetaTrainConfig, splits) -> int | None:
 def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, pools: list, inputs) -> dict:
     """Meta-train (or reuse) every Meta-PerSER variant for one split, each a nested MLflow run. The variants
     train side by side, one per actor pool in `pools` (a list of [None] trains serially in process), each
-    printing its lines under its own name; a model two variants share trains once."""
+    printing its lines under its own name; a model two variants share trains once, and its one adapter serves
+    both (run_episodes then scores its episodes once)."""
     import mlflow
     from concurrent.futures import ThreadPoolExecutor
 
@@ -131,8 +132,12 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, po
         shares = [side_by_side.submit(lambda share, actors: [train(p, m, actors) for p, m in share], jobs[i::len(pools)], pool)
                   for i, pool in enumerate(pools)]
         states = {method: state for share in shares for done in share.result() for method, state in done.items()}
-    return {method: meta_adapter(method, corpus, split, config.upstream, states[method], meta_config,
-                                 config.pretrain.max_seconds, inputs) for method, meta_config in variants.items()}
+    adapters = {}  # one per model file: variants sharing a model share its adapter, and run_episodes scores it once
+    for path, methods in by_path.items():
+        shared = meta_adapter(methods[0], corpus, split, config.upstream, states[methods[0]], variants[methods[0]],
+                              config.pretrain.max_seconds, inputs)
+        adapters.update(dict.fromkeys(methods, shared))
+    return {method: adapters[method] for method in variants}
 
 
 class StepMetrics:

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         timing["total"] = time.time() - started
         paths["timing"] = save_table(pd.DataFrame({"seconds": timing}), config.out, "timing", "Wall seconds per phase", ".0f")
         mlflow.log_artifact(str(paths["timing"]))
-        for name in ("table2", "table3", "table4", "timing"):
+        for name in ("table2", "paired", "table3", "table4", "timing"):
             if name in paths:
                 print(paths[name].read_text())
         mlflow.log_metric("wall_seconds", time.time() - started)

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from distmeta.listener.adapters import AdaptConfig, CeilingConfig, Episode
 from distmeta.data.scenarios import Task
-from distmeta.metrics import multilabel_scores
+from distmeta.metrics import multilabel_scores, t_interval
 
 METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
@@ -73,7 +72,8 @@ def score_episode(adapters: dict, task: Task, config: ProtocolConfig, labels: di
 def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, log=print,
                  workers: "EpisodeWorkers | None" = None) -> list[dict]:
     """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row.
-    In this process, or on `workers` (Ray actors scoring episodes in parallel; the same rows, in plan order)."""
+    In this process, or on `workers` (Ray actors scoring episodes in parallel; the same rows, in plan order).
+    Names mapped to the same adapter object are scored once and their rows copied."""
     methods = [name for name in config.methods if name in adapters]  # the oracles exist only for synthetic corpora
     task.sample(config.shots, config.queries)  # Table 1's K must fit the pool: TooFewItems names the annotator
     sweep = [k for k in config.sweep_shots if k != config.shots and k + config.queries <= len(task)]
@@ -83,20 +83,28 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
             f"Q={config.queries} of them queries")
     plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
     plan += [(seed, k, name) for seed in range(config.seeds) for k in sweep for name in config.sweep_methods if name in methods]
+    # Names that share one adapter object (Meta-PerSER is Table 2's last row when the settings match) score an
+    # episode once: the first name's row, copied under the others (their `seconds` 0: they cost nothing).
+    first = {}
+    scorer = {name: first.setdefault(id(adapters[name]), name) for name in methods}
+    scored = list(dict.fromkeys((seed, shots, scorer[name]) for seed, shots, name in plan))
     started = time.time()
 
     def progress(done: int) -> None:
-        if log and (done % 10 == 0 or done == len(plan)):
+        if log and (done % 10 == 0 or done == len(scored)):
             elapsed = time.time() - started
-            log(f"  {task.annotator}: {done}/{len(plan)} episodes, {elapsed:.0f}s, ETA {elapsed / done * (len(plan) - done):.0f}s")
+            log(f"  {task.annotator}: {done}/{len(scored)} episodes, {elapsed:.0f}s, ETA {elapsed / done * (len(scored) - done):.0f}s")
 
     if workers is not None:
-        return workers.run(adapters, task, config, labels, plan, progress)
-    rows = []
-    for done, item in enumerate(plan, 1):
-        rows.append(score_episode(adapters, task, config, labels, *item))
-        progress(done)
-    return rows
+        rows = workers.run(adapters, task, config, labels, scored, progress)
+    else:
+        rows = []
+        for done, item in enumerate(scored, 1):
+            rows.append(score_episode(adapters, task, config, labels, *item))
+            progress(done)
+    by_episode = dict(zip(scored, rows))
+    return [{**by_episode[seed, shots, scorer[name]], "method": name}
+            | ({"seconds": 0.0} if scorer[name] != name else {}) for seed, shots, name in plan]
 
 
 class EpisodeActor:
@@ -172,11 +180,8 @@ class EpisodeWorkers:
 
 
 def _mean_ci(values: pd.Series) -> str:
-    values = 100 * values.to_numpy(float)
-    if len(values) < 2:
-        return f"{values.mean():.1f}"
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return f"{values.mean():.1f} ± {half:.1f}"
+    mean, half = t_interval(100 * values.to_numpy(float))
+    return f"{mean:.1f}" if np.isnan(half) else f"{mean:.1f} ± {half:.1f}"
 
 
 def table1(results: pd.DataFrame, shots: int) -> pd.DataFrame:
@@ -214,10 +219,10 @@ def paired(results: pd.DataFrame, method: str, reference: str, shots: int) -> pd
     for (scenario, upstream), group in both.groupby(["scenario", "upstream"], sort=False):
         for metric in METRICS:
             diff = 100 * (group[metric] - group[f"{metric}_ref"]).to_numpy(float)
-            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
+            mean, half = t_interval(diff)
             rows.append({"scenario": scenario, "upstream": upstream, "metric": metric, "comparison": f"{method} - {reference}",
-                         "mean": round(diff.mean(), 2), "low": round(diff.mean() - half, 2),
-                         "high": round(diff.mean() + half, 2), "episodes": len(diff), "wins": int((diff > 0).sum())})
+                         "mean": round(mean, 2), "low": round(mean - half, 2),
+                         "high": round(mean + half, 2), "episodes": len(diff), "wins": int((diff > 0).sum())})
     return pd.DataFrame(rows).set_index(["scenario", "upstream", "metric"]) if rows else pd.DataFrame()
 
 

@@ -1,4 +1,5 @@
-"""The ICL paper's Tables II-IV and the shots plot, from the rows of every prediction.
+"""The ICL paper's Tables II-IV, the per-speaker paired comparisons behind its claims, and the shots plot,
+from the rows of every prediction.
 """
 
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from distmeta.io import atomic_path
+from distmeta.metrics import t_interval
 from distmeta.report import figure, save_figure, save_table
 from distmeta.speaker.baselines import CLASSIFIERS
 from distmeta.speaker.episodes import ua_spk
@@ -34,6 +36,36 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
         for k, part in per_k.groupby("k"):
             rows.append({"model": name, "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
     return pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
+
+
+def per_speaker(results: pd.DataFrame, model: str, k: int | None = None) -> pd.Series:
+    """Each speaker's accuracy for `model` (at `k` pairs in Table II's settings: TU+LD, TO+LD at k = E)."""
+    part = results[results["model"] == model]
+    if k is not None:
+        part = part[(part["k"] == k) & part["setting"].fillna("").isin(["", "TU+LD", "TO+LD"])]
+    return part["correct"].astype(float).groupby(part["speaker"].to_numpy()).mean()
+
+
+def paired(results: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims as per-speaker paired comparisons on the test speakers: the pairs help (Proposed and
+    MAML at k = E minus k = 0), the speech LM reads speech at 0 pairs (Proposed at 0 minus Pretrained), and
+    personalization beats the best personalized classifier (k = E minus Personalized_A). Per comparison: the
+    mean difference of per-speaker accuracies, its 95% t-interval, speakers, and how many speakers gain."""
+    top = int(results["k"].max())
+    comparisons = [(("Proposed", top), ("Proposed", 0)), (("MAML", top), ("MAML", 0)),
+                   (("Proposed", 0), ("Pretrained", None)), (("Proposed", top), ("Personalized_A", None)),
+                   (("MAML", top), ("Personalized_A", None))]
+    rows = []
+    for (model, k), (reference, k_ref) in comparisons:
+        mine, theirs = per_speaker(results, model, k), per_speaker(results, reference, k_ref)
+        diff = (mine - theirs).dropna()  # the speakers both were scored on
+        if diff.empty:
+            continue
+        mean, half = t_interval(diff)
+        name = lambda m, n: m if n is None else f"{m} ({n} pairs)"  # noqa: E731
+        rows.append({"comparison": f"{name(model, k)} - {name(reference, k_ref)}", "mean": mean, "low": mean - half,
+                     "high": mean + half, "speakers": len(diff), "gains": int((diff > 0).sum())})
+    return pd.DataFrame(rows).set_index("comparison") if rows else pd.DataFrame()
 
 
 def table3(results: pd.DataFrame, words, emotions) -> pd.DataFrame:
@@ -105,6 +137,11 @@ def save_results(results: pd.DataFrame, data, out_dir) -> dict:
              "table2": save_table(table2(results), out_dir, "table2", "Table II: UA_spk on the test speakers", ".3f"),
              "table3": save_table(table3(results, data.words, data.emotions), out_dir, "table3",
                                   "Table III: UA_spk of ICL-based inference per enrollment setting", ".3f")}
+    comparison = paired(results)
+    if not comparison.empty:
+        paths["paired"] = save_table(comparison, out_dir, "paired", "Per-speaker paired comparisons on the test "
+                                     "speakers: mean difference of per-speaker accuracy, 95% t-interval, speakers that gain",
+                                     ".3f")
     if results["training"].isin(["TO+LD", "Neutral"]).any():
         paths["table4"] = save_table(table4(results), out_dir, "table4",
                                      "Table IV: UA_spk per training setting (MetaICL) and test setting", ".3f")

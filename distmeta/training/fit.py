@@ -61,18 +61,24 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
     return total / len(targets), logits
 
 
-def fine_tune(model, inputs, targets: torch.Tensor, *, steps: int, lr: float, weight_decay: float = 0.0):
+def fine_tune(model, inputs, targets: torch.Tensor, *, steps: int, lr: float, weight_decay: float = 0.0,
+              on_step=None):
     """`steps` AdamW steps of `model`'s parameters with requires_grad on one batch (the class-balanced loss,
-    weighted by the batch's own labels), in train mode, in place: few-shot adaptation on a support set."""
+    weighted by the batch's own labels), in train mode, in place: few-shot adaptation on a support set.
+    `on_step(step, model)`, when given, runs after each step (1-based), e.g. to score the queries along the
+    way (benchmarks/bench_test_time.py); it may switch the model to eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     weights = class_balanced_weights(targets)
-    model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        model.train()
         loss = class_balanced_cross_entropy(model(inputs), targets, weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if on_step is not None:
+            on_step(step, model)
+    model.train()
     return model
 
 

@@ -137,3 +137,35 @@ def test_a_sweep_k_the_test_pool_cannot_hold_is_left_out_and_named_and_table_1s_
     assert sweep_note(pd.DataFrame(rows), ["Entire-Few"], 8) == " (K=16 leaves out unseen E5: too few items in their test pools)"
     with pytest.raises(TooFewItems, match="'E5' has 20 labelled utterances"):
         run_episodes({"Entire-Few": Uniform()}, small, replace(config, shots=16), {"scenario": "unseen"}, log=None)
+
+
+def test_names_sharing_one_adapter_score_each_episode_once_and_get_the_same_rows():
+    """Meta-PerSER is Table 2's last row when the settings match: the job hands both names one adapter, and
+    each episode is adapted once, its row copied under the second name (which cost nothing)."""
+    from distmeta.data import Task
+    from distmeta.listener.adapters import RandomGuess
+    from distmeta.listener.protocol import ProtocolConfig, run_episodes
+
+    class Counted(RandomGuess):
+        calls = 0
+
+        def predict(self, episode):
+            Counted.calls += 1
+            return super().predict(episode)
+
+    targets = np.eye(9, dtype=np.float32)[np.arange(40) % 9]
+    task = Task("E1", "sessions [5]", tuple(f"u{i}" for i in range(40)), targets)
+    shared = Counted()
+    adapters = {"Random": RandomGuess(), "Meta-PerSER": shared, "Meta[INI+CSMT+DA+LSLR]": shared}
+    config = ProtocolConfig(seeds=2, shots=4, queries=8, methods=tuple(adapters), sweep_shots=(2, 4),
+                            sweep_methods=("Meta-PerSER",))
+    rows = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None)
+    assert Counted.calls == 2 + 2  # Table 1's two seeds and the sweep's K=2 at each, for both names
+    assert [(r["method"], r["shots"]) for r in rows[:3]] == [("Random", 4), ("Meta-PerSER", 4), ("Meta[INI+CSMT+DA+LSLR]", 4)]
+    for seed in range(2):
+        mine, copy = (next(r for r in rows if r["method"] == m and r["seed"] == seed and r["shots"] == 4)
+                      for m in ("Meta-PerSER", "Meta[INI+CSMT+DA+LSLR]"))
+        assert {k: v for k, v in copy.items() if k not in ("method", "seconds")} == \
+            {k: v for k, v in mine.items() if k not in ("method", "seconds")}
+        assert copy["seconds"] == 0.0
+    assert len(rows) == 2 * 3 + 2 * 1

@@ -93,6 +93,28 @@ def test_tables_follow_the_results():
     assert list(four.columns) == ["1-shot", "2-shot"]
 
 
+def test_paired_comparisons_are_per_speaker_differences_with_scipys_interval():
+    """Five speakers with known accuracies: Proposed at k=2 (TU+LD, the largest k) minus k=0, and minus
+    Pretrained; the other settings (TE+LU) and models absent (MAML, Personalized_A) stay out."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    accuracy = {("Pretrained", 0, ""): rng.integers(0, 9, 5), ("Proposed", 0, ""): rng.integers(0, 9, 5),
+                ("Proposed", 2, "TU+LD"): rng.integers(0, 9, 5), ("Proposed", 2, "TE+LU"): np.full(5, 8)}
+    rows = [{"model": model, "training": "", "setting": setting, "emotion": "", "k": k, "speaker": f"s{j}",
+             "utterance": f"s{j}_{i}", "label": "Joy", "prediction": "Joy", "correct": i < hits[j]}
+            for (model, k, setting), hits in accuracy.items() for j in range(5) for i in range(8)]
+    table = tables.paired(pd.DataFrame(rows))
+    assert list(table.index) == ["Proposed (2 pairs) - Proposed (0 pairs)", "Proposed (0 pairs) - Pretrained"]
+    for name, (mine, theirs) in zip(table.index, [(("Proposed", 2, "TU+LD"), ("Proposed", 0, "")),
+                                                 (("Proposed", 0, ""), ("Pretrained", 0, ""))]):
+        diff = (accuracy[mine] - accuracy[theirs]) / 8
+        low, high = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
+        row = table.loc[name]
+        assert row["mean"] == pytest.approx(diff.mean()) and row["speakers"] == 5 and row["gains"] == (diff > 0).sum()
+        assert (row["low"], row["high"]) == pytest.approx((low, high))
+
+
 def test_conditions_cover_the_papers_tables():
     config = evaluate.EvaluationConfig(max_lo_shots=4)
     main = evaluate.conditions("TU+LU", 7, 7, config)

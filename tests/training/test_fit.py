@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distmeta.metrics import class_balanced_weights
-from distmeta.training.fit import _batches, evaluate_loss, fit
+from distmeta.training.fit import _batches, evaluate_loss, fine_tune, fit
 
 
 class DictLinear(torch.nn.Linear):
@@ -104,3 +104,35 @@ def test_val_score_picks_the_best_epoch_and_drives_patience():
     by_loss, _ = run()
     assert "val_score" not in by_loss["history"][0]
     assert by_loss["best_epoch"] == int(np.argmin([m["val_loss"] for m in by_loss["history"]])) + 1 != 2
+
+
+def test_fine_tune_scoring_along_the_way_leaves_the_trajectory_as_it_was():
+    """`on_step` sees every step and may predict in eval mode (benchmarks/bench_test_time.py): the next step
+    still trains in train mode (dropout on), so the parameters end where a run without it ends."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(32, 5)), dtype=torch.float32)
+    targets = torch.nn.functional.one_hot(torch.as_tensor(rng.integers(0, 3, 32)), 3).float()
+
+    class Dropped(DictLinear):
+        def forward(self, inputs):
+            return super().forward({"x": torch.nn.functional.dropout(inputs["x"], 0.5, self.training)})
+
+    def run(on_step=None):
+        torch.manual_seed(0)
+        model = Dropped()
+        return fine_tune(model, {"x": x}, targets, steps=4, lr=0.05, on_step=on_step)
+
+    seen = []
+
+    def score(step, model):
+        model.eval()
+        with torch.no_grad():
+            seen.append((step, model({"x": x}).argmax(1)))
+
+    plain, scored = run(), run(score)
+    assert [step for step, _ in seen] == [1, 2, 3, 4]
+    assert scored.training
+    for mine, theirs in zip(scored.parameters(), plain.parameters()):
+        assert torch.equal(mine, theirs)
+    torch.manual_seed(0)
+    assert not torch.equal(Dropped().weight, plain.weight)  # it did train
