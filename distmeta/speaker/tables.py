@@ -46,6 +46,10 @@ def per_speaker(results: pd.DataFrame, model: str, k: int | None = None) -> pd.S
     return part["correct"].astype(float).groupby(part["speaker"].to_numpy()).mean()
 
 
+def _named(model: str, k: int | None) -> str:
+    return model if k is None else f"{model} ({k} pairs)"
+
+
 def paired(results: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims as per-speaker paired comparisons on the test speakers: the pairs help (Proposed and
     MAML at k = E minus k = 0), the speech LM reads speech at 0 pairs (Proposed at 0 minus Pretrained), and
@@ -62,8 +66,7 @@ def paired(results: pd.DataFrame) -> pd.DataFrame:
         if diff.empty:
             continue
         mean, half = t_interval(diff)
-        name = lambda m, n: m if n is None else f"{m} ({n} pairs)"  # noqa: E731
-        rows.append({"comparison": f"{name(model, k)} - {name(reference, k_ref)}", "mean": mean, "low": mean - half,
+        rows.append({"comparison": f"{_named(model, k)} - {_named(reference, k_ref)}", "mean": mean, "low": mean - half,
                      "high": mean + half, "speakers": len(diff), "gains": int((diff > 0).sum())})
     return pd.DataFrame(rows).set_index("comparison") if rows else pd.DataFrame()
 
