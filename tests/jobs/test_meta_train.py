@@ -53,6 +53,13 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     assert len(a) == 10 * 2 * 2 + 2 * 2 + 4 * 2 * 2
     assert {"Entire-All", "Oracle-Listener", "Oracle-Aggregate"} <= set(a["method"])
     assert {"Meta-PerSER", "Meta[none]", "Meta[INI+CSMT+DA+LSLR]"} <= set(a["method"])
+    # Table 2's last row is Meta-PerSER's own model: its episodes are scored once, the rows the same
+    scores, keys = ["maF1", "miF1", "UA"], ["annotator", "seed", "shots"]
+    last = a[a["method"] == "Meta[INI+CSMT+DA+LSLR]"].set_index(keys)[scores]
+    own = a[(a["method"] == "Meta-PerSER") & (a["scenario"] == "unseen") & (a["shots"] == 8)].set_index(keys)[scores]
+    pd.testing.assert_frame_equal(last.sort_index(), own.sort_index())
+    timing = pd.read_csv(tmp_path / "a" / "timing.csv", index_col="method")["total"]
+    assert timing["Meta[INI+CSMT+DA+LSLR]"] == 0 < timing["Meta-PerSER"]  # its copies cost nothing
     assert a[["maF1", "miF1", "UA"]].stack().between(0, 1).all()
     assert set(a["shots"]) == {2, 8} and set(a["annotator"]) == {"E1", "E2"}
     for name in ("table1.md", "table2.md", "paired.md", "timing.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md",
