@@ -34,8 +34,8 @@ from distmeta.training.fit import fine_tune, fit
 
 @dataclass
 class AdaptConfig:
-    # Entire-Few's 50 steps at 1e-4 are what its validation annotators pick from 1e-4 / 3e-4 / 1e-3 x 5-50 steps
-    # (unseen, corpus seeds 5-8: benchmarks/bench_test_time.py, docs/listener.md); Meta-PerSER's pick is the same.
+    # Entire-Few's 50 steps at 1e-4 are what its validation annotators pick from 5-100 steps at 1e-4 and 5-30 at
+    # 3e-4 / 1e-3 (unseen, corpus seeds 5-8: benchmarks/bench_test_time.py, docs/listener.md); Meta-PerSER's too.
     steps: int = 50  # gradient steps on the one support batch
     lr: float = 1e-4  # AdamW, fine-tuning baselines
     weight_decay: float = 0.0
