@@ -89,8 +89,13 @@ def result_rows(episodes: list[Episode], predictions: list[str], words: list[str
                           "correct": p == words[e.task.labels[e.target]]} for e, p in zip(episodes, predictions)])
 
 
+def speaker_accuracies(correct: pd.Series, speakers: pd.Series) -> pd.Series:
+    """Each speaker's accuracy, indexed by speaker."""
+    return correct.astype(float).groupby(speakers.to_numpy()).mean()
+
+
 def ua_spk(correct: pd.Series, speakers: pd.Series) -> dict:
     """UA_spk (mean of per-speaker accuracies) and the std (population), median, max and min of those accuracies."""
-    per_speaker = correct.astype(float).groupby(speakers.to_numpy()).mean()
+    per_speaker = speaker_accuracies(correct, speakers)
     return {"UA_spk": per_speaker.mean(), "std": per_speaker.std(ddof=0), "median": per_speaker.median(),
             "max": per_speaker.max(), "min": per_speaker.min(), "speakers": len(per_speaker)}

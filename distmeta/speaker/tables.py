@@ -10,7 +10,7 @@ from distmeta.io import atomic_path
 from distmeta.metrics import t_interval
 from distmeta.report import figure, save_figure, save_table
 from distmeta.speaker.baselines import CLASSIFIERS
-from distmeta.speaker.episodes import ua_spk
+from distmeta.speaker.episodes import speaker_accuracies, ua_spk
 
 
 def _stats(results: pd.DataFrame) -> pd.Series:
@@ -20,6 +20,11 @@ def _stats(results: pd.DataFrame) -> pd.Series:
 def _by_k(results: pd.DataFrame) -> pd.Series:
     """UA_spk per number of enrollment pairs."""
     return pd.Series({k: _stats(part)["UA_spk"] for k, part in results.groupby("k")}, dtype=float)
+
+
+def _per_k(results: pd.DataFrame, model: str) -> pd.DataFrame:
+    """`model`'s rows in Table II's settings per k: no pairs, TU+LD at 1..E-1, TO+LD at k = E."""
+    return results[(results["model"] == model) & results["setting"].fillna("").isin(["", "TU+LD", "TO+LD"])]
 
 
 def table2(results: pd.DataFrame) -> pd.DataFrame:
@@ -32,18 +37,19 @@ def table2(results: pd.DataFrame) -> pd.DataFrame:
             rows.append({"model": name, "ICL": f"{part['k'].iloc[0]}-shot" if name == "1-shot_N" else "-",
                          "setting": "Neutral" if name == "1-shot_N" else "-", **_stats(part)})
     for name in ("Proposed", "MAML"):
-        per_k = results[(results["model"] == name) & results["setting"].isin(["", "TU+LD", "TO+LD"])]
-        for k, part in per_k.groupby("k"):
+        for k, part in _per_k(results, name).groupby("k"):
             rows.append({"model": name, "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
     return pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
 
 
 def per_speaker(results: pd.DataFrame, model: str, k: int | None = None) -> pd.Series:
     """Each speaker's accuracy for `model` (at `k` pairs in Table II's settings: TU+LD, TO+LD at k = E)."""
-    part = results[results["model"] == model]
-    if k is not None:
-        part = part[(part["k"] == k) & part["setting"].fillna("").isin(["", "TU+LD", "TO+LD"])]
-    return part["correct"].astype(float).groupby(part["speaker"].to_numpy()).mean()
+    if k is None:
+        part = results[results["model"] == model]
+    else:
+        part = _per_k(results, model)
+        part = part[part["k"] == k]
+    return speaker_accuracies(part["correct"], part["speaker"])
 
 
 def _named(model: str, k: int | None) -> str:
