@@ -138,11 +138,16 @@ class SpeechLM(nn.Module):
         nn.init.zeros_(self.segment.weight)
         nn.init.zeros_(self.example.weight)
         self.speech_id = self.tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
+        self._token_ids: dict[str, list[int]] = {}  # text -> its token ids (`_text`)
 
     # ---- the prompt -------------------------------------------------------------
 
     def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        # Prompts repeat a few texts (the instruction, "Emotion: <word>."): each is tokenized once. Tokenizing
+        # them anew was ~15% of scoring a batch of 3-pair prompts.
+        if text not in self._token_ids:
+            self._token_ids[text] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return list(self._token_ids[text])
 
     def prompt(self, shot_words: list[str]) -> dict:
         """Token ids, segment and example indices of one prompt with len(shot_words) enrollment pairs
@@ -185,14 +190,21 @@ class SpeechLM(nn.Module):
             batch["labels"] = torch.tensor([ids + [-100] * (width - len(ids)) for ids in labels])
         return batch
 
-    def embed(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    def speech_queries(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """What fills an utterance's placeholders: its projected Q-Former queries, [U, Nq, d_model]. Each
+        utterance's are its own, whatever else is in the batch (so prediction can compute them once)."""
+        return self.projection(self.qformer(frames, frame_mask))
+
+    def embed(self, batch: dict, frames: torch.Tensor | None, frame_mask: torch.Tensor | None,
+              queries: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder input embeddings: tokens, placeholders filled with the utterances' projected queries.
 
         `frames` [U, F, D] holds the utterances of every placeholder group in reading order
-        (item by item: its enrollment utterances, then its target)."""
+        (item by item: its enrollment utterances, then its target); or `queries`, their `speech_queries`."""
         tokens = self.llm.get_input_embeddings()(batch["ids"])
         slots = batch["ids"] == self.speech_id
-        queries = self.projection(self.qformer(frames, frame_mask))  # [U, Nq, d_model]
+        if queries is None:
+            queries = self.speech_queries(frames, frame_mask)  # [U, Nq, d_model]
         if slots.sum() != queries.shape[0] * queries.shape[1]:
             raise ValueError(f"{int(slots.sum())} speech placeholders but {queries.shape[0]} utterances x "
                              f"{queries.shape[1]} queries")
@@ -209,21 +221,30 @@ class SpeechLM(nn.Module):
                                            label_smoothing=label_smoothing)
 
     @torch.no_grad()
-    def score(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood [B, C] of each label word (its tokens + end of sequence) as the answer."""
-        encoder = self.llm.get_encoder()(inputs_embeds=self.embed(batch, frames, frame_mask),
-                                         attention_mask=batch["attention_mask"])
-        scores = []
-        for word in self.words:
-            labels = torch.tensor([self.label_ids(word)] * batch["ids"].shape[0], device=batch["ids"].device)
-            logits = self.llm(encoder_outputs=encoder, attention_mask=batch["attention_mask"], labels=labels).logits
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
-            scores.append(logp.sum(-1))
-        return torch.stack(scores, -1)
+    def score(self, batch: dict, frames: torch.Tensor | None, frame_mask: torch.Tensor | None,
+              queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-likelihood [B, C] of each label word (its tokens + end of sequence) as the answer.
+
+        One decoder pass scores all C words: the encoder's output repeated C times, each copy decoding one
+        word (shorter words padded, the padding not counted). The same numbers as one pass per word, ~20%
+        faster on a CPU."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        mask = batch["attention_mask"]
+        encoder = self.llm.get_encoder()(inputs_embeds=self.embed(batch, frames, frame_mask, queries), attention_mask=mask)
+        words = [self.label_ids(word) for word in self.words]
+        width, rows, count = max(map(len, words)), mask.shape[0], len(words)
+        labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in words], device=mask.device)
+        labels = labels.repeat_interleave(rows, 0)  # word-major: word c's copy of item b is row c * rows + b
+        logits = self.llm(encoder_outputs=BaseModelOutput(last_hidden_state=encoder.last_hidden_state.repeat(count, 1, 1)),
+                          attention_mask=mask.repeat(count, 1), labels=labels).logits
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return (logp * (labels != -100)).sum(-1).view(count, rows).T
 
     @torch.no_grad()
-    def generate(self, batch: dict, frames: torch.Tensor, frame_mask: torch.Tensor, num_beams: int = 4) -> list[str]:
+    def generate(self, batch: dict, frames: torch.Tensor | None, frame_mask: torch.Tensor | None, num_beams: int = 4,
+                 queries: torch.Tensor | None = None) -> list[str]:
         """Free generation (the paper's beam search, beam 4); an answer counts only if it matches a label exactly."""
-        out = self.llm.generate(inputs_embeds=self.embed(batch, frames, frame_mask), attention_mask=batch["attention_mask"],
+        out = self.llm.generate(inputs_embeds=self.embed(batch, frames, frame_mask, queries), attention_mask=batch["attention_mask"],
                                 num_beams=num_beams, max_new_tokens=16)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -74,12 +74,18 @@ def evaluation_episodes(tasks: list[SpeakerTask], k: int, setting: str, seed: in
     return episodes
 
 
-def episode_batch(model, bank, episodes: list[Episode], words: list[str], device="cpu") -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(batch, frames, frame_mask) for `model` (a SpeechLM): prompts, target labels and the speech in reading order."""
+def episode_prompts(model, episodes: list[Episode], words: list[str], device="cpu") -> dict:
+    """`model`'s (a SpeechLM's) batch of the episodes' prompts and target labels; their speech is
+    `[u for e in episodes for u in e.utterances]`, in reading order."""
     prompts = [model.prompt([words[e.task.labels[i]] for i in e.shots]) for e in episodes]
     batch = model.collate(prompts, [words[e.task.labels[e.target]] for e in episodes])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def episode_batch(model, bank, episodes: list[Episode], words: list[str], device="cpu") -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(batch, frames, frame_mask) for `model` (a SpeechLM): prompts, target labels and the speech in reading order."""
     speech = bank.batch([u for e in episodes for u in e.utterances])
-    return ({k: v.to(device) for k, v in batch.items()}, speech["frames"].to(device), speech["frame_mask"].to(device))
+    return episode_prompts(model, episodes, words, device), speech["frames"].to(device), speech["frame_mask"].to(device)
 
 
 def result_rows(episodes: list[Episode], predictions: list[str], words: list[str], **columns) -> pd.DataFrame:

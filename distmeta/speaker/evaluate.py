@@ -9,21 +9,32 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from distmeta.speaker.episodes import Episode, episode_batch, evaluation_episodes, result_rows, ua_spk
+from distmeta.speaker.episodes import Episode, episode_prompts, evaluation_episodes, result_rows, ua_spk
 
 
 @torch.no_grad()
 def predict(model, bank, episodes: list[Episode], words: list[str], batch_size: int = 64, generate: bool = False,
             device="cpu") -> list[str]:
-    """The predicted label word of every episode: closed-set scoring, or free generation (beam 4) with `generate`."""
+    """The predicted label word of every episode: closed-set scoring, or free generation (beam 4) with `generate`.
+
+    Each utterance's speech queries are computed once: the episodes reuse a few hundred utterances as targets
+    and pairs, and the Q-Former was ~40% of scoring a batch of 7-pair prompts."""
     model.eval()
+    utterances = list(dict.fromkeys(u for e in episodes for u in e.utterances))
+    queries = {}
+    for start in range(0, len(utterances), batch_size):
+        chunk = utterances[start:start + batch_size]
+        speech = bank.batch(chunk)
+        queries.update(zip(chunk, model.speech_queries(speech["frames"].to(device), speech["frame_mask"].to(device))))
     out = []
     for start in range(0, len(episodes), batch_size):
-        batch, frames, mask = episode_batch(model, bank, episodes[start:start + batch_size], words, device)
+        chunk = episodes[start:start + batch_size]
+        batch = episode_prompts(model, chunk, words, device)
+        speech = torch.stack([queries[u] for e in chunk for u in e.utterances])
         if generate:
-            out.extend(model.generate(batch, frames, mask))
+            out.extend(model.generate(batch, None, None, queries=speech))
         else:
-            out.extend(words[i] for i in model.score(batch, frames, mask).argmax(-1).tolist())
+            out.extend(words[i] for i in model.score(batch, None, None, queries=speech).argmax(-1).tolist())
     return out
 
 

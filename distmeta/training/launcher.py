@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from distmeta.io import write_json
 from distmeta.training.artifacts import digest, is_done, save_model
 
+_USER_REPORT_WAIT = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # set before this module was imported
 MANIFEST = "launcher.json"  # in every checkpoint: finished models, carried start states, what it holds
 
 
@@ -42,7 +44,7 @@ def _key(request: dict) -> dict:
 
 
 def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, name: str,
-               max_failures: int = 2) -> list[Path]:
+               max_failures: int = 2, on_run_done=None, report_wait_s: float = 0.1) -> list[Path]:
     """Train every request not saved yet in Ray Train `TorchTrainer` runs; returns the requests' paths.
 
     A request is {"settings": what shapes the model, "out_path": where the driver saves it, "init": the
@@ -51,6 +53,9 @@ def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, 
     cpus_per_worker (0: the cluster's CPUs shared out among all workers), and may have `parallel`: that
     many runs side by side, each training its share of the requests (`share_out`). A small model trains
     faster as two one-CPU runs than as one two-CPU run: most of its kernels barely use a second thread.
+    `on_run_done(runs_left)` is called as each run ends (its finished models saved), with how many still train:
+    a caller can use the cores a finished run gave back while the others go on. `report_wait_s`: how often each
+    run's controller collects reports (see below); a loop that reports rarely can afford a longer wait.
     """
     import ray
 
@@ -69,17 +74,31 @@ def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # A worker's `ray.train.report` waits until the run's controller collects the previous one, which it
     # does once per health-check interval (2 s by default): 2 s lost per epoch of every model. Pretraining
-    # the default job's 30 models lost ~5 minutes to it. Likewise sent to the controller and the workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # the default job's 30 models lost ~5 minutes to it. But polling every 0.1 s keeps ~7% of a core busy
+    # per run, so loops that report every few minutes wait longer. Ray Train sends the setting from this
+    # process's environment to each run's controller as it starts; one the user set is kept.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = _USER_REPORT_WAIT or str(report_wait_s)
     shares = share_out(todo, getattr(scaling, "parallel", 1))
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // (scaling.num_workers * len(shares)))
+    running, lock = [len(shares)], threading.Lock()
+
+    def run(share):
+        try:
+            return _fit(loop, share, shared, scaling, cpus, storage, name, max_failures)
+        finally:
+            with lock:
+                running[0] -= 1
+                left = running[0]
+            if on_run_done:
+                on_run_done(left)
+
     if len(shares) == 1:
-        errors = [_fit(loop, shares[0], shared, scaling, cpus, storage, name, max_failures)]
+        errors = [run(shares[0])]
     else:  # each run's fit() waits on its own controller actor: one driver thread per run
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(shares)) as pool:
-            errors = list(pool.map(lambda share: _fit(loop, share, shared, scaling, cpus, storage, name, max_failures), shares))
+            errors = list(pool.map(run, shares))
     missing = [str(p) for p in paths if not p.is_file()]
     if any(errors) or missing:
         raise RuntimeError(f"{name}: training failed ({'; '.join(str(e) for e in errors if e)}); models not written: {missing}")

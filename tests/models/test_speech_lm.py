@@ -165,3 +165,22 @@ def test_scoring_learns_a_closed_set_mapping():
     manual = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(scores[:, WORDS.index("Joy")], manual, atol=1e-4, rtol=1e-4)
     assert model.generate(batch, frames, mask) == targets
+
+
+@pytest.mark.parametrize("tokenizer", ["words", "bytes"])  # bytes: label words of different token lengths
+def test_one_pass_scores_equal_one_pass_per_word_and_precomputed_queries_change_nothing(tokenizer):
+    model = SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16, tokenizer=tokenizer, seed=1), DIM, WORDS).eval()
+    batch = model.collate([model.prompt(["Joy"]), model.prompt([]), model.prompt(["Fear", "Anger"])])
+    frames, mask = frames_for(6, seed=3)
+    with torch.no_grad():
+        scores = model.score(batch, frames, mask)
+        embeds = model.embed(batch, frames, mask)
+        for c, word in enumerate(WORDS):  # each word alone through the whole model, its tokens' log-probabilities summed
+            labels = torch.tensor([model.label_ids(word)] * 3)
+            logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels).logits
+            alone = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+            torch.testing.assert_close(scores[:, c], alone, atol=1e-5, rtol=1e-5)
+        queries = model.speech_queries(frames, mask)
+        torch.testing.assert_close(model.score(batch, None, None, queries=queries), scores, atol=0, rtol=0)
+    if tokenizer == "bytes":
+        assert len({len(model.label_ids(w)) for w in WORDS}) > 1

@@ -275,7 +275,8 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
 @pytest.mark.slow
 def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker_corpus):
     """meta.parallel=2: once stage 1 is saved, the stage-2 trainings run in two Ray Train runs side by side,
-    each starting from the saved stage-1 model; every model equals the one-run (parallel=1) model's."""
+    each starting from the saved stage-1 model; every model equals the one-run (parallel=1) model's. As each
+    run ends, `on_run_done` hears how many still train (what the job waits for to use a freed core)."""
     import shutil
 
     import ray
@@ -292,14 +293,17 @@ def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
-        one = metaicl.metaicl_train_many(data, upstream, -1, model, meta, ["TU+LU", "Neutral1"], frames, tmp_path / "one")
+        heard = {"one": [], "two": []}
+        one = metaicl.metaicl_train_many(data, upstream, -1, model, meta, ["TU+LU", "Neutral1"], frames, tmp_path / "one",
+                                         on_run_done=heard["one"].append)
         (tmp_path / "two").mkdir()
         for path in (one["stage1"], one["stage1"].with_suffix(".json")):  # stage 1 saved: its run is skipped
             shutil.copy(path, tmp_path / "two" / path.name)
         two = metaicl.metaicl_train_many(data, upstream, -1, model, meta.__class__(**{**meta.__dict__, "parallel": 2}),
-                                         ["TU+LU", "Neutral1"], frames, tmp_path / "two")
+                                         ["TU+LU", "Neutral1"], frames, tmp_path / "two", on_run_done=heard["two"].append)
     finally:
         ray.shutdown()
+    assert heard == {"one": [0], "two": [1, 0]}  # one run of everything; two runs of stage 2, one ending first
     assert list(one) == list(two) == ["stage1", "TU+LU", "Neutral1"]
     assert one["TU+LU"].name == two["TU+LU"].name  # parallel is not part of a model's cache key
     for training in ("TU+LU", "Neutral1"):
