@@ -202,7 +202,7 @@ def parse_args(cls, argv=None, *, job: str, description: str | None = None, epil
     parser.add_argument("--out", help="output directory (same as out=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before, after and between the flags
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     try:
         config = load(cls, args.config, overrides, found.get(args.preset))

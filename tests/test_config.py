@@ -57,6 +57,9 @@ def test_bad_file_key_names_the_file(tmp_path):
 def test_parse_args_out_shorthand():
     loaded = cfg.parse_args(Outer, ["--out", "elsewhere", "inner.steps=2"], job="outer")
     assert loaded.out == "elsewhere" and loaded.inner.steps == 2
+    # overrides on both sides of a flag (plain parse_args refused the second: "unrecognized arguments")
+    loaded = cfg.parse_args(Outer, ["inner.steps=3", "--out", "there", "inner.name=b"], job="outer")
+    assert (loaded.out, loaded.inner.steps, loaded.inner.name) == ("there", 3, "b")
 
 
 def test_print_config_prints_the_resolved_config_which_loads_back_unchanged(tmp_path, capsys, monkeypatch):
