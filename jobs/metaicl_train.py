@@ -58,11 +58,11 @@ def phase(timing: dict, name: str):
         timing[name] = timing.get(name, 0.0) + time.time() - begun
 
 
-def classifier_baselines_and_maml(config, corpus, data, frames, mlflow, timed) -> list[pd.DataFrame]:
+def classifier_baselines_and_maml(config, corpus, data, bank, mlflow, timed) -> list[pd.DataFrame]:
     """Table II's classifier rows (Scratch, Pretrained, Personalized_N, Personalized_A) and MAML's per-k rows,
     each phase timed in `timed(name)`. One torch thread (`beside_workers`): they run beside a Ray Train worker,
     and with one thread in every layout they round alike whether stage 2 ran side by side or in turn."""
-    rows, bank, pretrained = [], FrameBank.load(frames), None
+    rows, pretrained = [], None
     with beside_workers():
         if config.baselines:
             print("classifier baseline Scratch: the speech encoder's pretraining model", flush=True)
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
         # baselines and MAML on the core the first one gives back instead of leaving it idle.
         trainings = ["TU+LU"] + (["TO+LD", "Neutral"] if config.ablation else []) + (["Neutral1"] if config.baselines else [])
         speech_lms_phase = "speech LMs (stage 1 + " + ", ".join(trainings) + ")"
+        # set once a run has ended while another still trains, or once the training is over (or failed)
         core_free, beside = threading.Event(), set()  # beside: phases begun while the speech LMs still trained
 
         def train_speech_lms() -> dict:
@@ -124,10 +125,11 @@ def main(argv=None) -> int:
                                                   on_run_done=lambda runs_left: runs_left and core_free.set())
 
         timing[speech_lms_phase] = 0.0  # (first in the profile: it starts first)
+        bank = FrameBank.load(frames)  # the classifiers, MAML and the evaluation read it
         with ThreadPoolExecutor(1) as background:
             speech_lms = background.submit(train_speech_lms)
-            while not (core_free.wait(1) or speech_lms.done()):
-                pass
+            speech_lms.add_done_callback(lambda _: core_free.set())  # runs once the result (or error) is in
+            core_free.wait()
             if speech_lms.done():
                 speech_lms.result()  # a failed training stops the job here
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
                 with phase(timing, name):
                     yield
 
-            rows = classifier_baselines_and_maml(config, corpus, data, frames, mlflow, timed)
+            rows = classifier_baselines_and_maml(config, corpus, data, bank, mlflow, timed)
             models = speech_lms.result()
         for training, path in models.items():
             sidecar = path.with_suffix(".json")
@@ -148,7 +150,6 @@ def main(argv=None) -> int:
         encoder = [Path(upstream.path), Path(upstream.path).with_suffix(".json")] if upstream.name == "speech_encoder" else []
         version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json"), *encoder], "distmeta-speaker")
         print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
-        bank = FrameBank.load(frames)
         # evaluate
         with phase(timing, "speech LM evaluation"):
             for training, path in models.items():
