@@ -29,7 +29,7 @@ TEXT, SPEECH = 0, 1
 
 # The default LLM: a tiny T5 built locally from this config (random weights; nothing downloaded).
 TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-               relative_attention_num_buckets=16, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+               relative_attention_num_buckets=16, feed_forward_proj="gated-gelu",
                tie_word_embeddings=True)
 
 
@@ -46,7 +46,10 @@ class SpeechLMConfig:
     qformer_dim: int = 64
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    # No dropout by default: with the random tiny T5, the proposed model gained more from the pairs without it
+    # and stage 2 took ~25% less time (speaker seeds 5 and 6, docs/speaker.md). The paper's LoRA: 0.05.
+    lora_dropout: float = 0.0
+    dropout: float = 0.0  # the Q-Former's and the tiny T5's (a Hugging Face LLM keeps its own)
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # T5 attention and feed-forward
     # The LLM's token embeddings (tied to its output layer) train too. A randomly initialised LLM (the tiny
     # default) must learn its output vocabulary: through LoRA alone it took ~3x the steps to spell the labels.
@@ -60,11 +63,11 @@ class SpeechLMConfig:
 class QFormer(nn.Module):
     """Learned queries read variable-length encoder frames into a fixed number of vectors."""
 
-    def __init__(self, in_dim: int, dim: int, num_queries: int, layers: int, heads: int):
+    def __init__(self, in_dim: int, dim: int, num_queries: int, layers: int, heads: int, dropout: float = 0.1):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.frames_in = nn.Linear(in_dim, dim)
-        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerDecoder(layer, layers)
         self.norm = nn.LayerNorm(dim)
 
@@ -104,7 +107,8 @@ def load_llm(config: SpeechLMConfig, texts: list[str]):
         torch.manual_seed(config.seed)
         llm = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                   eos_token_id=tokenizer.eos_token_id,
-                                                  decoder_start_token_id=tokenizer.pad_token_id, **TINY_T5))
+                                                  decoder_start_token_id=tokenizer.pad_token_id,
+                                                  dropout_rate=config.dropout, **TINY_T5))
         return tokenizer, llm
     tokenizer = AutoTokenizer.from_pretrained(config.llm)
     tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN]})
@@ -131,7 +135,8 @@ class SpeechLM(nn.Module):
         self.llm.get_input_embeddings().weight.requires_grad_(config.train_token_embeddings)
         d_model = llm.get_input_embeddings().embedding_dim
         torch.manual_seed(config.seed)
-        self.qformer = QFormer(encoder_dim, config.qformer_dim, config.num_queries, config.qformer_layers, config.qformer_heads)
+        self.qformer = QFormer(encoder_dim, config.qformer_dim, config.num_queries, config.qformer_layers, config.qformer_heads,
+                               config.dropout)
         self.projection = nn.Linear(config.qformer_dim, d_model)
         self.segment = nn.Embedding(2, d_model)
         self.example = nn.Embedding(config.max_shots + 2, d_model)

@@ -119,6 +119,26 @@ def test_loss_covers_only_the_target_label(model):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("dropout, lora_dropout", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.05)])
+def test_dropout_settings_reach_every_dropout(dropout, lora_dropout):
+    """`dropout` sets the Q-Former's and the tiny T5's, `lora_dropout` LoRA's: with both 0, training mode
+    computes the loss eval mode computes; with either on, it does not."""
+    torch.manual_seed(0)
+    model = SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16, dropout=dropout, lora_dropout=lora_dropout), DIM, WORDS)
+    with torch.no_grad():  # LoRA's B starts at zero, which would hide LoRA's dropout
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert model.llm.base_model.model.config.dropout_rate == dropout
+    assert all(m.p == dropout for n, m in model.qformer.named_modules() if isinstance(m, torch.nn.Dropout))
+    batch = model.collate([model.prompt(["Joy"]), model.prompt([])], ["Fear", "Joy"])
+    frames, mask = frames_for(3)
+    with torch.no_grad():
+        trained, evaluated = model.train()(batch, frames, mask), model.eval()(batch, frames, mask)
+    # (eval mode may take other kernels: equal up to rounding)
+    assert torch.allclose(trained, evaluated, rtol=1e-5, atol=1e-6) == (dropout == 0 and lora_dropout == 0)
+
+
 def test_only_lora_and_the_connector_train():
     model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
     names = list(trainable_parameters(model))
