@@ -47,7 +47,7 @@ class SpeechLMConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     # No dropout by default: with the random tiny T5, the proposed model gained more from the pairs without it
-    # and stage 2 took ~25% less time (speaker seeds 5 and 6, docs/speaker.md). The paper's LoRA: 0.05.
+    # and stage 2 took 19-29% less time (speaker seeds 5-8, docs/speaker.md). The paper's LoRA: 0.05.
     lora_dropout: float = 0.0
     dropout: float = 0.0  # the Q-Former's and the tiny T5's (a Hugging Face LLM keeps its own)
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # T5 attention and feed-forward
@@ -63,7 +63,7 @@ class SpeechLMConfig:
 class QFormer(nn.Module):
     """Learned queries read variable-length encoder frames into a fixed number of vectors."""
 
-    def __init__(self, in_dim: int, dim: int, num_queries: int, layers: int, heads: int, dropout: float = 0.1):
+    def __init__(self, in_dim: int, dim: int, num_queries: int, layers: int, heads: int, dropout: float):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.frames_in = nn.Linear(in_dim, dim)

@@ -130,7 +130,7 @@ def test_dropout_settings_reach_every_dropout(dropout, lora_dropout):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     assert model.llm.base_model.model.config.dropout_rate == dropout
-    assert all(m.p == dropout for n, m in model.qformer.named_modules() if isinstance(m, torch.nn.Dropout))
+    assert all(m.p == dropout for m in model.qformer.modules() if isinstance(m, torch.nn.Dropout))
     batch = model.collate([model.prompt(["Joy"]), model.prompt([])], ["Fear", "Joy"])
     frames, mask = frames_for(3)
     with torch.no_grad():
