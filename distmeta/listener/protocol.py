@@ -46,12 +46,20 @@ class ProtocolConfig:
     queries: int = 128
     methods: tuple[str, ...] = METHODS + CEILINGS
     sweep_shots: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    # Seeds per test annotator in the shots sweep (0: `seeds`): the sweep table and plot average the first
+    # `sweep_seeds` at every K, Table 1's K included. One by default: the sweep's Meta-PerSER fine-tunings
+    # were a third of the default run's meta-test (docs/listener.md); `--preset paper` runs all.
+    sweep_seeds: int = 1
     sweep_methods: tuple[str, ...] = ("Meta-PerSER", "Linear-Few", "Multi-Few", "Entire-Sim")
     table2: tuple[str, ...] = ("none", "INI", "INI+CSMT", "INI+DA", "INI+LSLR", "INI+CSMT+DA+LSLR")  # on unseen data
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     ceiling: CeilingConfig = field(default_factory=CeilingConfig)
     paired: tuple[str, str] = ("Meta-PerSER", "Entire-Few")  # paired.md: the first minus the second, per episode
     workers: int = 2  # Ray actors scoring episodes in parallel, one CPU each (EpisodeWorkers); 0: in the driver
+
+    @property
+    def sweep_seed_count(self) -> int:
+        return min(self.sweep_seeds or self.seeds, self.seeds)
 
 
 def score_episode(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, seed: int, shots: int,
@@ -82,7 +90,8 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
         log(f"  {task.annotator}: shots sweep K={left_out} left out: {len(task)} items in {task.pool}, "
             f"Q={config.queries} of them queries")
     plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
-    plan += [(seed, k, name) for seed in range(config.seeds) for k in sweep for name in config.sweep_methods if name in methods]
+    plan += [(seed, k, name) for seed in range(config.sweep_seed_count) for k in sweep
+             for name in config.sweep_methods if name in methods]
     # Names that share one adapter object (Meta-PerSER is Table 2's last row when the settings match) score an
     # episode once: the first name's row, copied under the others (their `seconds` 0: they cost nothing).
     first = {}

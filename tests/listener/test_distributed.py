@@ -8,7 +8,8 @@ from distmeta.listener.metatrain import MetaConfig, build_meta_model, meta_train
 from distmeta.models import UpstreamConfig
 
 CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1, val_queries=8, test_steps=3,
-                    inner_steps=2, inner_lr=0.05, outer_lr=1e-2, da_first_order_fraction=0.5, tasks_per_step=3)
+                    inner_steps=2, inner_lr=0.05, outer_lr=1e-2, da_first_order_fraction=0.5, tasks_per_step=3,
+                    val_steps=3)
 
 
 def test_flat_layout_round_trip_keeps_names_shapes_and_values():
@@ -74,7 +75,8 @@ def test_distributed_meta_training_equals_the_serial_trainer(pool, small_corpus,
 @pytest.mark.slow
 def test_entire_scope_with_audio_on_actors_equals_serial(pool, small_corpus, split):
     config = MetaConfig(ini=False, scope="entire", outer_steps=2, shots=4, val_every=2, val_seeds=1, val_queries=4,
-                        test_steps=1, inner_steps=1, inner_lr=0.01, outer_lr=1e-3, tasks_per_step=2, da=False)
+                        test_steps=1, inner_steps=1, inner_lr=0.01, outer_lr=1e-3, tasks_per_step=2, da=False,
+                        val_steps=1)
     reference = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None)
     distributed = meta_train_split(small_corpus, split, UpstreamConfig(), None, config, max_seconds=2.0, log=None, actors=pool)
     assert_same_training(distributed, reference)

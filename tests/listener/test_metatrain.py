@@ -14,7 +14,7 @@ from distmeta.models import UpstreamConfig
 def setting(small_corpus):
     split = rotation(small_corpus, "unseen")[0]
     config = MetaConfig(ini=False, outer_steps=4, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=3,
-                        inner_steps=2, inner_lr=0.05, outer_lr=1e-2)
+                        inner_steps=2, inner_lr=0.05, outer_lr=1e-2, val_steps=3)
     model = build_meta_model(UpstreamConfig(), None, config)
     tasks, val_task = split.train_tasks(small_corpus), split.val_task(small_corpus)
     pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
@@ -102,6 +102,26 @@ def test_validation_adapts_its_episodes_together_with_the_same_numbers(setting):
     together = validation_metrics(model, bank, [val_task, val_task], config)
     alone = validation_metrics(model, OneByOne(), [val_task, val_task], config)
     assert together == pytest.approx(alone, rel=1e-5)
+
+
+def test_validation_adapts_val_steps_with_the_rates_whatever_meta_test_takes(setting):
+    """Model selection adapts `val_steps` steps with the learned rates; `test_steps` is meta-test's alone
+    (the default meta-tests with 10 fine-tuning steps but validates with 50 steps of the rates)."""
+    from dataclasses import replace
+
+    from distmeta.listener.metatrain import query_probs
+    from distmeta.metrics import multilabel_scores
+
+    config, model, bank, _, val_task = setting
+    config = replace(config, val_seeds=1)
+    support, query = val_task.sample(config.shots, config.val_queries, seed=10_000)
+    fast = model.adapt(bank.batch([val_task.utterances[i] for i in support]),
+                       torch.as_tensor(val_task.targets[support]), config.val_steps)
+    expected = multilabel_scores(query_probs(model, bank, [val_task.utterances[i] for i in query], fast),
+                                 torch.as_tensor(val_task.targets[query]))["maF1"]
+    assert validation_metrics(model, bank, val_task, config)["val_maF1"] == pytest.approx(expected, rel=1e-5)
+    other_test_steps = validation_metrics(model, bank, val_task, replace(config, test_steps=config.test_steps + 7))
+    assert other_test_steps == validation_metrics(model, bank, val_task, config)
 
 
 def test_serial_training_learns_rates_and_keeps_the_best_validation_state(setting):

@@ -90,7 +90,7 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
                 "Entire-All": FitAll(model, bank, CeilingConfig(max_epochs=2, max_items=40)),
                 "Oracle-Listener": Oracle("Oracle-Listener", small_corpus, task.annotator)}
     config = ProtocolConfig(seeds=2, shots=4, queries=8, methods=tuple(adapters), sweep_shots=(2, 4),
-                            sweep_methods=("Entire-Few",))
+                            sweep_methods=("Entire-Few",), sweep_seeds=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a one-CPU actor: the same arithmetic, so the same scores to the last bit
     try:
@@ -158,7 +158,7 @@ def test_names_sharing_one_adapter_score_each_episode_once_and_get_the_same_rows
     shared = Counted()
     adapters = {"Random": RandomGuess(), "Meta-PerSER": shared, "Meta[INI+CSMT+DA+LSLR]": shared}
     config = ProtocolConfig(seeds=2, shots=4, queries=8, methods=tuple(adapters), sweep_shots=(2, 4),
-                            sweep_methods=("Meta-PerSER",))
+                            sweep_methods=("Meta-PerSER",), sweep_seeds=0)
     rows = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None)
     assert Counted.calls == 2 + 2  # Table 1's two seeds and the sweep's K=2 at each, for both names
     assert [(r["method"], r["shots"]) for r in rows[:3]] == [("Random", 4), ("Meta-PerSER", 4), ("Meta[INI+CSMT+DA+LSLR]", 4)]
@@ -169,3 +169,18 @@ def test_names_sharing_one_adapter_score_each_episode_once_and_get_the_same_rows
             {k: v for k, v in mine.items() if k not in ("method", "seconds")}
         assert copy["seconds"] == 0.0
     assert len(rows) == 2 * 3 + 2 * 1
+
+
+@pytest.mark.parametrize("sweep_seeds, swept", [(1, [0]), (2, [0, 1]), (0, [0, 1, 2]), (5, [0, 1, 2])])
+def test_the_shots_sweep_runs_its_first_sweep_seeds_and_table_1_every_seed(sweep_seeds, swept):
+    from distmeta.data import Task
+    from distmeta.listener.adapters import RandomGuess
+    from distmeta.listener.protocol import ProtocolConfig, run_episodes
+
+    task = Task("E1", "sessions [5]", tuple(f"u{i}" for i in range(40)), np.eye(9, dtype=np.float32)[np.arange(40) % 9])
+    config = ProtocolConfig(seeds=3, shots=4, queries=8, methods=("Random",), sweep_shots=(2, 4, 8),
+                            sweep_methods=("Random",), sweep_seeds=sweep_seeds)
+    rows = run_episodes({"Random": RandomGuess()}, task, config, {"scenario": "unseen"}, log=None)
+    assert sorted(r["seed"] for r in rows if r["shots"] == 4) == [0, 1, 2]
+    for k in (2, 8):
+        assert sorted(r["seed"] for r in rows if r["shots"] == k) == swept

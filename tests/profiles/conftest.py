@@ -11,7 +11,7 @@ from distmeta.listener.metatrain import MetaConfig, meta_train_cached
 from distmeta.models import UpstreamConfig
 
 TRAINED_WITH = MetaConfig(ini=False, outer_steps=2, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=4,
-                          inner_steps=2, inner_lr=0.05, outer_lr=1e-2)
+                          inner_steps=2, inner_lr=0.05, outer_lr=1e-2, val_steps=4)
 
 
 @pytest.fixture(scope="session")

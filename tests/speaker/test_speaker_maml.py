@@ -13,7 +13,7 @@ from distmeta.speaker.episodes import evaluation_episodes, ua_spk
 
 CONFIG = MetaConfig(scope="entire", csmt=False, inner_lr=0.5, inner_steps=2, outer_lr=1e-2, outer_steps=6, shots=3,
                     tasks_per_step=3, test_steps=10, val_every=3, val_shots=3, val_seeds=1, val_queries=6,
-                    da_first_order_fraction=0.5)
+                    da_first_order_fraction=0.5, val_steps=10)
 
 
 @pytest.fixture(scope="module")
