@@ -24,8 +24,8 @@ from distmeta.metrics import multilabel_scores, t_interval
 METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
 CEILINGS = ("Entire-All", "Oracle-Aggregate", "Oracle-Listener")  # the oracles: synthetic corpora only
-# Whole-model fine-tuning per episode (~16 s for Entire-All, ~10 s for Entire-Few and for Meta-PerSER and its
-# Table 2 variants with `meta.test_adapt: finetune`, on one CPU; the rest take under a second): EpisodeWorkers
+# Whole-model fine-tuning per episode (~17 s for Entire-All, ~2-3 s for Entire-Few and for Meta-PerSER and its
+# Table 2 variants at the default 5-10 steps, on one CPU; the rest take well under a second): EpisodeWorkers
 # hands these out first, so that a split ends on cheap episodes and no actor idles while another finishes one.
 SLOWEST_FIRST = ("Entire-All", "Entire-Few", "Meta-PerSER")
 
