@@ -67,7 +67,8 @@ class MetaConfig:
     # How meta-test and enrollment adapt to a person (validation always uses `rates`: it is cheap):
     # rates: the scope's parameters, `test_steps` SGD steps with the learned per-step rates (the MAML rule);
     # finetune: the whole model (conv encoder frozen) from the meta-trained state, `test_steps` AdamW steps at
-    # `test_lr`: Entire-Few's procedure (protocol.adapt), so the two differ only in where they start. With scope
+    # `test_lr`: Entire-Few's procedure (protocol.adapt), so at equal settings the two differ only in where they
+    # start (each takes its own validation pick within the same 10-step budget, docs/listener.md). With scope
     # head only the head was meta-trained and the rest is SSL-E's upstream, which fine-tuning moves too. Unseen,
     # corpus seeds 5-9, Meta-PerSER minus Entire-Few: +2.8 maF1 / +3.6 miF1 on average, +0.2 / +0.7 with rates.
     test_adapt: str = "finetune"

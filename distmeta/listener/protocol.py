@@ -47,8 +47,8 @@ class ProtocolConfig:
     methods: tuple[str, ...] = METHODS + CEILINGS
     sweep_shots: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     # Seeds per test annotator in the shots sweep (0: `seeds`): the sweep table and plot average the first
-    # `sweep_seeds` at every K, Table 1's K included. One by default: the sweep's Meta-PerSER fine-tunings
-    # were a third of the default run's meta-test (docs/listener.md); `--preset paper` runs all.
+    # `sweep_seeds` at every K, Table 1's K included. One by default: on 3 seeds the sweep's Meta-PerSER
+    # fine-tunings were a quarter of the default run's meta-test (docs/listener.md); `--preset paper` runs all.
     sweep_seeds: int = 1
     sweep_methods: tuple[str, ...] = ("Meta-PerSER", "Linear-Few", "Multi-Few", "Entire-Sim")
     table2: tuple[str, ...] = ("none", "INI", "INI+CSMT", "INI+DA", "INI+LSLR", "INI+CSMT+DA+LSLR")  # on unseen data
