@@ -113,7 +113,7 @@ def test_validation_adapts_val_steps_with_the_rates_whatever_meta_test_takes(set
     from distmeta.metrics import multilabel_scores
 
     config, model, bank, _, val_task = setting
-    config = replace(config, val_seeds=1)
+    config = replace(config, val_seeds=1, val_steps=config.test_steps + 2)  # apart, so the two cannot be confused
     support, query = val_task.sample(config.shots, config.val_queries, seed=10_000)
     fast = model.adapt(bank.batch([val_task.utterances[i] for i in support]),
                        torch.as_tensor(val_task.targets[support]), config.val_steps)
