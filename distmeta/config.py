@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     pass
 
 
+class ConfigConflict(ConfigError):
+    """Values that are each valid but do not go together (a dataclass's `__post_init__` said so)."""
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -105,7 +109,12 @@ def from_dict(cls, data: dict, *, where: str = "config", prefix: str = ""):
     for name in fields:
         if name not in kwargs:
             kwargs[name] = getattr(default, name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own check (__post_init__) of values that go together
+        raise ConfigConflict(f"{where}: {err}") from None
 
 
 def _coerce(tp, value, where, key):
@@ -183,7 +192,10 @@ def load(cls, path=None, overrides=(), preset=None):
             data = merge(data, read_yaml(cls, source))
     for text in overrides:
         data = merge(data, parse_override(text))
-        from_dict(cls, data, where=f"override {text!r}")
+        try:
+            from_dict(cls, data, where=f"override {text!r}")
+        except ConfigConflict:
+            pass  # values that go together are checked once every override is in (a later one may fix it)
     return from_dict(cls, data)
 
 

@@ -47,6 +47,24 @@ def test_bad_overrides_name_the_key(override, message):
         cfg.load(Outer, None, [override])
 
 
+@dataclass
+class Window:
+    first: int = 2
+    last: int = 5
+
+    def __post_init__(self):
+        if self.first > self.last:
+            raise ValueError(f"first ({self.first}) must not exceed last ({self.last})")
+
+
+def test_values_that_go_together_are_checked_once_every_override_is_in():
+    # each override alone would conflict with the other's default; together they fit, in either order
+    assert cfg.load(Window, None, ["last=1", "first=0"]) == Window(0, 1)
+    assert cfg.load(Window, None, ["first=7", "last=9"]) == Window(7, 9)
+    with pytest.raises(cfg.ConfigConflict, match=r"first \(7\) must not exceed last \(5\)"):
+        cfg.load(Window, None, ["first=7"])
+
+
 def test_bad_file_key_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("inner:\n  stepz: 3\n")

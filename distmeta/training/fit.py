@@ -85,7 +85,7 @@ def fine_tune(model, inputs, targets: torch.Tensor, *, steps: int, lr: float, we
 def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_val_inputs, *, epochs: int,
         batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0, world_size: int = 1,
         patience: int = 0, on_epoch=None, log=functools.partial(print, flush=True), lengths=None,
-        val_lengths=None, val_score=None) -> dict:
+        val_lengths=None, val_score=None, min_epochs: int = 0) -> dict:
     """Train the parameters with requires_grad; return the best state (lowest validation loss) and history.
 
     With `patience` > 0, training stops once that many epochs in a row did not improve the validation loss.
@@ -98,7 +98,11 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
     `lengths` / `val_lengths`: each row's input length (a bank's `length`): batches then hold rows of
     similar length (`_batches`), which pads less.
     on_epoch(epoch, metrics, is_best, state_dict) is called after every epoch.
+    `min_epochs`: epochs before it are never kept and never stop training (a warm-up before the validation
+    set may judge: a small one is noisy enough to stop a still-improving model after its first epochs).
     """
+    if min_epochs > epochs:
+        raise ValueError(f"min_epochs ({min_epochs}) must not exceed epochs ({epochs})")
     class_weights = class_balanced_weights(targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -126,7 +130,8 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
             metrics["val_score"] = float(val_score(val_logits))
         history.append(metrics)
         score = metrics.get("val_score", -val_loss)
-        is_best = score > best["score"]
+        judged = epoch + 1 >= min_epochs
+        is_best = judged and score > best["score"]
         if is_best:
             best = {"val_loss": val_loss, "score": score, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -137,6 +142,6 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
                 f"{' (best)' if is_best else ''}, {elapsed:.0f}s elapsed, ETA {elapsed / (epoch + 1) * (epochs - epoch - 1):.0f}s")
         if on_epoch:
             on_epoch(epoch + 1, metrics, is_best, model.state_dict())
-        if patience and epoch + 1 - best["epoch"] >= patience:
+        if patience and judged and epoch + 1 - best["epoch"] >= patience:
             break
     return {"best_state": best["state"], "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "history": history}

@@ -127,7 +127,7 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for select in ("loss", "maF1"):  # early stopping on the held-out loss, or on its macro-F1
         batches.clear()
-        probs = FitAll(model, bank, CeilingConfig(lr=3e-3, max_epochs=4, patience=1, select=select)).predict(episode)
+        probs = FitAll(model, bank, CeilingConfig(lr=3e-3, max_epochs=4, patience=1, min_epochs=1, select=select)).predict(episode)
         assert probs.shape == (12, 9) and np.allclose(probs.sum(1), 1, atol=1e-5)
         # trained and stopped on the pool only; the queries appear once, in the one prediction batch
         with_queries = [b for b in batches if set(b) & set(queries)]
@@ -139,7 +139,7 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
         assert len(set(seen.values())) == 1, select
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # batches: random ones by default (the reference: the permutation fit draws), or of similar length
-    config = CeilingConfig(lr=3e-3, max_epochs=1, patience=1, batch_size=8)
+    config = CeilingConfig(lr=3e-3, max_epochs=1, patience=1, min_epochs=1, batch_size=8)
     order = np.random.default_rng(episode.seed).permutation(len(pool))
     train = order[int(round(len(pool) * config.held_out)):]
     first = [pool[train[j]] for j in np.random.default_rng(episode.seed).permutation(len(train))]
@@ -157,6 +157,8 @@ def test_entire_all_trains_on_the_pool_only_and_stops_early(setting, small_corpu
         FitAll(model, bank, CeilingConfig()).predict(Episode(1, [], None, queries))
     with pytest.raises(ValueError, match="select"):
         FitAll(model, bank, CeilingConfig(select="miF1")).predict(episode)
+    with pytest.raises(ValueError, match="protocol.ceiling.min_epochs"):
+        CeilingConfig(max_epochs=4)  # the default warm-up (8 epochs) does not fit: said when the config is read
 
 
 def test_oracles_are_the_generators_perception_models(small_corpus):

@@ -87,7 +87,7 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
     task = rotation(small_corpus, "unseen")[0].test_task(small_corpus)
     bank = input_bank(model.upstream, AudioBank(small_corpus, task.utterances))
     adapters = {"Random": RandomGuess(), "Entire-Few": FineTune("Entire-Few", model, "entire", bank, AdaptConfig(steps=3)),
-                "Entire-All": FitAll(model, bank, CeilingConfig(max_epochs=2, max_items=40)),
+                "Entire-All": FitAll(model, bank, CeilingConfig(max_epochs=2, min_epochs=1, max_items=40)),
                 "Oracle-Listener": Oracle("Oracle-Listener", small_corpus, task.annotator)}
     config = ProtocolConfig(seeds=2, shots=4, queries=8, methods=tuple(adapters), sweep_shots=(2, 4),
                             sweep_methods=("Entire-Few",), sweep_seeds=0)

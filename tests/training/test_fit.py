@@ -101,6 +101,14 @@ def test_val_score_picks_the_best_epoch_and_drives_patience():
         model = DictLinear()
         model.load_state_dict(state)
         assert torch.allclose(logits, model({"x": x[90:]}), atol=1e-6)
+    # a warm-up: epochs before min_epochs are neither kept nor counted by patience
+    scores = iter([0.9, 0.2, 0.5, 0.4, 0.3, 0.45, 1.0])
+    warmed, states = run(val_score=score, patience=3, min_epochs=2)
+    assert [m["val_score"] for m in warmed["history"]] == [0.9, 0.2, 0.5, 0.4, 0.3, 0.45]
+    assert warmed["best_epoch"] == 3 and all(torch.equal(warmed["best_state"][k], states[2][k]) for k in states[2])
+    given.clear()
+    with pytest.raises(ValueError, match="min_epochs"):
+        run(min_epochs=8)
     by_loss, _ = run()
     assert "val_score" not in by_loss["history"][0]
     assert by_loss["best_epoch"] == int(np.argmin([m["val_loss"] for m in by_loss["history"]])) + 1 != 2

@@ -12,7 +12,7 @@ from pathlib import Path
 from distmeta.data.corpus import Corpus, CorpusError
 
 
-GENERATOR_VERSION = 2  # bump when the generative model changes, so caches of the old one are not reused
+GENERATOR_VERSION = 3  # bump when the generative model changes, so caches of the old one are not reused
 # The voices and the utterance plan alone (speakers, emotions, prosody, rendering), without the listeners: what
 # the tiny upstream's pretraining audio depends on. Bump it with GENERATOR_VERSION when those change.
 VOICE_VERSION = 2

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from distmeta.data import make_synthetic_corpus, oracle_gap
-from distmeta.data.synthetic.listeners import EXTERNAL_BIAS, prosody_for
+from distmeta.data.synthetic.listeners import EXTERNAL_BIAS, EXTERNAL_COVERAGE, prosody_for
 from distmeta.data.synthetic.voice import SAMPLE_RATE, Prosody, Speaker, synthesize, synthesize_with_pitch
 from distmeta.labels import CLASSES
 
@@ -73,6 +73,13 @@ def test_structure_like_iemocap(small_corpus):
     sessions = ann.merge(utts[["session"]], left_on="utterance", right_index=True).groupby("annotator")["session"]
     for a in externals:
         assert sessions.nunique()[a] == 5
+    # Each external labels most of every session, as IEMOCAP's do: the unseen test pool is one session, and the
+    # items in it beyond the 128 queries are all Entire-All learns the annotator from (docs/listener.md).
+    share = ann.merge(utts[["session"]], left_on="utterance", right_index=True).groupby(["annotator", "session"]).size()
+    per_session = utts["session"].value_counts()
+    for a in externals:
+        shares = share[a] / per_session.loc[share[a].index]
+        assert (shares > EXTERNAL_COVERAGE[a] - 0.15).all() and min(EXTERNAL_COVERAGE.values()) >= 0.75, (a, shares)
     for a in self_reports:
         assert set(sessions.unique()[a]) == {int(a[1])}  # only their own session
     for path in utts["path"].iloc[:20]:
