@@ -51,7 +51,7 @@ class CeilingConfig:
     lr: float = 1e-3  # 1e-4 (Entire-Few's) stopped within a few epochs below Entire-Few on unseen E1/E4
     max_epochs: int = 30
     patience: int = 3  # epochs without a better held-out score before stopping
-    # Epochs before the held-out share may pick or stop: its macro-F1 on ~35-65 items is noisy enough to stop
+    # Epochs before the held-out share may pick or stop: its macro-F1 on ~30-50 items is noisy enough to stop
     # a still-improving model after 4-6 epochs. Unseen, corpus seeds 16 and 18 (per-epoch query scores):
     # 8 -> 13.5 epochs run instead of 7.7, +2.6 / +2.1 maF1 (docs/listener.md).
     min_epochs: int = 8
