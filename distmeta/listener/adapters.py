@@ -61,14 +61,14 @@ class CeilingConfig:
     select: str = "maF1"
     max_items: int = 400  # a random subset (seeded by the episode) of larger pools; seen pools hold ~1,700
     batch_size: int = 32
+    # Batches of utterances of similar length (training.fit): ~1.4x faster, but a lower ceiling (unseen, corpus
+    # seeds 0-3: -1.0 maF1 / -1.6 miF1 on average against random batches, docs/listener.md), so off.
+    length_buckets: bool = False
+
     def __post_init__(self):
         if not 0 <= self.min_epochs <= self.max_epochs:
             raise ValueError(f"protocol.ceiling.min_epochs ({self.min_epochs}) must be between 0 and "
                              f"protocol.ceiling.max_epochs ({self.max_epochs})")
-
-    # Batches of utterances of similar length (training.fit): ~1.4x faster, but a lower ceiling (unseen, corpus
-    # seeds 0-3: -1.0 maF1 / -1.6 miF1 on average against random batches, docs/listener.md), so off.
-    length_buckets: bool = False
 
 
 @dataclass
