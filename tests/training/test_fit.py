@@ -106,7 +106,6 @@ def test_val_score_picks_the_best_epoch_and_drives_patience():
     warmed, states = run(val_score=score, patience=3, min_epochs=2)
     assert [m["val_score"] for m in warmed["history"]] == [0.9, 0.2, 0.5, 0.4, 0.3, 0.45]
     assert warmed["best_epoch"] == 3 and all(torch.equal(warmed["best_state"][k], states[2][k]) for k in states[2])
-    given.clear()
     with pytest.raises(ValueError, match="min_epochs"):
         run(min_epochs=8)
     by_loss, _ = run()
