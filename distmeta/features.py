@@ -81,7 +81,7 @@ class ConvFeatureBank(Bank):
     utterance's length in samples): the upstream starts from them and computes the same hidden states."""
 
     def __init__(self, upstream, audio: AudioBank):
-        self.items = {u: (upstream.conv_features(wav), len(wav)) for u, wav in audio.items.items()}
+        self.items = {u: (upstream.conv_features(wav).cpu(), len(wav)) for u, wav in audio.items.items()}  # banks live in host memory
         self.encoder = upstream.conv_digest()
 
     def subset(self, ids) -> "ConvFeatureBank":
@@ -157,7 +157,7 @@ class PooledBank(Bank):
         with torch.no_grad():
             for chunk in chunks:
                 hidden, frames = upstream(**audio.batch(chunk))
-                pooled = SERHead.pool(hidden, frames)  # [L, B, D]
+                pooled = SERHead.pool(hidden, frames).cpu()  # [L, B, D]; banks live in host memory
                 for i, u in enumerate(chunk):
                     self.items[u] = pooled[:, i].clone()
         upstream.train(was_training)
@@ -184,7 +184,7 @@ class FrameBank(Bank):
             # different frames (its convolutional position embedding and attention see the padding).
             for u, wav in audio.items.items():
                 hidden, frames = upstream(wav[None], torch.tensor([len(wav)]))
-                self.items[u] = hidden[layer, 0, :int(frames[0])].clone()
+                self.items[u] = hidden[layer, 0, :int(frames[0])].cpu().clone()
         upstream.train(was_training)
 
     @property

@@ -68,17 +68,19 @@ def class_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cl
     `targets` are multi-hot labels or vote distributions; rows are normalised to
     a distribution, so one labelled class and a vote share are treated alike.
     """
-    return weighted_cross_entropy(logits, *balanced_targets(targets.to(logits.dtype), class_weights))
+    return weighted_cross_entropy(logits, *balanced_targets(targets.to(logits.device, logits.dtype), class_weights))
 
 
 def balanced_targets(targets: torch.Tensor, class_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of the class-balanced loss that depends on the targets alone: (t [N, C], w [N])."""
     soft = targets / targets.sum(-1, keepdim=True).clamp(min=torch.finfo(targets.dtype).tiny)
-    return soft, soft @ class_weights.to(targets.dtype)
+    return soft, soft @ class_weights.to(targets.device, targets.dtype)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
-    """Mean over items of item_weight_i * CE(softmax(logits_i), soft_i) (see class_balanced_cross_entropy)."""
+    """Mean over items of item_weight_i * CE(softmax(logits_i), soft_i) (see class_balanced_cross_entropy).
+    Targets prepared on the CPU (labels come from NumPy) follow the logits to their device."""
+    soft, item_weight = soft.to(logits.device), item_weight.to(logits.device)
     return (item_weight * -(soft * F.log_softmax(logits, dim=-1)).sum(-1)).mean()
 
 

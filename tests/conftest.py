@@ -1,10 +1,58 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # as the jobs run (distmeta/cluster.py), before any test imports Ray
 
 from distmeta.data import make_synthetic_corpus
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the device tests compute (cpu, cuda, cuda:1); they compare it with the CPU")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device the `--device` tests run the library's compute on, beside a CPU reference. TF32 is off
+    there: on CUDA, cuDNN's convolutions (WavLM's feature encoder and positional convolution) use it by
+    default, ~1e-3 off float32, which would hide any real difference behind the tolerance."""
+    chosen = torch.device(request.config.getoption("--device"))
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def assert_near():
+    """assert_near(ours, reference, rel=1e-4, what=""): a tensor, or a dict or list of them (a state, a set of
+    gradients), equal to `rel` of the largest magnitude in the whole reference, wherever each was computed: how
+    a device's result is held to the CPU's. One scale for the whole set, not one per tensor: some entries are
+    rounding noise around an exact 0 (attention's key biases: softmax ignores what they add to every score,
+    so their gradient is 0 but for rounding), and AdamW turns that noise into full-size steps in directions
+    the model's output does not depend on. The first H200 run compared each tensor with its own largest
+    entry and failed there alone: 1.4e-11 against 6.3e-12 (a key bias's meta-gradient), 4.0e-6 against
+    2.1e-7 (the same bias after 2 epochs of AdamW), 8.3e-5 against 2.7e-3 (the Q-Former's in_proj_bias)."""
+    def leaves(value, what):
+        if isinstance(value, dict):
+            return [leaf for key in sorted(value, key=str) for leaf in leaves(value[key], f"{what}{key}")]
+        if isinstance(value, (list, tuple)):
+            return [leaf for i, item in enumerate(value) for leaf in leaves(item, f"{what}[{i}]")]
+        return [(what, torch.as_tensor(value).detach().cpu().double())]
+
+    def check(ours, reference, rel=1e-4, what=""):
+        ours, reference = leaves(ours, what), leaves(reference, what)
+        assert [name for name, _ in ours] == [name for name, _ in reference], f"{what}: other entries"
+        scale = max(float(b.abs().max()) for _, b in reference if b.numel())
+        for (name, a), (_, b) in zip(ours, reference):
+            assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+            gap = float((a - b).abs().max()) if b.numel() else 0.0
+            assert gap <= rel * scale, f"{name}: max difference {gap:.3g}, {gap / scale:.2g} of the reference's largest magnitude {scale:.3g}"
+    return check
 
 
 @pytest.fixture(scope="session")

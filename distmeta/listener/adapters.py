@@ -85,7 +85,7 @@ def _probs(model, bank, ids, batch_size: int) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         out = [torch.softmax(model(bank.batch(ids[i:i + batch_size])), -1) for i in range(0, len(ids), batch_size)]
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 class RandomGuess:
@@ -116,7 +116,7 @@ class FineTune:
         model = self.model.clone()
         if self.new_head:
             torch.manual_seed(episode.seed)
-            model.head = SERHead(model.upstream.num_layers, model.upstream.dim)
+            model.head = SERHead(model.upstream.num_layers, model.upstream.dim).to(model.upstream.device)
         set_scope(model, self.scope)
         return fine_tune(model, self.bank.batch(episode.support), torch.as_tensor(episode.support_targets),
                          steps=self.config.steps, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -190,7 +190,7 @@ class Similarity:
         self.model.eval()
         with torch.no_grad():
             size = self.config.batch_size
-            return torch.cat([self.model.embed(self.bank.batch(ids[i:i + size])) for i in range(0, len(ids), size)])
+            return torch.cat([self.model.embed(self.bank.batch(ids[i:i + size])) for i in range(0, len(ids), size)]).cpu()
 
     def predict(self, episode: Episode) -> np.ndarray:
         support, query = self._embed(episode.support), self._embed(episode.query)

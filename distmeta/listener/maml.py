@@ -95,9 +95,11 @@ def _check_untied(model) -> None:
         raise ValueError("the model shares a parameter between two names (tied weights): not supported here")
 
 
-def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None):
+def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None, keep_trajectory=True):
     """Run `steps` inner SGD steps from `params` (default: the model's trainable parameters) with
-    `lrs[name]` the per-step rates of each. Returns the parameter dicts after each step (0: the start)."""
+    `lrs[name]` the per-step rates of each. Returns the parameter dicts after each step (0: the start);
+    without `keep_trajectory`, the last one alone ([final]): a whole model's 50 meta-test steps would
+    otherwise hold 50 copies of it (WavLM Base: 18 of the 21.6 GiB one listener's meta-test took)."""
     _check_untied(model)
     params = params if params is not None else trainable_parameters(model)
     inputs, targets = batch[0], _prepared(loss_fn, batch[1])
@@ -108,6 +110,8 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None)
         grads = torch.autograd.grad(loss, list(current.values()), create_graph=second_order, allow_unused=True)
         trajectory.append({name: w if g is None else w - _rate(lrs[name], step) * g
                            for (name, w), g in zip(current.items(), grads)})
+        if not keep_trajectory:
+            del trajectory[:-1]
     return trajectory
 
 
@@ -164,9 +168,10 @@ def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: l
     start = {name: _per_task(p, tasks).requires_grad_(True) for name, p in params.items()}
     rates = {name: _per_task(lrs[name].detach(), tasks).requires_grad_(True) for name in params}
     losses_of = _task_losses(model, loss_fn)
-    outer_inputs, outer_targets = _stacked(outer_batches if outer_batches is not None else inner_batches, loss_fn)
+    device = next(iter(params.values())).device
+    outer_inputs, outer_targets = _stacked(outer_batches if outer_batches is not None else inner_batches, loss_fn, device)
     with _double_backward_attention(inner_batches[0][0]):  # as in meta_gradients
-        trajectory = _stacked_adapt(losses_of, start, rates, *_stacked(inner_batches, loss_fn), steps, second_order)
+        trajectory = _stacked_adapt(losses_of, start, rates, *_stacked(inner_batches, loss_fn, device), steps, second_order)
         if step_weights is None:
             losses = losses_of(trajectory[-1], outer_inputs, outer_targets)
         else:
@@ -186,7 +191,7 @@ def batched_adapt(model, loss_fn, batches: list, *, lrs, steps) -> list[dict]:
     params = {name: _per_task(p.detach(), tasks) for name, p in trainable_parameters(model).items()}
     rates = {name: _per_task(lrs[name].detach(), tasks) for name in params}
     losses_of = _task_losses(model, loss_fn)
-    inputs, targets = _stacked(batches, loss_fn)
+    inputs, targets = _stacked(batches, loss_fn, next(iter(params.values())).device)
     for step in range(steps):  # first order: each step starts from the last one's values, no graph across steps
         params = {name: p.requires_grad_(True) for name, p in params.items()}
         grads = torch.autograd.grad(losses_of(params, inputs, targets).sum(), list(params.values()))
@@ -228,16 +233,17 @@ def _task_rate(rates: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tens
     return _rate(rates.T, step).reshape(-1, *[1] * (like.dim() - 1))
 
 
-def _stacked(batches: list, loss_fn) -> tuple:
-    """[(inputs, targets)] -> (inputs, targets) with a leading dimension over the batches; inputs: a tensor or
-    a dict of them; targets: as `loss_fn` takes them (prepared per batch, see BatchBalancedLoss)."""
+def _stacked(batches: list, loss_fn, device: torch.device) -> tuple:
+    """[(inputs, targets)] -> (inputs, targets) with a leading dimension over the batches, on `device` (the
+    parameters'; moved before vmap, which then sees one device); inputs: a tensor or a dict of them; targets:
+    as `loss_fn` takes them (prepared per batch, see BatchBalancedLoss)."""
     first = batches[0][0]
-    inputs = ({key: torch.stack([b[0][key] for b in batches]) for key in first} if isinstance(first, dict)
-              else torch.stack([b[0] for b in batches]))
+    inputs = ({key: torch.stack([b[0][key] for b in batches]).to(device) for key in first} if isinstance(first, dict)
+              else torch.stack([b[0] for b in batches]).to(device))
     targets = [_prepared(loss_fn, b[1]) for b in batches]
     if isinstance(targets[0], tuple):
-        return inputs, tuple(torch.stack(part) for part in zip(*targets))
-    return inputs, torch.stack(targets)
+        return inputs, tuple(torch.stack(part).to(device) for part in zip(*targets))
+    return inputs, torch.stack(targets).to(device)
 
 
 def _rate_key(name: str) -> str:
@@ -265,7 +271,7 @@ class MetaModel(nn.Module):
     def adapt(self, inputs, targets, steps: int) -> dict:
         """The model's trainable parameters after `steps` inner steps on (inputs, targets), detached."""
         rates = {name: r.detach() for name, r in self.learning_rates().items()}
-        trajectory = adapt(self.model, self.loss_fn, (inputs, targets), lrs=rates, steps=steps)
+        trajectory = adapt(self.model, self.loss_fn, (inputs, targets), lrs=rates, steps=steps, keep_trajectory=False)
         return {name: p.detach() for name, p in trajectory[-1].items()}
 
     def batched_adapt(self, batches: list, steps: int) -> list[dict]:

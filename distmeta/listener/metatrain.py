@@ -166,9 +166,10 @@ class MetaLearner:
         return step >= int(self.config.da_first_order_fraction * self.config.outer_steps)
 
     def outer_step(self, task_grads: list[dict]) -> None:
-        """Average the tasks' meta-gradients and take one AdamW step."""
+        """Average the tasks' meta-gradients and take one AdamW step. Tasks hand their gradients back on the CPU
+        (`task_meta_gradient`: they cross processes); they join the parameters wherever those are."""
         for name, param in self.params.items():
-            param.grad = torch.stack([g[name] for g in task_grads]).mean(0)
+            param.grad = torch.stack([g[name] for g in task_grads]).mean(0).to(param.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -209,12 +210,12 @@ def adapted_probs(meta: MetaModel, config: MetaConfig, bank, support_ids, suppor
 
 def query_probs(meta: MetaModel, bank, query_ids, adapted: dict | None = None) -> torch.Tensor:
     """Class probabilities of `query_ids` with `adapted` parameters (a person's; None: the meta-trained ones),
-    in eval mode (no dropout), the mode left as it was."""
+    in eval mode (no dropout), the mode left as it was; on the CPU, wherever the model runs."""
     was_training = meta.training
     meta.eval()
     try:
         with torch.no_grad():
-            return torch.softmax(meta(bank.batch(query_ids), adapted), -1)
+            return torch.softmax(meta(bank.batch(query_ids), adapted), -1).cpu()
     finally:
         meta.train(was_training)
 

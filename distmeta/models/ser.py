@@ -80,6 +80,9 @@ class SERModel(nn.Module):
         self.head = SERHead(upstream.num_layers, upstream.dim, num_classes)
 
     def pooled(self, inputs: dict) -> torch.Tensor:
+        # Banks hand out CPU tensors; the inputs follow the model to its device (a no-op when they are there).
+        device = self.head.classifier.weight.device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         if "pooled" in inputs:
             return inputs["pooled"]
         if "hidden" in inputs:

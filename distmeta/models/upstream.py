@@ -21,6 +21,7 @@ hidden states, ~2.5x cheaper for every scope that trains the rest
 """
 
 import hashlib
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -166,18 +167,28 @@ class Upstream(nn.Module):
         """Identifies all the upstream's weights: pooled features (`features.Bank.pooled`) serve only models that share them."""
         return _weights_digest(self)
 
+    @property
+    def device(self) -> torch.device:
+        """Where its weights are (an upstream of none, e.g. `fbank`: where its buffers are, or the CPU)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
     def conv_features(self, wav: torch.Tensor) -> torch.Tensor:
         """The frozen convolutional feature encoder's output for one utterance, [C, frames]."""
         if not self.conv_cacheable:
             raise ValueError(f"upstream {self.name!r} has no frozen convolutional feature encoder to cache")
         with torch.no_grad():
-            return self._compute_conv(wav[None])[0]
+            return self._compute_conv(wav[None].to(self.device))[0]
 
     def forward(self, wavs: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 conv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of padded waveforms [B, T] (lengths in samples), or of their cached conv
-        features `conv` [B, C, frames] (zero-padded; `wavs` unused): both give the same result."""
+        features `conv` [B, C, frames] (zero-padded; `wavs` unused): both give the same result.
+        Inputs follow the upstream to its device."""
+        lengths = lengths.to(self.device)
         if conv is None:
+            wavs = wavs.to(self.device)
             hidden = self.model([w[:n] for w, n in zip(wavs, lengths)])["hidden_states"]
         else:
             # The wrapper derives the padding mask from waveform lengths (a frame is padding when all of its
@@ -187,7 +198,7 @@ class Upstream(nn.Module):
             # the padded batch's next frame, computed over padding, into every shorter utterance's attention
             # and position convolution: its features would depend on what it is batched with.)
             frames = torch.clamp(self.frame_counts(lengths), min=1)
-            conv = conv[:, :, :int(frames.max())]
+            conv = conv[:, :, :int(frames.max())].to(self.device)
             self._pending_conv = conv
             try:
                 hidden = self.model([conv.new_zeros(int(n) * self.downsample) for n in frames])["hidden_states"]

@@ -52,7 +52,7 @@ def evaluate_loss(model, make_inputs, targets: np.ndarray, class_weights, batch_
             loss = class_balanced_cross_entropy(logits, torch.as_tensor(targets[idx]), class_weights)
             total += loss.item() * len(idx)
             rows.append(torch.as_tensor(idx))
-            outputs.append(logits)
+            outputs.append(logits.cpu())  # what val_score and the callers read, wherever the model runs
     model.train()
     if not return_logits:
         return total / len(targets)

@@ -174,3 +174,34 @@ def test_oracles_are_the_generators_perception_models(small_corpus):
     assert np.allclose(Oracle("Oracle-Aggregate", small_corpus, None).predict(episode), average)
     with pytest.raises(ValueError, match="no perception model"):
         Oracle("Oracle-Listener", small_corpus, "nobody").predict(episode)
+
+
+def test_every_adapter_on_the_device_predicts_as_on_the_cpu(setting, small_corpus, device, assert_near):
+    """Each few-shot method with its model on `--device`, fed the same CPU banks, against the CPU's run."""
+    from distmeta.data import rotation
+    from distmeta.features import AudioBank, input_bank
+    from distmeta.listener.adapters import CeilingConfig, FitAll, MetaPerSER, ZeroShot
+    from distmeta.listener.metatrain import MetaConfig, meta_model_of
+
+    model, _, pooled, episode = setting
+    task = rotation(small_corpus, "seen")[0].test_task(small_corpus)
+    rest = [i for i in range(len(task)) if task.utterances[i] not in episode.query][:24]
+    episode = replace(episode, pool=[task.utterances[i] for i in rest], pool_targets=task.targets[rest])
+    inputs = input_bank(model.upstream, AudioBank(small_corpus, list(episode.support) + list(episode.query) + list(episode.pool)))
+    meta_config = MetaConfig(test_steps=3, test_lr=3e-3)
+
+    def adapters(m):
+        meta = meta_model_of(m.clone(), meta_config)
+        few = AdaptConfig(steps=3, lr=1e-3)
+        return {"Entire-Zero": ZeroShot("Entire-Zero", m, inputs, few),
+                "Entire-Few": FineTune("Entire-Few", m, "entire", inputs, few),
+                "Linear-Few": FineTune("Linear-Few", m, "linear", pooled, few),
+                "Multi-Few": FineTune("Multi-Few", m, "head", pooled, few, new_head=True),
+                "Entire-Sim": Similarity(m, pooled, few),
+                "Entire-All": FitAll(m, inputs, CeilingConfig(lr=3e-3, max_epochs=2, patience=1, min_epochs=1, batch_size=8)),
+                "Meta-PerSER (finetune)": MetaPerSER("Meta-PerSER", meta, inputs, meta_config),
+                "Meta-PerSER (rates)": MetaPerSER("Meta-PerSER", meta, pooled, replace(meta_config, test_adapt="rates"))}
+
+    on_cpu, on_device = adapters(model), adapters(model.clone().to(device))
+    for name, adapter in on_cpu.items():
+        assert_near(on_device[name].predict(episode), adapter.predict(episode), what=f"{name} ")

@@ -138,19 +138,27 @@ def test_multi_step_loss_is_the_weighted_sum(setting):
         assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
 
 
-def test_second_order_through_the_real_upstream_on_cpu():
-    # WavLM's attention uses scaled_dot_product_attention, whose fused CPU kernel has no double backward
+def test_meta_gradients_through_the_real_upstream_on_the_device_equal_the_cpus(device, assert_near):
+    """First and second order through the SER model (the upstream's attention included: its fused kernels,
+    on the CPU and on CUDA, have no double backward, so the core picks the math one), on `--device` and on
+    the CPU from the same weights and audio."""
     from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
 
     torch.manual_seed(0)
     model = set_scope(SERModel(Upstream(UpstreamConfig())), "entire")
     inputs = {"wavs": torch.randn(2, 8000) * 0.1, "lengths": torch.tensor([8000, 6000])}
     targets = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0] + [0.0] * 7])
-    lrs = {n: torch.tensor([1e-3]) for n, p in model.named_parameters() if p.requires_grad}
-    _, second, _ = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=True)
-    _, first, _ = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=1, second_order=False)
+    lrs = {n: torch.tensor([1e-3, 2e-3]) for n, p in model.named_parameters() if p.requires_grad}
+    there = model.clone().to(device)
+    results = {}
+    for second_order in (False, True):
+        reference = meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=2, second_order=second_order)
+        ours = meta_gradients(there, ce, (inputs, targets.to(device)), lrs={n: r.to(device) for n, r in lrs.items()},
+                              steps=2, second_order=second_order)
+        assert_near(ours, reference, what=f"{'second' if second_order else 'first'} order ")
+        results[second_order] = reference
     name = "head.classifier.weight"
-    assert second[name].abs().sum() > 0 and not torch.equal(second[name], first[name])
+    assert results[True][1][name].abs().sum() > 0 and not torch.equal(results[True][1][name], results[False][1][name])
 
 
 def test_meta_model_is_the_core_keyed_by_its_own_parameters(setting):

@@ -189,3 +189,24 @@ def test_trainings_side_by_side_in_threads_equal_each_alone(small_corpus, settin
     for a, b in zip(alone, together):
         assert all(torch.equal(a["best_state"][k], b["best_state"][k]) for k in a["best_state"])
         assert [h["outer_loss"] for h in a["history"]] == [h["outer_loss"] for h in b["history"]]
+
+
+@pytest.mark.parametrize("scope", ["head", "entire"])
+def test_serial_training_on_the_device_equals_the_cpus(small_corpus, setting, scope, device, assert_near):
+    """The serial meta-trainer with the meta-model on `--device` (pooled features: every task in one vmap;
+    scope entire: the upstream on cached conv features, task by task, second order through attention)."""
+    from dataclasses import replace
+
+    config, _, _, tasks, val_task = setting
+    config = replace(config, scope=scope, outer_steps=2, val_every=2, tasks_per_step=3, da_first_order_fraction=0.5)
+    model = build_meta_model(UpstreamConfig(), None, config)
+    pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
+    bank = make_bank(model, small_corpus, pool, config, None)
+    results = {}
+    for where in ("cpu", device):
+        learner = MetaLearner(model.clone().to(where), config)
+        result = train_serial(learner, bank, tasks, val_task, log=None)
+        results[where] = ({n: v for n, v in learner.meta.state_dict().items()},
+                          [h.get(key, 0.0) for h in result["history"] for key in ("outer_loss", "val_loss")])
+    assert_near(results[device][0], results["cpu"][0], what="meta-trained state ")
+    assert results[device][1] == pytest.approx(results["cpu"][1], rel=1e-4)

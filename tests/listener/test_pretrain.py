@@ -95,3 +95,23 @@ def test_multi_head_routes_each_row_to_its_annotators_head():
     for i, h in enumerate(task.tolist()):
         expected = model.heads[h](hidden[:, i:i + 1], frames[i:i + 1])[0]
         assert torch.allclose(logits[i], expected, atol=1e-6)
+
+
+def test_ssl_e_fit_on_the_device_equals_the_cpus(small_corpus, device, assert_near):
+    """SSL-E's training loop (`fit`, the whole model on cached conv features) on `--device` and on the CPU."""
+    split = rotation(small_corpus, "unseen")[0]
+    parts = training_rows(small_corpus, split, "ssl_e", 0.1, 0)
+    ids = {"train": parts["train"][0][:24], "val": parts["val"][0][:12]}
+    targets = {"train": parts["train"][1][:24], "val": parts["val"][1][:12]}
+    torch.manual_seed(0)
+    model = build_model("ssl_e", UpstreamConfig())
+    bank = input_bank(model.upstream, AudioBank(small_corpus, ids["train"] + ids["val"]))
+    make = lambda part: lambda idx: bank.batch([ids[part][i] for i in idx])  # noqa: E731
+    results = {}
+    for where in ("cpu", device):
+        result = fit(model.clone().to(where), make("train"), targets["train"], targets["val"], make("val"),
+                     epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0, seed=0, log=None)
+        results[where] = result
+    assert_near(results[device]["best_state"], results["cpu"]["best_state"], what="SSL-E state ")
+    for ours, reference in zip(results[device]["history"], results["cpu"]["history"]):
+        assert ours == pytest.approx(reference, rel=1e-4)

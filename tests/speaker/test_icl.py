@@ -311,3 +311,34 @@ def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), training
     runs = [p.name for p in (tmp_path / "two" / "ray").iterdir() if p.is_dir()]
     assert len(runs) == 2, runs  # one run per stage-2 training
+
+
+def test_metaicl_training_and_prediction_on_the_device_equal_the_cpus(toy_speakers, device, assert_near):
+    """MetaICL's `train_stage` and `evaluate.predict` with the speech LM on `--device` (the frame bank stays
+    on the CPU) against the same run on the CPU: the losses, the trained state, the scores, the words."""
+    data, bank = toy_speakers
+    config = metaicl.MetaICLConfig(batch_size=8, val_every=10, lr=3e-3)
+    model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
+    val = episodes.random_episodes(data.splits["valid"], 16, "TU+LU", (0, 3), np.random.default_rng(1))
+    test_episodes = episodes.evaluation_episodes(data.splits["test"], 2, "TU+LU", seed=0)
+    torch.manual_seed(0)
+    model = SpeechLM(model_config, bank.dim, data.words)
+    results = {}
+    for where in ("cpu", device):
+        twin = SpeechLM(model_config, bank.dim, data.words)
+        twin.load_state_dict(model.state_dict())
+        twin.to(where)
+        best = metaicl.train_stage(twin, bank, data.splits["train"], val, data.words, steps=20, setting="TU+LU",
+                                   shots=(0, 3), emotion=None, config=config, device=where, log=None)
+        twin.load_state_dict(best["state"], strict=False)
+        with torch.no_grad():
+            speech = bank.batch([u for e in test_episodes for u in e.utterances])
+            scores = twin.eval().score(episodes.episode_prompts(twin, test_episodes, data.words, where),
+                                       speech["frames"].to(where), speech["frame_mask"].to(where))
+        words = evaluate.predict(twin, bank, test_episodes, data.words, device=where)
+        results[where] = best, scores, words
+    (best, scores, words), (reference, reference_scores, reference_words) = results[device], results["cpu"]
+    assert best["step"] == reference["step"] and best["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-4)
+    assert_near(best["state"], reference["state"], what="trained state ")
+    assert_near(scores, reference_scores, what="label-word scores ")
+    assert words == reference_words
