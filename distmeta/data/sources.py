@@ -14,7 +14,7 @@ class DataConfig:
     source: Literal["synthetic", "speakers", "iemocap", "manifest"] = "synthetic"
     path: str = ""  # IEMOCAP_full_release root, manifest CSV, or a synthetic corpus folder ("" = cache)
     seed: int = 0  # synthetic corpus seed
-    n_utterances: int = 2000  # synthetic corpus size
+    n_utterances: int = 2500  # synthetic corpus size
     check_audio: bool = True  # open every audio header when reading a real corpus
     speakers: SpeakerCorpusConfig = field(default_factory=SpeakerCorpusConfig)  # the many-speaker corpus (source=speakers)
 
