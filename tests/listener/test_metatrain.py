@@ -206,7 +206,7 @@ def test_serial_training_on_the_device_equals_the_cpus(small_corpus, setting, sc
     for where in ("cpu", device):
         learner = MetaLearner(model.clone().to(where), config)
         result = train_serial(learner, bank, tasks, val_task, log=None)
-        results[where] = ({n: v for n, v in learner.meta.state_dict().items()},
+        results[where] = (learner.meta.state_dict(),
                           [h.get(key, 0.0) for h in result["history"] for key in ("outer_loss", "val_loss")])
     assert_near(results[device][0], results["cpu"][0], what="meta-trained state ")
     assert results[device][1] == pytest.approx(results["cpu"][1], rel=1e-4)

@@ -107,11 +107,9 @@ def test_ssl_e_fit_on_the_device_equals_the_cpus(small_corpus, device, assert_ne
     model = build_model("ssl_e", UpstreamConfig())
     bank = input_bank(model.upstream, AudioBank(small_corpus, ids["train"] + ids["val"]))
     make = lambda part: lambda idx: bank.batch([ids[part][i] for i in idx])  # noqa: E731
-    results = {}
-    for where in ("cpu", device):
-        result = fit(model.clone().to(where), make("train"), targets["train"], targets["val"], make("val"),
-                     epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0, seed=0, log=None)
-        results[where] = result
+    results = {where: fit(model.clone().to(where), make("train"), targets["train"], targets["val"], make("val"),
+                          epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0, seed=0, log=None)
+               for where in ("cpu", device)}
     assert_near(results[device]["best_state"], results["cpu"]["best_state"], what="SSL-E state ")
     for ours, reference in zip(results[device]["history"], results["cpu"]["history"]):
         assert ours == pytest.approx(reference, rel=1e-4)

@@ -332,9 +332,7 @@ def test_metaicl_training_and_prediction_on_the_device_equal_the_cpus(toy_speake
                                    shots=(0, 3), emotion=None, config=config, device=where, log=None)
         twin.load_state_dict(best["state"], strict=False)
         with torch.no_grad():
-            speech = bank.batch([u for e in test_episodes for u in e.utterances])
-            scores = twin.eval().score(episodes.episode_prompts(twin, test_episodes, data.words, where),
-                                       speech["frames"].to(where), speech["frame_mask"].to(where))
+            scores = twin.eval().score(*episodes.episode_batch(twin, bank, test_episodes, data.words, where))
         words = evaluate.predict(twin, bank, test_episodes, data.words, device=where)
         results[where] = best, scores, words
     (best, scores, words), (reference, reference_scores, reference_words) = results[device], results["cpu"]
