@@ -27,10 +27,8 @@ SPEECH_TOKEN = "<speech>"
 PAIR_LABEL = " {word}."  # an enrollment pair's label text, after its speech
 TEXT, SPEECH = 0, 1
 
-# The default LLM: a tiny T5 built locally from this config (random weights; nothing downloaded).
-TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-               relative_attention_num_buckets=16, feed_forward_proj="gated-gelu",
-               tie_word_embeddings=True)
+# The default LLM: a tiny T5 built locally (random weights; nothing downloaded), of `tiny_width` x `tiny_layers`.
+TINY_T5 = dict(num_heads=4, relative_attention_num_buckets=16, feed_forward_proj="gated-gelu", tie_word_embeddings=True)
 
 
 @dataclass
@@ -40,6 +38,10 @@ class SpeechLMConfig:
     # the label words (built here from them); or "bytes", ByT5's byte-level tokenizer. A random LLM reads no
     # instruction, and in bytes the paper's is 133 of a 0-pair prompt's 142 tokens (of 247 with 7 pairs).
     tokenizer: str = "words"
+    # llm="tiny" only: its width (d_model; feed-forward 2x, 4 heads) and layers (encoder and decoder each). What
+    # larger random T5s reach: docs/speaker.md, "LLM size".
+    tiny_width: int = 64
+    tiny_layers: int = 2
     num_queries: int = 8  # Q-Former queries per utterance (the paper: 150)
     qformer_layers: int = 2
     qformer_heads: int = 4
@@ -108,7 +110,10 @@ def load_llm(config: SpeechLMConfig, texts: list[str]):
         llm = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                   eos_token_id=tokenizer.eos_token_id,
                                                   decoder_start_token_id=tokenizer.pad_token_id,
-                                                  dropout_rate=config.dropout, **TINY_T5))
+                                                  dropout_rate=config.dropout, d_model=config.tiny_width,
+                                                  d_ff=2 * config.tiny_width, d_kv=config.tiny_width // 4,
+                                                  num_layers=config.tiny_layers, num_decoder_layers=config.tiny_layers,
+                                                  **TINY_T5))
         return tokenizer, llm
     tokenizer = AutoTokenizer.from_pretrained(config.llm)
     tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN]})

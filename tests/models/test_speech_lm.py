@@ -139,6 +139,17 @@ def test_dropout_settings_reach_every_dropout(dropout, lora_dropout):
     assert torch.allclose(trained, evaluated, rtol=1e-5, atol=1e-6) == (dropout == 0 and lora_dropout == 0)
 
 
+@pytest.mark.parametrize("width, layers", [(64, 2), (96, 3)])
+def test_tiny_llm_size(width, layers):
+    """`tiny_width` x `tiny_layers` sizes the tiny T5: its width, feed-forward 2x, 4 heads of width/4 each, and
+    as many encoder as decoder layers; the default is the size the speech LM always had (64, 128, 16, 2 + 2)."""
+    t5 = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, tiny_width=width, tiny_layers=layers), DIM, WORDS).llm
+    config = t5.base_model.model.config
+    assert (config.d_model, config.d_ff, config.d_kv, config.num_heads) == (width, 2 * width, width // 4, 4)
+    assert len(t5.base_model.model.encoder.block) == len(t5.base_model.model.decoder.block) == layers
+    assert t5.get_input_embeddings().weight.shape[1] == width
+
+
 def test_only_lora_and_the_connector_train():
     model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
     names = list(trainable_parameters(model))
