@@ -25,11 +25,15 @@ self-supervised workers in the manner of PASE (Pascual et al. 2019):
   that macro-F1 weighs like the common ones.
 
 No emotion label and no listener is involved. The checkpoint is cached under
-`$DISTMETA_CACHE/upstreams`, keyed by everything that shapes it.
+`$DISTMETA_CACHE/upstreams`, keyed by everything that shapes it. The default build (seed 0, 12 epochs,
+2,000 utterances) ships in `models/weights/` under that key, so a fresh machine copies it instead of
+spending ~10 minutes on 2 cores; any other setting, recipe or voice generator is built here.
+`python -m distmeta.models.tiny_wavlm` rebuilds the shipped copy (after a recipe or voice change).
 """
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -69,6 +73,7 @@ TINY_WAVLM = {
 PRETRAINING_VERSION = 2  # 2: the frame-level pitch worker; bump when the pretraining recipe changes, so old checkpoints are not reused
 HOP = 320  # the conv encoder's downsampling: one frame per 20 ms
 PRETRAINING_STREAM = 0x7E1  # second seed word: pretraining audio never shares a corpus's random stream
+SHIPPED = Path(__file__).parent / "weights"  # pretrained builds shipped with the package, named by their cache key
 
 
 def _digest(fields_: dict) -> str:
@@ -183,12 +188,27 @@ def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[t
     return model.eval()
 
 
-def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print) -> Path:
-    """The pretrained tiny WavLM at `path` (built there first if missing), in s3prl's checkpoint format."""
+def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print,
+                          use_shipped: bool = True) -> Path:
+    """The pretrained tiny WavLM at `path`, in s3prl's checkpoint format: when missing, the shipped build of
+    the same name (the same key) is copied there, or else it is built there."""
     path = Path(path)
     if path.is_file():
+        return path
+    shipped = SHIPPED / path.name
+    if use_shipped and shipped.is_file():
+        if log:
+            log(f"pretrained tiny upstream: the build shipped as {shipped} (same settings, recipe and voices) -> {path}")
+        with atomic_path(path) as tmp:
+            shutil.copyfile(shipped, tmp)
         return path
     if log:
         log(f"building the pretrained tiny upstream once ({utterances} utterances x {epochs} epochs) -> {path}")
     wavs, prosody, pitch = pretraining_audio(seed, utterances, progress=log is not None)
     return _save(pretrain_tiny(wavs, prosody, pitch, epochs, seed, log=log), path)
+
+
+if __name__ == "__main__":  # ship the default build under its current key (after a recipe or voice change: ~10 min)
+    current = build_pretrained_tiny(SHIPPED / pretrained_tiny_path().name, use_shipped=False)
+    for stale in set(SHIPPED.glob("*.pt")) - {current}:
+        stale.unlink()

@@ -1,11 +1,15 @@
 import re
 
 import numpy as np
+import pytest
 import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import cross_val_score
 
 from distmeta.data.synthetic.listeners import draw_speakers
-from distmeta.models.tiny_wavlm import HOP, PRETRAINING_STREAM, build_tiny_checkpoint, frame_pitch, pretrained_tiny_path
-from distmeta.models.upstream import Upstream, UpstreamConfig
+from distmeta.models.tiny_wavlm import (HOP, PRETRAINING_STREAM, SHIPPED, build_tiny_checkpoint, frame_pitch,
+                                        pretrained_tiny_path, pretraining_audio)
+from distmeta.models.upstream import Upstream, UpstreamConfig, prepare
 
 
 def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, monkeypatch, capsys):
@@ -45,3 +49,33 @@ def test_the_pitch_target_is_each_mostly_voiced_frames_f0_in_semitones():
     assert frames.shape == (4,)
     np.testing.assert_allclose(frames[:2], [12.0, -12.0], atol=1e-5)
     assert np.isnan(frames[2:]).all()
+
+
+def _f0_read_from_layer_means(upstream: Upstream, wavs, pitch) -> float:
+    """Cross-validated R^2 of a ridge probe reading each utterance's mean F0 from the upstream's layer means."""
+    with torch.no_grad():
+        features = []
+        for wav in wavs:
+            hidden, frames = upstream(wav[None], torch.tensor([len(wav)]))
+            features.append(hidden[:, 0, :int(frames[0])].mean(1).flatten().numpy())
+    f0 = np.array([np.nanmean(p.numpy()) for p in pitch])
+    return cross_val_score(RidgeCV(alphas=np.logspace(-3, 3, 13)), np.stack(features), f0, cv=5, scoring="r2").mean()
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_copies_the_shipped_default_build_which_reads_pitch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path))
+    shipped = sorted(SHIPPED.glob("*.pt"))
+    # one build, under today's key; after a recipe or voice change: python -m distmeta.models.tiny_wavlm
+    assert [p.name for p in shipped] == [pretrained_tiny_path().name]
+    path = prepare(UpstreamConfig(name="tiny_pretrained"))
+    assert path == pretrained_tiny_path() and path.parent.parent == tmp_path
+    assert path.read_bytes() == shipped[0].read_bytes()
+    log = capsys.readouterr().out
+    assert "shipped" in log and "upstream pretraining" not in log  # copied, not built
+    assert torch.load(path, weights_only=True)["cfg"]["encoder_layers"] == 2
+    # It is the pretrained build: a probe of its layers reads F0 on other speakers' audio (seed 1's; it was
+    # pretrained on seed 0's) where the random tiny's barely does (R^2 0.99 against 0.30 here).
+    wavs, _, pitch = pretraining_audio(1, 160, progress=False)
+    assert _f0_read_from_layer_means(Upstream(UpstreamConfig(name="tiny_pretrained")).eval(), wavs, pitch) > 0.9
+    assert _f0_read_from_layer_means(Upstream(UpstreamConfig(name="tiny")).eval(), wavs, pitch) < 0.6
