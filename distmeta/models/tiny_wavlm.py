@@ -188,15 +188,14 @@ def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[t
     return model.eval()
 
 
-def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print,
-                          use_shipped: bool = True) -> Path:
+def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print) -> Path:
     """The pretrained tiny WavLM at `path`, in s3prl's checkpoint format: when missing, the shipped build of
     the same name (the same key) is copied there, or else it is built there."""
     path = Path(path)
     if path.is_file():
         return path
     shipped = SHIPPED / path.name
-    if use_shipped and shipped.is_file():
+    if shipped.is_file():
         if log:
             log(f"pretrained tiny upstream: the build shipped as {shipped} (same settings, recipe and voices) -> {path}")
         with atomic_path(path) as tmp:
@@ -209,6 +208,6 @@ def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int
 
 
 if __name__ == "__main__":  # ship the default build under its current key (after a recipe or voice change: ~10 min)
-    current = build_pretrained_tiny(SHIPPED / pretrained_tiny_path().name, use_shipped=False)
+    current = build_pretrained_tiny(SHIPPED / pretrained_tiny_path().name)  # builds it there unless already shipped
     for stale in set(SHIPPED.glob("*.pt")) - {current}:
         stale.unlink()
