@@ -62,7 +62,7 @@ class MetaConfig:
     multi_step_loss: bool = False  # MAML++ multi-step loss, uniform weights
     # Adaptation steps at meta-test and enrollment. 10 at 3e-4 (finetune) is what the validation annotators
     # pick within a budget of 10 steps (unseen, corpus seeds 5-8, docs/listener.md: maF1 44.7 against 45.7 for
-    # 50 steps at 1e-4, 5x the cost); `--preset paper` takes 50.
+    # 50 steps at 1e-4, 5x the cost; again at seeds 29-32 with 5e-4 in the grid); `--preset paper` takes 50.
     test_steps: int = 10
     # How meta-test and enrollment adapt to a person (validation always uses `rates`: it is cheap):
     # rates: the scope's parameters, `test_steps` SGD steps with the learned per-step rates (the MAML rule);
