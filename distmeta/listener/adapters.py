@@ -38,7 +38,7 @@ class AdaptConfig:
     # Entire-Few's 10 steps at 5e-4 are what its validation annotators pick within a budget of 10 steps, from
     # up to 10 steps at 3e-4, 4e-4, 5e-4, 1e-3 and 2e-3 (unseen, corpus seeds 29-32:
     # benchmarks/bench_test_time.py, docs/listener.md; 5 at 1e-3, the pick of a coarser grid, is 0.4 maF1
-    # lower; Meta-PerSER's pick is meta.test_*). Without the budget they pick 50 at 1e-4 (10x the cost):
+    # lower; Meta-PerSER's pick is meta.test_*). Without the budget they pick 50 at 1e-4 (5x the cost):
     # `--preset paper`.
     steps: int = 10  # gradient steps on the one support batch
     lr: float = 5e-4  # AdamW, fine-tuning baselines
