@@ -2,7 +2,8 @@
 validation annotators, from the models of finished default runs.
 
     .venv/bin/python benchmarks/bench_test_time.py RUN [RUN ...] [--grid 1e-4:50,3e-4:20,1e-3:10]
-        [--steps 5,10,20,30,50] [--scenario unseen] [--role val|test] [--out rows.csv]
+        [--steps 5,10,20,30,50] [--head-first rates:20,3e-2:50] [--scenario unseen] [--role val|test]
+        [--out rows.csv]
     .venv/bin/python benchmarks/bench_test_time.py --summarize rows.csv [more.csv ...]
 
 RUN: the `out` folder of a finished `jobs/meta_train.py` run; its config.yaml names the corpus and the
@@ -18,9 +19,16 @@ selection) with each grid rate up to its step cap, scoring the queries at each `
 one trajectory. `--role test` scores the protocol's own test episodes instead: for reporting a choice made
 on `val`, never for making it. `--summarize` prints the mean maF1 / miF1 per (start, rate, steps), the best
 per start on the validation rows, and the paired Meta-PerSER minus Entire-Few at each setting.
+
+`--head-first` adds trajectories that first adapt the start's head alone on the support's pooled features
+and then fine-tune as above (docs/listener.md, "What does not widen the lead either"): `rates:N` takes N
+steps with Meta-PerSER's learned per-step rates (the MAML rule it was meta-trained for; Meta-PerSER only),
+`LR:N` N SGD steps at the fixed rate LR for both starts (for Entire-Few the linear-probe-then-fine-tune
+recipe, LP-FT). Step 0 along such a trajectory scores the head phase alone.
 """
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import replace
@@ -40,6 +48,7 @@ from distmeta.features import inputs_for  # noqa: E402
 from distmeta.io import write_text  # noqa: E402
 from distmeta.jobs import MetaTrainConfig  # noqa: E402
 from distmeta.listener.adapters import _probs  # noqa: E402
+from distmeta.listener.maml import MetaModel  # noqa: E402
 from distmeta.listener.metatrain import build_meta_model  # noqa: E402
 from distmeta.listener.pretrain import load_pretrained  # noqa: E402
 from distmeta.metrics import multilabel_scores  # noqa: E402
@@ -49,9 +58,29 @@ from distmeta.training.fit import fine_tune  # noqa: E402
 from jobs.meta_train import meta_model_path  # noqa: E402
 
 K, Q, SEEDS = 32, 128, 3
+NONE = "none"  # the head_first column of plain fine-tuning
 
 
-def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: list, log=print) -> list[dict]:
+def head_phase(start: str, model, meta: MetaModel, spec: str, inputs, targets):
+    """A copy of `model` whose head took the `--head-first` phase `spec` on (inputs, targets), or None where
+    the phase does not apply (learned rates exist for Meta-PerSER only)."""
+    rate, steps = spec.split(":")
+    if rate == "rates":
+        if start != "Meta-PerSER":
+            return None
+        learner = meta
+    else:  # every head parameter at one fixed SGD rate
+        learner = MetaModel(set_scope(model.clone(), "head"), int(steps), float(rate))
+    learner.eval()  # features as at prediction; the head has no dropout
+    with torch.no_grad():
+        pooled = learner.model.pooled(inputs)
+    adapted = model.clone()
+    adapted.load_state_dict(learner.adapt({"pooled": pooled}, targets, int(steps)), strict=False)
+    return adapted
+
+
+def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: list, head_first=(),
+                 log=print) -> list[dict]:
     """Rows (one per split, episode, start, rate and checkpoint) for one finished run."""
     config = cfg.load(MetaTrainConfig, run / "config.yaml")
     corpus = load_corpus(config.data, progress=False)
@@ -67,11 +96,15 @@ def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: l
             support, query = task.sample(K, Q, seed=10_000 + seed if role == "val" else seed)
             support_ids, query_ids = [task.utterances[i] for i in support], [task.utterances[i] for i in query]
             inputs, targets = bank.batch(support_ids), torch.as_tensor(task.targets[support])
-            for start, model in (("Entire-Few", ssl_e), ("Meta-PerSER", meta.model)):
+            starts = (("Entire-Few", ssl_e), ("Meta-PerSER", meta.model))
+            for (start, model), head in itertools.product(starts, (NONE, *head_first)):
+                began = time.time()
+                first = model if head == NONE else head_phase(start, model, meta, head, inputs, targets)
+                if first is None:
+                    continue
                 for lr, cap in grid.items():
-                    began = time.time()
                     label = dict(corpus_seed=config.data.seed, scenario=scenario, split=split.test_annotator, role=role,
-                                 annotator=task.annotator, seed=seed, start=start, lr=lr)
+                                 annotator=task.annotator, seed=seed, start=start, head_first=head, lr=lr)
 
                     def score(step, adapted):
                         if step in checkpoints:
@@ -79,31 +112,43 @@ def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: l
                             rows.append({**label, "steps": step, **multilabel_scores(probs, task.targets[query]),
                                          "seconds": round(time.time() - began, 2)})
 
+                    if head != NONE:
+                        score(0, first)
                     torch.manual_seed(config.meta.seed)
-                    fine_tune(set_scope(model.clone(), "entire"), inputs, targets, steps=cap, lr=lr, on_step=score)
+                    fine_tune(set_scope(first.clone(), "entire"), inputs, targets, steps=cap, lr=lr, on_step=score)
         log(f"corpus seed {config.data.seed} {scenario} {split.test_annotator} ({role} {task.annotator}): "
             f"{len(rows)} rows", flush=True)
     return rows
 
 
 def summarize(rows: pd.DataFrame) -> None:
+    rows = rows.assign(head_first=rows["head_first"].fillna(NONE) if "head_first" in rows else NONE)  # older files
+    setting = ["start", "head_first", "lr", "steps"]
     for role, part in rows.groupby("role"):
-        means = part.groupby(["start", "lr", "steps"])[["maF1", "miF1"]].mean().mul(100).round(1)
-        counts = part.groupby(["start", "lr", "steps"]).size().rename("episodes")
+        means = part.groupby(setting)[["maF1", "miF1"]].mean().mul(100).round(1)
+        counts = part.groupby(setting).size().rename("episodes")
         print(f"\n## {role} episodes, corpus seeds {sorted(map(int, part.corpus_seed.unique()))}: mean maF1 / miF1 (%)\n")
         print(markdown_table(pd.concat([means, counts], axis=1)))
-        keys = ["corpus_seed", "scenario", "split", "seed", "lr", "steps"]
+        keys = ["corpus_seed", "scenario", "split", "seed", "head_first", "lr", "steps"]
         both = part[part.start == "Meta-PerSER"].merge(part[part.start == "Entire-Few"], on=keys, suffixes=("", "_few"))
         diff = both.assign(maF1=100 * (both.maF1 - both.maF1_few), miF1=100 * (both.miF1 - both.miF1_few))
         print(f"\n## {role}: paired Meta-PerSER minus Entire-Few at the same setting (points)\n")
-        print(markdown_table(diff.groupby(["lr", "steps"])[["maF1", "miF1"]].mean(), ".2f"))
+        print(markdown_table(diff.groupby(setting[1:])[["maF1", "miF1"]].mean(), ".2f"))
         if role == "val":
             for start, group in means.groupby(level="start"):
                 best = group["maF1"].max()
                 # ties (within 0.1 point) go to the cheaper setting: fewer steps
                 pick = group[group["maF1"] >= best - 0.1].reset_index().sort_values(["steps", "lr"]).iloc[0]
-                print(f"\nbest on validation for {start}: lr {pick.lr:g}, {int(pick.steps)} steps "
+                print(f"\nbest on validation for {start}: head first {pick.head_first}, lr {pick.lr:g}, "
+                      f"{int(pick.steps)} steps "
                       f"(maF1 {pick.maF1:.1f}, miF1 {pick.miF1:.1f})")
+
+
+def _is_rate(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def main(argv=None) -> int:
@@ -111,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--grid", default="1e-4:50,3e-4:20,1e-3:10", help="rate:step cap, comma-separated")
     parser.add_argument("--steps", default="5,10,20,30,50", help="checkpoints scored along each trajectory")
+    parser.add_argument("--head-first", default="", help="head phases before fine-tuning, comma-separated: "
+                        "rates:N (Meta-PerSER's learned rates) or LR:N (fixed-rate SGD, both starts)")
     parser.add_argument("--scenario", default="unseen", choices=["seen", "unseen"])
     parser.add_argument("--role", default="val", choices=["val", "test"])
     parser.add_argument("--out", type=Path, default=Path("bench_test_time.csv"))
@@ -122,9 +169,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # as an episode actor runs
     grid = {float(lr): int(cap) for lr, cap in (item.split(":") for item in args.grid.split(","))}
     checkpoints = [int(s) for s in args.steps.split(",")]
+    head_first = [spec for spec in args.head_first.split(",") if spec]
+    for spec in head_first:
+        rate, _, steps = spec.partition(":")
+        if not steps.isdigit() or (rate != "rates" and not _is_rate(rate)):
+            parser.error(f"--head-first {spec!r}: expected rates:N or LR:N (e.g. rates:20, 3e-2:50)")
     rows = []
     for run in args.runs:
-        rows += trajectories(run, args.scenario, args.role, grid, checkpoints)
+        rows += trajectories(run, args.scenario, args.role, grid, checkpoints, head_first)
         write_text(args.out, pd.DataFrame(rows).to_csv(index=False))  # what is done so far survives an interruption
     summarize(pd.DataFrame(rows))
     return 0
