@@ -102,7 +102,9 @@ def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: l
                 first = model if head == NONE else head_phase(start, model, meta, head, inputs, targets)
                 if first is None:
                     continue
+                head_seconds = time.time() - began  # counted in every trajectory that starts from this head phase
                 for lr, cap in grid.items():
+                    began = time.time() - head_seconds
                     label = dict(corpus_seed=config.data.seed, scenario=scenario, split=split.test_annotator, role=role,
                                  annotator=task.annotator, seed=seed, start=start, head_first=head, lr=lr)
 
