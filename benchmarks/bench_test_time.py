@@ -13,7 +13,7 @@ Issue 13 asks that Entire-Few's rate and steps be chosen on the validation annot
 settings are, never on test annotators; and both fine-tune the whole model at meta-test, which is most of the
 default run's time, so fewer steps at a higher rate would be worth having if the validation annotators say
 they lose nothing. For every split of the scenario this fine-tunes both starts (SSL-E: Entire-Few; the
-meta-trained model: Meta-PerSER's `test_adapt: finetune`) on episodes of the split's validation annotator
+meta-trained model: Meta-PerSER's `test_adapt: finetune` with `test_rate_steps: 0`) on episodes of the split's validation annotator
 (`--role val`: K=32 support and Q=128 queries from their validation pool, seeds 10000+s as in model
 selection) with each grid rate up to its step cap, scoring the queries at each `--steps` checkpoint along
 one trajectory. `--role test` scores the protocol's own test episodes instead: for reporting a choice made
@@ -21,10 +21,11 @@ on `val`, never for making it. `--summarize` prints the mean maF1 / miF1 per (st
 per start on the validation rows, and the paired Meta-PerSER minus Entire-Few at each setting.
 
 `--head-first` adds trajectories that first adapt the start's head alone on the support's pooled features
-and then fine-tune as above (docs/listener.md, "What does not widen the lead either"): `rates:N` takes N
-steps with Meta-PerSER's learned per-step rates (the MAML rule it was meta-trained for; Meta-PerSER only),
-`LR:N` N SGD steps at the fixed rate LR for both starts (for Entire-Few the linear-probe-then-fine-tune
-recipe, LP-FT). Step 0 along such a trajectory scores the head phase alone.
+and then fine-tune as above (docs/listener.md, "The learned rates first"): `rates:N` takes N steps with
+Meta-PerSER's learned per-step rates (the MAML rule it was meta-trained for; Meta-PerSER only): its meta-test
+with `meta.test_rate_steps: N` (today's default: rates:10 at the grid point 3e-4, 10 steps). `LR:N` takes N
+SGD steps at the fixed rate LR for both starts (for Entire-Few the linear-probe-then-fine-tune recipe, LP-FT).
+Step 0 along such a trajectory scores the head phase alone.
 """
 
 import argparse
@@ -49,7 +50,8 @@ from distmeta.io import write_text  # noqa: E402
 from distmeta.jobs import MetaTrainConfig  # noqa: E402
 from distmeta.listener.adapters import _probs  # noqa: E402
 from distmeta.listener.maml import MetaModel  # noqa: E402
-from distmeta.listener.metatrain import build_meta_model  # noqa: E402
+from distmeta.listener.metatest import learned_rate_steps  # noqa: E402
+from distmeta.listener.metatrain import MetaConfig, build_meta_model  # noqa: E402
 from distmeta.listener.pretrain import load_pretrained  # noqa: E402
 from distmeta.metrics import multilabel_scores  # noqa: E402
 from distmeta.report import markdown_table  # noqa: E402
@@ -65,17 +67,15 @@ def head_phase(start: str, model, meta: MetaModel, spec: str, inputs, targets):
     """A copy of `model` whose head took the `--head-first` phase `spec` on (inputs, targets), or None where
     the phase does not apply (learned rates exist for Meta-PerSER only)."""
     rate, steps = spec.split(":")
-    if rate == "rates":
+    if rate == "rates":  # Meta-PerSER's meta-test with `meta.test_rate_steps: N`
         if start != "Meta-PerSER":
             return None
         learner = meta
     else:  # every head parameter at one fixed SGD rate
         learner = MetaModel(set_scope(model.clone(), "head"), int(steps), float(rate))
-    learner.eval()  # features as at prediction; the head has no dropout
-    with torch.no_grad():
-        pooled = learner.model.pooled(inputs)
     adapted = model.clone()
-    adapted.load_state_dict(learner.adapt({"pooled": pooled}, targets, int(steps)), strict=False)
+    adapted.load_state_dict(learned_rate_steps(learner, MetaConfig(scope="head"), inputs, targets, int(steps)),
+                            strict=False)
     return adapted
 
 

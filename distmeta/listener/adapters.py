@@ -11,8 +11,8 @@ Entire-Few   SSL-E fine-tuned entirely on the support set
 Linear-Few   the Linear model (frozen upstream) with layer weights + classifier fine-tuned
 Multi-Few    the multi-task model's upstream with a new head from random init trained on the support
 Entire-Sim   cosine similarity of SSL-E embeddings to per-emotion centres of the support, softmax
-Meta-PerSER  the meta-trained model, fine-tuned entirely as Entire-Few (`meta.test_adapt: finetune`) or
-             adapted with its learned per-layer per-step rates (LSLR, `rates`)
+Meta-PerSER  the meta-trained model: steps with its learned per-layer per-step rates (LSLR), then fine-tuned
+             entirely as Entire-Few (`meta.test_adapt: finetune`); or the learned rates alone (`rates`)
 
 Ceilings: how much personalization was possible at all.
 Entire-All        SSL-E fine-tuned entirely on everything the annotator labelled in the test pool
@@ -204,15 +204,15 @@ class Similarity:
 
 
 class MetaPerSER:
-    """Adapt the meta-trained model to the support set as `config.test_adapt` says (metatrain.adapt_to): the
-    learned LSLR rates (steps past the trained ones reuse the last trained rate), or fine-tuning the whole
-    model from the meta-trained state as Entire-Few fine-tunes SSL-E."""
+    """Adapt the meta-trained model to the support set as `config.test_adapt` says (metatest.adapt_to): the
+    learned LSLR rates (steps past the trained ones reuse the last trained rate), then (finetune) the whole
+    model fine-tuned as Entire-Few fine-tunes SSL-E."""
 
     def __init__(self, name: str, meta, bank, config):
         self.name, self.meta, self.bank, self.config = name, meta, bank, config
 
     def predict(self, episode: Episode) -> np.ndarray:
-        from distmeta.listener.metatrain import adapted_probs
+        from distmeta.listener.metatest import adapted_probs
 
         return adapted_probs(self.meta, self.config, self.bank, episode.support, episode.support_targets,
                              episode.query).numpy()

@@ -14,9 +14,7 @@ a fresh head); `csmt` uses the same K items for the inner and outer loss (else K
 support + K query); `da` is first order for the first `da_first_order_fraction`
 of the outer steps, then second order (without DA: second order throughout);
 `lslr` trains the per-parameter per-step rates (else they stay at `inner_lr`).
-Meta-test (`adapt_to`): `test_adapt: finetune` fine-tunes the whole model from
-the meta-trained state as Entire-Few fine-tunes SSL-E; `rates` takes `test_steps`
-steps with the learned rates (the MAML rule).
+Meta-test (`test_adapt`, `test_rate_steps`) is `distmeta.listener.metatest`.
 Model selection (supplementary C): every `val_every` steps the validation
 annotator is meta-tested with the rates (K support, adapt `val_steps`, scored on
 Q queries, averaged over `val_seeds`); the highest macro-F1 on those queries wins
@@ -40,7 +38,6 @@ from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weight
 from distmeta.models.ser import set_scope, trainable_parameters
 from distmeta.models.upstream import build_name
 from distmeta.training.artifacts import is_done, save_model
-from distmeta.training.fit import fine_tune
 
 
 @dataclass
@@ -73,6 +70,10 @@ class MetaConfig:
     # corpus seeds 5-9, Meta-PerSER minus Entire-Few: +2.8 maF1 / +3.6 miF1 on average, +0.2 / +0.7 with rates.
     test_adapt: str = "finetune"
     test_lr: float = 3e-4
+    # finetune only: first this many steps of the scope's parameters with the learned rates (the MAML rule; with
+    # scope head ~1 ms a step on pooled features), so that what LSLR learned is used at meta-test; 0: none. 10 is
+    # the validation annotators' pick (unseen, corpus seeds 33-38: +0.6 maF1 / +2.1 miF1 over 0, docs/listener.md).
+    test_rate_steps: int = 10
     val_steps: int = 50  # adaptation steps (with the learned rates) on the validation annotator's episodes
     val_every: int = 10
     val_shots: int = 0  # K of the validation annotator's support set; 0 = `shots` (set it when sweeping shots)
@@ -86,6 +87,8 @@ class MetaConfig:
     def __post_init__(self):
         if self.test_adapt not in ("rates", "finetune"):
             raise ValueError(f"meta.test_adapt must be rates or finetune, got {self.test_adapt!r}")
+        if self.test_rate_steps < 0:
+            raise ValueError(f"meta.test_rate_steps must be 0 or more, got {self.test_rate_steps}")
 
 
 # torch's global random state, which seeded code below sets and draws from: trainings side by side in one
@@ -187,25 +190,6 @@ class MetaLearner:
         state = {k: v.detach().clone() for k, v in self.meta.state_dict().items()}
         state.update(trainable if trainable is not None else self.trainable())
         return state
-
-
-def adapt_to(meta: MetaModel, config: MetaConfig, inputs, targets: torch.Tensor) -> dict:
-    """A person's parameters from their labelled items (`config.test_adapt`, detached): the trainable ones of
-    the scope (rates), or every parameter of the model but the frozen conv encoder (finetune); `inputs`
-    from `make_bank(..., test=True)`."""
-    if config.test_adapt == "rates":
-        return meta.adapt(inputs, targets, config.test_steps)
-    with SEEDED, torch.random.fork_rng(devices=[]):  # dropout draws the same in any process
-        torch.manual_seed(config.seed)
-        model = fine_tune(set_scope(meta.model.clone(), "entire"), inputs, targets, steps=config.test_steps,
-                          lr=config.test_lr)
-    return {name: p.detach() for name, p in trainable_parameters(model).items()}
-
-
-def adapted_probs(meta: MetaModel, config: MetaConfig, bank, support_ids, support_targets, query_ids) -> torch.Tensor:
-    """Meta-test one episode: adapt on the support (`adapt_to`), then query probabilities."""
-    fast = adapt_to(meta, config, bank.batch(support_ids), torch.as_tensor(support_targets))
-    return query_probs(meta, bank, query_ids, fast)
 
 
 def query_probs(meta: MetaModel, bank, query_ids, adapted: dict | None = None) -> torch.Tensor:

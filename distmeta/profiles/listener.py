@@ -4,9 +4,10 @@
     tensors, meta = enroll(base, read_labelled("my_labels.csv"))      # adapt as meta-test does
     rows = predict(base, ["a.wav", "b.wav"], tensors)                  # per-file probabilities and labels
 
-Enrollment and prediction are exactly the meta-test protocol's Meta-PerSER (`metatrain.adapted_probs`, split in two):
-`metatrain.adapt_to` on all K clips from the meta-trained parameters (`meta.test_adapt`: the whole model
-fine-tuned for `meta.test_steps` AdamW steps, or that many steps with the learned per-layer per-step rates).
+Enrollment and prediction are exactly the meta-test protocol's Meta-PerSER (`metatest.adapted_probs`, split in two):
+`metatest.adapt_to` on all K clips from the meta-trained parameters (`meta.test_adapt`: `meta.test_rate_steps`
+steps with the learned per-layer per-step rates, then the whole model fine-tuned for `meta.test_steps` AdamW
+steps; or `meta.test_steps` steps with the learned rates alone).
 A profile holds the adapted parameters: every one but the frozen conv encoder's (finetune), or the
 scope's trainable ones (rates: the head, for scope `head`).
 """
@@ -26,7 +27,8 @@ from distmeta.data.audio import AudioError, load_audio
 from distmeta.features import AudioBank, input_bank
 from distmeta.labels import CLASSES, UnknownLabel, canonical_label
 from distmeta.listener.maml import MetaModel
-from distmeta.listener.metatrain import MetaConfig, adapt_to, build_meta_model, make_bank, query_probs
+from distmeta.listener.metatest import adapt_to
+from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.profiles.store import csv_rows, file_digest, model_file
 
@@ -94,7 +96,8 @@ def enroll(base: ListenerBase, clips: list[tuple[str, np.ndarray]], kind: str = 
     targets = torch.as_tensor(np.stack([t for _, t in clips]))
     adapted = adapt_to(base.meta, base.config, bank.batch([c for c, _ in clips]), targets)
     meta = {"kind": kind, "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(clips),
-            "classes": list(CLASSES), "steps": base.config.test_steps, "adapt": base.config.test_adapt, "distmeta": __version__,
+            "classes": list(CLASSES), "steps": base.config.test_steps, "adapt": base.config.test_adapt,
+            "rate_steps": base.config.test_rate_steps if base.config.test_adapt == "finetune" else 0, "distmeta": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return adapted, meta
 
