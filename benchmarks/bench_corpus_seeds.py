@@ -11,7 +11,7 @@ corpus seed. For each run, at the protocol's K:
 
 Then, over the runs, the mean per-seed lead with a 95% t-interval across corpus seeds. That is what holds
 on average over corpora, where a single run's verdict also carries its own 15 episodes' noise
-(docs/listener.md, "Where issue 13 stands, over corpus seeds 29-46").
+(docs/listener.md, "Where issue 13 stands, over corpus seeds 29-47").
 """
 
 import argparse
