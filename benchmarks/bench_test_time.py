@@ -51,7 +51,7 @@ from distmeta.jobs import MetaTrainConfig  # noqa: E402
 from distmeta.listener.adapters import _probs  # noqa: E402
 from distmeta.listener.maml import MetaModel  # noqa: E402
 from distmeta.listener.metatest import learned_rate_steps  # noqa: E402
-from distmeta.listener.metatrain import MetaConfig, build_meta_model  # noqa: E402
+from distmeta.listener.metatrain import build_meta_model  # noqa: E402
 from distmeta.listener.pretrain import load_pretrained  # noqa: E402
 from distmeta.metrics import multilabel_scores  # noqa: E402
 from distmeta.report import markdown_table  # noqa: E402
@@ -74,8 +74,7 @@ def head_phase(start: str, model, meta: MetaModel, spec: str, inputs, targets):
     else:  # every head parameter at one fixed SGD rate
         learner = MetaModel(set_scope(model.clone(), "head"), int(steps), float(rate))
     adapted = model.clone()
-    adapted.load_state_dict(learned_rate_steps(learner, MetaConfig(scope="head"), inputs, targets, int(steps)),
-                            strict=False)
+    adapted.load_state_dict(learned_rate_steps(learner, inputs, targets, int(steps)), strict=False)
     return adapted
 
 

@@ -21,11 +21,12 @@ from distmeta.models.ser import set_scope, trainable_parameters
 from distmeta.training.fit import fine_tune
 
 
-def learned_rate_steps(meta: MetaModel, config: MetaConfig, inputs, targets: torch.Tensor, steps: int) -> dict:
-    """The scope's parameters after `steps` steps with the learned rates, detached. With scope `head` on the
-    pooled features of `inputs` (eval mode, as at prediction: the same function, and the upstream's dropout
-    would otherwise draw); otherwise on `inputs` themselves."""
-    if config.scope == "head" and "pooled" not in inputs:
+def learned_rate_steps(meta: MetaModel, inputs, targets: torch.Tensor, steps: int) -> dict:
+    """The scope's parameters after `steps` steps with the learned rates, detached. Where no upstream parameter
+    adapts (scope `head`), on the pooled features of `inputs` (eval mode, as at prediction: the same function,
+    and the upstream's dropout would otherwise draw); otherwise on `inputs` themselves."""
+    upstream_adapts = any(p.requires_grad for p in meta.model.upstream.parameters())
+    if not upstream_adapts and "pooled" not in inputs:
         was_training = meta.training
         meta.eval()
         try:
@@ -44,7 +45,7 @@ def adapt_to(meta: MetaModel, config: MetaConfig, inputs, targets: torch.Tensor)
         return meta.adapt(inputs, targets, config.test_steps)
     start = meta.model.clone()
     if config.test_rate_steps:
-        start.load_state_dict(learned_rate_steps(meta, config, inputs, targets, config.test_rate_steps), strict=False)
+        start.load_state_dict(learned_rate_steps(meta, inputs, targets, config.test_rate_steps), strict=False)
     with SEEDED, torch.random.fork_rng(devices=[]):  # dropout draws the same in any process
         torch.manual_seed(config.seed)
         model = fine_tune(set_scope(start, "entire"), inputs, targets, steps=config.test_steps, lr=config.test_lr)

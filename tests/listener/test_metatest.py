@@ -48,9 +48,8 @@ def test_learned_rate_steps_on_pooled_features_equal_the_rule_on_inputs(setting,
     _, _, hidden, episode = setting
     meta, inputs = meta_trained
     targets = torch.as_tensor(episode.support_targets)
-    config = MetaConfig()
-    from_inputs = learned_rate_steps(meta, config, inputs.batch(episode.support), targets, 5)
-    from_pooled = learned_rate_steps(meta, config, hidden.batch(episode.support), targets, 5)  # a PooledBank's batch
+    from_inputs = learned_rate_steps(meta, inputs.batch(episode.support), targets, 5)
+    from_pooled = learned_rate_steps(meta, hidden.batch(episode.support), targets, 5)  # a PooledBank's batch
     assert meta.training  # the mode is left as it was
     for name, value in from_inputs.items():
         assert torch.allclose(value, from_pooled[name], atol=1e-5), name
