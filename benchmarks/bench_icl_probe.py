@@ -1,101 +1,64 @@
-"""Can an LLM learn to read enrollment pairs in context? A synthetic probe in the speech LM's prompt format.
+"""Does an LLM read enrollment pairs in context? A synthetic probe in the speech LM's prompt format.
 
-    .venv/bin/python benchmarks/bench_icl_probe.py [--steps 5000] [--width 64] [--layers 2] [--queries 8] [--lr 1e-3]
-    .venv/bin/python benchmarks/bench_icl_probe.py --llm /models/flan-t5-base --steps 0   # a pretrained LLM as it is
+    .venv/bin/python benchmarks/bench_icl_probe.py --llm tiny_icl --steps 0     # the shipped LLM as it is
+    .venv/bin/python benchmarks/bench_icl_probe.py --llm tiny --steps 3000 [--binding position]   # pretrain a random T5
+    .venv/bin/python benchmarks/bench_icl_probe.py --llm /models/flan-t5-base --steps 0            # any seq2seq LLM
 
-The speech LM's proposed model gains little or nothing from its enrollment pairs (docs/speaker.md). This
-asks the LLM alone whether it can learn what reading pairs takes, with nothing else in the way (no
-speech encoder, no Q-Former, no speakers memorised): every episode draws 7 new random class vectors and
-assigns the 7 label words to them by a new random permutation, so the pairs are the only way to name the
-target's word. Prompts are the speech LM's (`SpeechLM.prompt`: instruction, k pairs of `queries`
-placeholder vectors + " Word.", then the target's): a pair's and the target's vectors are their class
-vector plus noise. k is drawn from 0..7; with 1..6 pairs the target's class is among them with
-probability 0.8 at least, and with 7 every class is there once.
+The probe asks the LLM alone, with nothing else in the way (no speech encoder, no Q-Former, no speakers to
+memorise): every episode draws 7 new random class vectors and gives the 7 emotion words to them by a new
+permutation, so only the pairs can name the target's word (`training.icl_llm.probe_episode`). Prompts are
+the speech LM's (`PromptFormat`, with the chosen `--binding`), the vectors in the placeholders. It prints
+the accuracy of the first label token on 512 held-out episodes at k = 1, 3 and 7 pairs:
 
-The LLM trains all its weights (AdamW, batch 32), as a pretraining of its own would. Accuracy of the
-first label token on 512 held-out episodes at k = 1, 3 and 7 every 250 steps:
     copying the one pair's word at k = 1     ~0.82 (the target's class is there 0.8 of the time)
     copying a random pair's word at k = 3    ~0.30
-    reading the pairs (matching the target to its pair) shows as k = 7 far above 1/7 = 0.14.
+    reading the pairs (matching the target to its pair): k = 7 far above 1/7 = 0.14, k = 3 up to ~0.85
+
+With `--steps N` it first trains the LLM (all its weights) with the in-context pretraining recipe
+(`training/icl_llm.py`: its episodes, curriculum and optimiser), printing the probe every `--every` steps:
+the curves behind docs/speaker.md's binding comparison.
 """
 
 import argparse
 import time
+from dataclasses import replace
 
-import numpy as np
 import torch
 
-from distmeta.models.speech_lm import PAIR_LABEL, SpeechLM, SpeechLMConfig, load_llm
-
-WORDS = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
-
-
-def episodes(model, llm, n: int, rng: np.random.Generator, k: int | None = None, spread=(0.05, 0.3), jitter=0.05):
-    """(inputs_embeds, attention_mask, labels) of n episodes; `spread`: the range of each episode's
-    within-class noise (class vectors are standard normal); `jitter`: noise between one item's placeholders."""
-    classes, width, queries = len(WORDS), llm.config.d_model, model.config.num_queries
-    prompts, vectors, targets = [], [], []
-    for _ in range(n):
-        word_of, means, sigma = rng.permutation(classes), rng.normal(size=(classes, width)), rng.uniform(*spread)
-        shots = int(rng.integers(0, 8)) if k is None else k
-        target = int(rng.integers(classes))
-        if shots == classes:
-            pairs = list(rng.permutation(classes))
-        else:
-            pairs = list(rng.choice(classes, size=shots, replace=False)) if shots else []
-            if shots and target not in pairs and rng.random() < 0.8:
-                pairs[int(rng.integers(shots))] = target
-        for c in pairs + [target]:
-            item = means[c] + sigma * rng.normal(size=width)
-            vectors.append(item[None] + jitter * rng.normal(size=(queries, width)))
-        prompts.append(model.prompt([WORDS[word_of[c]] for c in pairs]))
-        targets.append(WORDS[word_of[target]])
-    batch = model.collate(prompts, targets)
-    embeds = llm.get_input_embeddings()(batch["ids"])
-    slots = batch["ids"] == model.speech_id
-    embeds = embeds.masked_scatter(slots[..., None], torch.tensor(np.concatenate(vectors), dtype=embeds.dtype))
-    return embeds, batch["attention_mask"], batch["labels"]
+from distmeta.models.speech_lm import PromptFormat, SpeechLMConfig, load_llm, tiny_t5
+from distmeta.training.icl_llm import (INSTRUCTION_WORDS, ICLPretrainConfig, PositionEmbeddings, pretrain, probe,
+                                       vocabulary)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llm", default="tiny", help="tiny (random, --width x --layers) or a Hugging Face seq2seq model")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--queries", type=int, default=8, help="placeholder vectors per item (the speech LM's num_queries)")
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--llm", default="tiny_icl", help="tiny_icl (shipped), tiny (random) or a Hugging Face seq2seq model")
+    parser.add_argument("--binding", default=SpeechLMConfig.binding, choices=["add", "position"])
+    parser.add_argument("--width", type=int, default=SpeechLMConfig.tiny_width)
+    parser.add_argument("--layers", type=int, default=SpeechLMConfig.tiny_layers)
+    parser.add_argument("--queries", type=int, default=SpeechLMConfig.num_queries, help="placeholders per item")
+    parser.add_argument("--steps", type=int, default=0, help="in-context pretraining steps first (0: probe as it is)")
     parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--episodes", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    config = SpeechLMConfig(llm=args.llm, tiny_width=args.width, tiny_layers=args.layers, num_queries=args.queries)
-    model = SpeechLM(config, 8, WORDS)  # for its prompts and tokenizer; the probe trains a bare LLM
-    _, llm = load_llm(config, [model.instruction, *(PAIR_LABEL.format(word=w) for w in WORDS)])
-
-    @torch.no_grad()
-    def accuracy(k: int) -> float:
-        llm.eval()
-        embeds, mask, labels = episodes(model, llm, 512, np.random.default_rng(12345 + k), k)
-        logits = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
-        llm.train()
-        return float((logits[:, 0].argmax(-1) == labels[:, 0]).float().mean())
-
-    report = lambda step, begun: print(f"step {step}: accuracy k=1 {accuracy(1):.3f}, k=3 {accuracy(3):.3f}, "
-                                       f"k=7 {accuracy(7):.3f} ({time.time() - begun:.0f}s, ETA "
-                                       f"{(time.time() - begun) / max(step, 1) * (args.steps - step):.0f}s)", flush=True)
-    optimizer = torch.optim.AdamW(llm.parameters(), lr=args.lr)
-    rng, begun = np.random.default_rng(0), time.time()
-    report(0, begun)
-    llm.train()
-    for step in range(1, args.steps + 1):
-        embeds, mask, labels = episodes(model, llm, 32, rng)
-        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        optimizer.step()
-        if step % args.every == 0:
-            report(step, begun)
+    torch.set_num_threads(args.threads)
+    config = replace(SpeechLMConfig(), llm=args.llm, binding=args.binding, tiny_width=args.width, tiny_layers=args.layers,
+                     num_queries=args.queries)
+    if args.llm == "tiny":
+        tokenizer = vocabulary(config)  # the vocabulary of a tiny_icl build, random weights
+        llm = tiny_t5(config, tokenizer)
+    else:
+        tokenizer, llm = load_llm(config, [])
+    prompts = PromptFormat(tokenizer, config, INSTRUCTION_WORDS)
+    extra = PositionEmbeddings(llm.config.d_model, config.max_shots) if args.binding == "position" and args.steps else None
+    line = lambda result: ", ".join(f"k={k} {v:.3f}" for k, v in result.items())
+    begun = time.time()
+    print(f"{args.llm} ({args.binding} binding) before: {line(probe(llm, prompts, args.episodes, extra=extra))}", flush=True)
+    if args.steps:
+        pretrain(llm, prompts, replace(ICLPretrainConfig(), steps=args.steps), extra,
+                 report=lambda step: "probe " + line(probe(llm, prompts, 256, extra=extra)), every=args.every)
+        print(f"after {args.steps} steps ({time.time() - begun:.0f}s): {line(probe(llm, prompts, args.episodes, extra=extra))}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@
 1. setup:     the corpus seen by speaker (train / validation / test speakers); the speech encoder,
               pretrained on the training speakers' emotions as a Ray Train run (speaker/encoder.py; any
               s3prl upstream instead with upstream.name=...), then frozen; its frames, computed once and
-              kept under `models_dir`.
+              kept under `models_dir`; the LLM (`model.llm: tiny_icl`: the shipped in-context-pretrained
+              T5, built once for other settings, training/icl_llm.py).
 2. train:     one Ray Train run: stage 1 (no enrollment pairs), then stage 2 (MetaICL) from stage 1
               for TU+LU, and with `ablation=true` TO+LD (7 shots) and Neutral (0..7) for Table IV, with
               `baselines` 1-shot_N (one neutral pair). Models already in `models_dir` with the same
               settings are reused; an interrupted model resumes from its last Ray Train checkpoint.
-3. baselines: the classifier baselines Scratch (the encoder's own pretraining model, encoder + SER
+3. baselines: the ceiling rows (speaker/ceilings.py: the generator's Oracle-Speaker and Oracle-Reader,
+              the learned Ceiling-Speaker and Ceiling-Reader on the encoder's features), the classifier baselines Scratch (the encoder's own pretraining model, encoder + SER
               head: trained from random weights on log-mel), Pretrained, Personalized_N, Personalized_A; then MAML
               on speaker tasks from Pretrained (the listener path's meta-learner, one Ray task actor per
               group of training speakers), adapted at test time on the same enrollment pairs the LM reads.
@@ -36,7 +38,7 @@ import pandas as pd
 
 from distmeta import config as cfg
 from distmeta import tracking
-from distmeta.speaker import baselines, evaluate, metaicl, tables
+from distmeta.speaker import baselines, ceilings, evaluate, metaicl, tables
 from distmeta.speaker import maml as speaker_maml
 from distmeta.speaker.encoder import pretrain_encoder, ready_upstream
 from distmeta.cluster import beside_workers, connect
@@ -46,6 +48,7 @@ from distmeta.features import FrameBank
 from distmeta.listener.distributed import ActorPool
 from distmeta.report import save_table
 from distmeta.jobs import MetaICLJobConfig
+from distmeta.training import icl_llm
 
 
 @contextmanager
@@ -64,6 +67,8 @@ def classifier_baselines_and_maml(config, corpus, data, bank, mlflow, timed) -> 
     and with one thread in every layout they round alike whether stage 2 ran side by side or in turn."""
     rows, pretrained = [], None
     with beside_workers():
+        with timed("ceilings"):  # how much the pairs can tell, on the same draws as every model
+            rows += [ceilings.oracle_rows(corpus, data, config.evaluation.seed), ceilings.feature_rows(bank, data, config.evaluation.seed)]
         if config.baselines:
             print("classifier baseline Scratch: the speech encoder's pretraining model", flush=True)
             with timed("Scratch"):  # nothing to train when the encoder above is this run (the default)
@@ -110,8 +115,10 @@ def main(argv=None) -> int:
             upstream = ready_upstream(config.upstream, config.encoder, corpus, data, config.models_dir, config.storage)
         with phase(timing, "frames"):
             frames = metaicl.frame_bank(corpus, upstream, config.encoder_layer, config.models_dir)
+        with phase(timing, "LLM"):  # the shipped tiny_icl, or built once for other settings
+            icl_llm.ready(config.model)
         # train: the speech LMs on Ray Train, in the background. Stage 2's runs end at different times (1-shot_N
-        # reads one pair, TU+LU up to seven: ~500 s against ~800 s), so the driver trains the classifier
+        # reads one pair, TU+LU up to seven), so the driver trains the classifier
         # baselines and MAML on the core the first one gives back instead of leaving it idle.
         trainings = ["TU+LU"] + (["TO+LD", "Neutral"] if config.ablation else []) + (["Neutral1"] if config.baselines else [])
         speech_lms_phase = "speech LMs (stage 1 + " + ", ".join(trainings) + ")"
@@ -154,7 +161,7 @@ def main(argv=None) -> int:
         with phase(timing, "speech LM evaluation"):
             for training, path in models.items():
                 rows.append(evaluate.evaluate_speech_lm(metaicl.load_speech_lm(path), bank, data, training, config.evaluation))
-        results = pd.concat(rows, ignore_index=True)
+        results = pd.concat([r for r in rows if len(r)], ignore_index=True)
         paths = tables.save_results(results, data, config.out)
         for path in paths.values():
             mlflow.log_artifact(str(path))

@@ -60,6 +60,11 @@ def random_episodes(tasks: list[SpeakerTask], n: int, setting: str, shots: tuple
     return episodes
 
 
+def table2_conditions(n_emotions: int) -> list[tuple[str, int]]:
+    """Table II's (test setting, k): no pairs, TU+LD with 1..E-1 pairs, TO+LD with E (every emotion once)."""
+    return [("", 0)] + [("TU+LD", k) for k in range(1, n_emotions)] + [("TO+LD", n_emotions)]
+
+
 def evaluation_episodes(tasks: list[SpeakerTask], k: int, setting: str, seed: int, emotion: int | None = None) -> list[Episode]:
     """Every utterance of every speaker as a target once, with k enrollment pairs drawn reproducibly.
 

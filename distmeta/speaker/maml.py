@@ -31,13 +31,13 @@ from distmeta.listener.distributed import ActorConfig
 from distmeta.listener.maml import MetaModel
 from distmeta.listener.metatrain import MetaConfig, MetaLearner, SerialGradients, train
 from distmeta.models.speaker_classifier import SpeakerClassifier
-from distmeta.speaker.episodes import evaluation_episodes, result_rows, ua_spk
+from distmeta.speaker.episodes import evaluation_episodes, result_rows, table2_conditions, ua_spk
 
 
 def _speaker_meta_config() -> MetaConfig:
     # Sized for ~20-30 utterances per speaker: 7 support + 7 query pairs (7 = the speech LM's most pairs).
-    # inner_lr: on the default corpus (seed 0) 0.1 and 0.01 overshoot on 1-7 pairs (k=7: 0.23, 0.44 UA_spk);
-    # 0.003 with 300 outer steps reaches 0.49. CSMT (outer loss on the same pairs) stops improving at step 10.
+    # inner_lr: 0.1 and 0.01 overshoot on 1-7 pairs; 0.003 with 300 outer steps does not. CSMT (outer loss on
+    # the same pairs) stops improving within a few outer steps.
     return MetaConfig(scope="entire", csmt=False, inner_lr=3e-3, inner_steps=5, outer_lr=1e-3, outer_steps=300,
                       shots=7, tasks_per_step=16, test_steps=5, val_steps=5, val_every=10, val_shots=7, val_seeds=2,
                       val_queries=14, select="loss", test_adapt="rates")  # Table II's MAML rows were measured so
@@ -99,11 +99,6 @@ def meta_train(bank, data, pretrained: SpeakerClassifier, config: MetaConfig, ac
     return meta, result
 
 
-def conditions(n_emotions: int) -> list[tuple[str, int]]:
-    """Table II's (test setting, k): no pairs, TU+LD with 1..E-1 pairs, TO+LD with E (every emotion once)."""
-    return [("", 0)] + [("TU+LD", k) for k in range(1, n_emotions)] + [("TO+LD", n_emotions)]
-
-
 def predict(meta: MetaModel, bank, episodes, n_emotions: int, steps: int) -> list[int]:
     """Each episode's predicted emotion: adapt on its enrollment pairs (none: the meta-trained model), then
     classify its target."""
@@ -122,7 +117,7 @@ def predict(meta: MetaModel, bank, episodes, n_emotions: int, steps: int) -> lis
 def evaluate(meta: MetaModel, bank, data, config: MetaConfig, seed: int, log=print) -> pd.DataFrame:
     """One row per test utterance and condition (model "MAML"), enrollment drawn as for the speech LM (`seed`)."""
     n, parts, started = len(data.emotions), [], time.time()
-    todo = conditions(n)
+    todo = table2_conditions(n)
     for number, (setting, k) in enumerate(todo, 1):
         episodes = evaluation_episodes(data.splits["test"], k, setting or "TU+LU", seed)
         predicted = predict(meta, bank, episodes, n, config.test_steps)

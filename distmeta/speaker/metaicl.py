@@ -25,7 +25,7 @@ from distmeta.data.speakers import SpeakerTask, speaker_view
 from distmeta.features import AudioBank, FrameBank
 from distmeta.io import write_json
 from distmeta.models import trainable_parameters
-from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
+from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig, icl_llm_key
 from distmeta.models.upstream import Upstream, build_name
 from distmeta.training.artifacts import digest, is_done, shaping
 from distmeta.training.launcher import storage_path, train_many
@@ -53,8 +53,8 @@ class MetaICLConfig:
 
 
 # A worker reports only at validations (every 200 steps: a minute or more apart), so its Ray Train controller
-# collects reports every second instead of polling at the pretraining jobs' 0.1 s: a stage-2 run's controller
-# then used ~1% of a core (seed 5), against ~7% measured at 0.1 s.
+# collects reports every second instead of polling at the pretraining jobs' 0.1 s, which would keep part of a
+# core busy for each stage-2 run.
 REPORT_WAIT_S = 1.0
 
 
@@ -149,8 +149,14 @@ def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
 def load_speech_lm(path):
     """A trained speech LM from its safetensors file and JSON sidecar (config, encoder width, label words)."""
     sidecar = json.loads(Path(path).with_suffix(".json").read_text())
-    settings = {"tokenizer": "bytes", **sidecar["settings"]["model"]}  # saved before the word tokenizer: bytes
-    model = SpeechLM(from_dict(SpeechLMConfig, settings), sidecar["encoder_dim"], sidecar["words"])
+    # saved before the word tokenizer: bytes; before the binding: the paper's position embedding alone
+    settings = {"tokenizer": "bytes", "binding": "position", **sidecar["settings"]["model"]}
+    config = from_dict(SpeechLMConfig, settings)
+    trained_on = sidecar["settings"].get("llm_build", "")
+    if trained_on and trained_on != icl_llm_key(config):  # LoRA and the connector fit one LLM's weights only
+        raise ValueError(f"speech LM {path}: trained on the LLM build {trained_on}, but these settings load "
+                         f"{icl_llm_key(config)} (the in-context pretraining changed since); retrain it")
+    model = SpeechLM(config, sidecar["encoder_dim"], sidecar["words"])
     return load_trainable(model, load_file(str(path))).eval()
 
 
@@ -225,7 +231,9 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
     """
     common = json.loads(json.dumps({"data": asdict(data_config), "frames": Path(frames).name, "upstream": asdict(upstream_config),
                                     "upstream_build": build_name(upstream_config),
-                                    "encoder_layer": encoder_layer, "model": asdict(model_config), "meta": shaping(meta)}))
+                                    "encoder_layer": encoder_layer, "model": asdict(model_config),
+                                    "llm_build": icl_llm_key(model_config) if model_config.llm == "tiny_icl" else "",
+                                    "meta": shaping(meta)}))
     models_dir, key = Path(models_dir).resolve(), digest(common)
     paths = {t: models_dir / f"speech_lm-{key}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
     requests = [{"settings": {**common, "training": t}, "out_path": str(p), "init": "" if t == "stage1" else str(paths["stage1"])}

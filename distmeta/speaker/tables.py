@@ -10,6 +10,7 @@ from distmeta.io import atomic_path
 from distmeta.metrics import t_interval
 from distmeta.report import figure, save_figure, save_table
 from distmeta.speaker.baselines import CLASSIFIERS
+from distmeta.speaker.ceilings import CEILINGS, PAIR_READERS
 from distmeta.speaker.episodes import speaker_accuracies, ua_spk
 
 
@@ -27,19 +28,41 @@ def _per_k(results: pd.DataFrame, model: str) -> pd.DataFrame:
     return results[(results["model"] == model) & results["setting"].fillna("").isin(["", "TU+LD", "TO+LD"])]
 
 
+def room(results: pd.DataFrame) -> float | None:
+    """The room to personalize on these test speakers: the generator's Oracle-Reader with the most pairs minus
+    with none (on a corpus without the generator's ground truth, the learned Ceiling-Reader's); None without them."""
+    for model in ("Oracle-Reader", "Ceiling-Reader"):
+        curve = _by_k(_per_k(results, model))
+        if len(curve) > 1:
+            return float(curve.iloc[-1] - curve.iloc[0])
+    return None
+
+
 def table2(results: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table II: classifier baselines, 0-shot and 1-shot_N speech LMs, the proposed model at k = 0..E;
-    then MAML (gradient-based) at k = 0..E on the same enrollment pairs (its "ICL" column: the pairs it adapted on)."""
-    rows = []
-    for name in [*CLASSIFIERS, "0-shot", "1-shot_N"]:
+    then MAML (gradient-based) at k = 0..E on the same enrollment pairs (its "ICL" column: the pairs it adapted on);
+    then the ceiling rows (`speaker/ceilings.py`). With a room (`room`), "share of room" is what each reader of
+    pairs gains over itself without pairs (the personalized classifiers: over Pretrained), as a share of it."""
+    rows, zero = [], {}
+    for name in [*CLASSIFIERS, "0-shot", "1-shot_N", "Oracle-Speaker", "Ceiling-Speaker"]:
         part = results[results["model"] == name]
         if len(part):
             rows.append({"model": name, "ICL": f"{part['k'].iloc[0]}-shot" if name == "1-shot_N" else "-",
                          "setting": "Neutral" if name == "1-shot_N" else "-", **_stats(part)})
-    for name in ("Proposed", "MAML"):
+            zero[name] = rows[-1]["UA_spk"]
+    for name in ("Proposed", "MAML", *PAIR_READERS):
         for k, part in _per_k(results, name).groupby("k"):
             rows.append({"model": name, "ICL": f"{k}-shot", "setting": part["setting"].iloc[0] or "-", **_stats(part)})
-    return pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
+            zero.setdefault(name, rows[-1]["UA_spk"])
+    table = pd.DataFrame(rows).astype({"speakers": int}).set_index("model")
+    space = room(results)
+    if space:
+        reference = [zero.get("Pretrained") if name.startswith("Personalized") else
+                     zero.get(name) if name in ("Proposed", "MAML", *PAIR_READERS) else None for name in table.index]
+        table["share of room"] = [(ua - ref) / space if ref is not None else float("nan")
+                                  for ua, ref in zip(table["UA_spk"], reference)]
+    order = [n for n in table.index.unique() if n not in CEILINGS] + [n for n in CEILINGS if n in table.index]
+    return table.loc[order]
 
 
 def per_speaker(results: pd.DataFrame, model: str, k: int | None = None) -> pd.Series:
@@ -59,12 +82,16 @@ def _named(model: str, k: int | None) -> str:
 def paired(results: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims as per-speaker paired comparisons on the test speakers: the pairs help (Proposed and
     MAML at k = E minus k = 0), the speech LM reads speech at 0 pairs (Proposed at 0 minus Pretrained), and
-    personalization beats the best personalized classifier (k = E minus Personalized_A). Per comparison: the
-    mean difference of per-speaker accuracies, its 95% t-interval, speakers, and how many speakers gain."""
+    personalization beats the best personalized classifier (k = E minus Personalized_A), enrollment of every
+    emotion beats a neutral one (Personalized_A minus Personalized_N); and the ceiling readers' own gain from
+    the pairs. Per comparison: the mean difference of per-speaker accuracies, its 95% t-interval, speakers, how
+    many speakers gain, and for a reader's k = E minus k = 0 its share of the room (`room`)."""
     top = int(results["k"].max())
+    space = room(results)
     comparisons = [(("Proposed", top), ("Proposed", 0)), (("MAML", top), ("MAML", 0)),
                    (("Proposed", 0), ("Pretrained", None)), (("Proposed", top), ("Personalized_A", None)),
-                   (("MAML", top), ("Personalized_A", None))]
+                   (("MAML", top), ("Personalized_A", None)), (("Personalized_A", None), ("Personalized_N", None)),
+                   *[((name, top), (name, 0)) for name in PAIR_READERS]]
     rows = []
     for (model, k), (reference, k_ref) in comparisons:
         mine, theirs = per_speaker(results, model, k), per_speaker(results, reference, k_ref)
@@ -73,7 +100,8 @@ def paired(results: pd.DataFrame) -> pd.DataFrame:
             continue
         mean, half = t_interval(diff)
         rows.append({"comparison": f"{_named(model, k)} - {_named(reference, k_ref)}", "mean": mean, "low": mean - half,
-                     "high": mean + half, "speakers": len(diff), "gains": int((diff > 0).sum())})
+                     "high": mean + half, "speakers": len(diff), "gains": int((diff > 0).sum()),
+                     "share of room": mean / space if space and model == reference else float("nan")})
     return pd.DataFrame(rows).set_index("comparison") if rows else pd.DataFrame()
 
 
@@ -113,7 +141,8 @@ def table4(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_shots(results: pd.DataFrame, path) -> None:
-    """UA_spk of the proposed model against the number of enrollment pairs, one line per test setting."""
+    """UA_spk of the proposed model against the number of enrollment pairs, one line per test setting; MAML and
+    the ceiling readers on Table II's pairs."""
     proposed = results[results["model"] == "Proposed"]
     zero = _stats(proposed[proposed["k"] == 0])["UA_spk"] if (proposed["k"] == 0).any() else None
     fig, ax = figure(figsize=(6, 4))
@@ -128,9 +157,13 @@ def plot_shots(results: pd.DataFrame, path) -> None:
     if len(maml):  # gradient-based personalization on the same pairs
         curve = _by_k(maml)
         ax.plot(curve.index, curve.to_numpy(), marker="s", linestyle="--", color="black", label="MAML (TU+LD, TO+LD at every emotion)")
+    for name, color in zip(PAIR_READERS, ("grey", "silver")):  # what the pairs can tell (speaker/ceilings.py)
+        curve = _by_k(_per_k(results, name))
+        if len(curve):
+            ax.plot(curve.index, curve.to_numpy(), marker=".", linestyle=":", color=color, label=f"{name} (same pairs)")
     ax.set_xlabel("enrollment pairs k")
     ax.set_ylabel("UA_spk")
-    ax.set_title("Personalization on the test speakers: ICL and MAML")
+    ax.set_title("Personalization on the test speakers: ICL, MAML and the ceilings")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -24,7 +24,7 @@ def test_corpus_design_and_reload(speakers):
     assert len(utts) == 10 * 7 * 2
     assert (utts.groupby(["speaker", "emotion"]).size() == 2).all() and set(utts["emotion"]) == set(EMOTIONS)
     assert utts.groupby("speaker")["split"].nunique().max() == 1  # split by speaker
-    assert utts.groupby("split")["speaker"].nunique().to_dict() == {"train": 7, "valid": 1, "test": 2}
+    assert utts.groupby("split")["speaker"].nunique().to_dict() == {"train": 6, "valid": 1, "test": 3}
     labels = corpus.labels("speaker")
     assert (labels.sum(1) == 1).all()
     assert (labels.idxmax(axis=1) == utts.loc[labels.index, "emotion"]).all()
@@ -40,7 +40,7 @@ def test_speaker_view_of_the_synthetic_corpus(speakers):
     corpus, _ = speakers
     data = speaker_view(corpus)
     assert data.emotions == EMOTIONS and data.words[:3] == ["Neutral", "Surprise", "Sadness"]
-    assert [len(data.splits[s]) for s in ("train", "valid", "test")] == [7, 1, 2]
+    assert [len(data.splits[s]) for s in ("train", "valid", "test")] == [6, 1, 3]
     task = data.splits["test"][0]
     emotions = corpus.utterances.loc[list(task.utterances), "emotion"]
     assert [data.emotions[i] for i in task.labels] == emotions.tolist()

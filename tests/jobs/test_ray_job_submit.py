@@ -98,19 +98,24 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     words = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
     assert set(results["label"]) == set(words) and set(results["prediction"]) <= set(words)
     assert set(results["model"]) == {"Scratch", "Pretrained", "Personalized_N", "Personalized_A", "0-shot", "1-shot_N",
-                                     "Proposed", "Proposed (TO+LD_7)", "Proposed (Neutral_0:7)", "MAML"}
+                                     "Proposed", "Proposed (TO+LD_7)", "Proposed (Neutral_0:7)", "MAML",
+                                     "Oracle-Speaker", "Oracle-Reader", "Ceiling-Speaker", "Ceiling-Reader"}
     per_condition = results.groupby(["model", "setting", "emotion", "k"]).size()
     assert (per_condition == per_condition.iloc[0]).all() and per_condition.iloc[0] == results["speaker"].nunique() * 7 * 3
 
     table2 = pd.read_csv(out / "table2.csv", keep_default_na=False)
     for _, row in table2.iterrows():
         rows = results[results["model"] == row["model"]]
-        if row["model"] in ("Proposed", "MAML"):
+        if row["model"] in ("Proposed", "MAML", "Oracle-Reader", "Ceiling-Reader"):
             k = int(row["ICL"].split("-")[0])
             rows = rows[(rows["k"] == k) & rows["setting"].isin(["", "TU+LD", "TO+LD"])]
             assert row["setting"] == {0: "-", 7: "TO+LD"}.get(k, "TU+LD")
         assert row["UA_spk"] == pytest.approx(ua_spk_reference(rows))
-    assert [r for r in table2["ICL"] if r.endswith("-shot")] == ["1-shot"] + [f"{k}-shot" for k in range(8)] * 2
+    assert [r for r in table2["ICL"] if r.endswith("-shot")] == ["1-shot"] + [f"{k}-shot" for k in range(8)] * 4
+    room = table2[table2["model"] == "Oracle-Reader"]["UA_spk"]  # the ceiling rows' room, and each reader's share
+    proposed = table2[table2["model"] == "Proposed"]["UA_spk"]
+    assert table2[table2["model"] == "Proposed"]["share of room"].iloc[-1] == pytest.approx(
+        (proposed.iloc[-1] - proposed.iloc[0]) / (room.iloc[-1] - room.iloc[0]))
     # MAML (on the job's task actors) adapted on exactly the pairs the speech LM read: the same episodes
     maml, proposed = (results[(results["model"] == m) & results["setting"].isin(["TU+LD", "TO+LD"])] for m in ("MAML", "Proposed"))
     assert list(zip(maml["utterance"], maml["k"])) == list(zip(proposed["utterance"], proposed["k"]))
@@ -125,7 +130,7 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
 
     mlflow.set_tracking_uri(tracking_uri)
     run = mlflow.search_runs(experiment_names=["submitted"], filter_string="tags.mlflow.runName LIKE 'metaicl-%'").iloc[0]
-    assert run["status"] == "FINISHED" and run["params.model.llm"] == "tiny" and run["metrics.best_val_loss.TU_LU"] > 0
+    assert run["status"] == "FINISHED" and run["params.model.llm"] == "tiny_icl" and run["metrics.best_val_loss.TU_LU"] > 0
     assert run["metrics.UA_spk.Proposed.7_shot"] == pytest.approx(ua_spk_reference(
         results[(results["model"] == "Proposed") & (results["k"] == 7)]))
     assert run["metrics.UA_spk.Pretrained"] == pytest.approx(ua_spk_reference(results[results["model"] == "Pretrained"]))

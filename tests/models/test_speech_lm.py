@@ -13,9 +13,15 @@ WORDS = ["Neutral", "Surprise", "Sadness", "Joy", "Fear", "Disgust", "Anger"]
 DIM = 12  # speech encoder width
 
 
+def tiny(**changes) -> SpeechLMConfig:
+    """The random tiny T5 with the paper's binding and trained token embeddings: the model these tests probe
+    (the in-context-pretrained default: tests at the end and tests/training/test_icl_llm.py)."""
+    return SpeechLMConfig(**{"llm": "tiny", "binding": "position", "train_token_embeddings": True, **changes})
+
+
 @pytest.fixture(scope="module")
 def model():
-    return SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16), DIM, WORDS).eval()
+    return SpeechLM(tiny(num_queries=3, qformer_dim=16), DIM, WORDS).eval()
 
 
 def frames_for(n, length=7, seed=0):
@@ -74,7 +80,7 @@ def test_placeholders_hold_each_utterances_queries_in_order(model):
 def test_word_tokenizer_knows_every_prompt_word_and_shortens_the_prompt(instruction):
     """The tiny LLM's default tokenizer: one token per word, built from the instruction and the label words
     (never <unk> in a prompt, one token per label); a 7-pair prompt is under half its byte-level length."""
-    config = SpeechLMConfig(num_queries=3, qformer_dim=16, instruction=instruction)
+    config = tiny(num_queries=3, qformer_dim=16, instruction=instruction)
     words, raw = SpeechLM(config, DIM, WORDS), SpeechLM(replace(config, tokenizer="bytes"), DIM, WORDS)
     tok = words.tokenizer
     assert tok.unk_token_id not in words.prompt(WORDS)["ids"]
@@ -124,7 +130,7 @@ def test_dropout_settings_reach_every_dropout(dropout, lora_dropout):
     """`dropout` sets the Q-Former's and the tiny T5's, `lora_dropout` LoRA's: with both 0, training mode
     computes the loss eval mode computes; with either on, it does not."""
     torch.manual_seed(0)
-    model = SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16, dropout=dropout, lora_dropout=lora_dropout), DIM, WORDS)
+    model = SpeechLM(tiny(num_queries=3, qformer_dim=16, dropout=dropout, lora_dropout=lora_dropout), DIM, WORDS)
     with torch.no_grad():  # LoRA's B starts at zero, which would hide LoRA's dropout
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -143,7 +149,7 @@ def test_dropout_settings_reach_every_dropout(dropout, lora_dropout):
 def test_tiny_llm_size(width, layers):
     """`tiny_width` x `tiny_layers` sizes the tiny T5: its width, feed-forward 2x, 4 heads of width/4 each, and
     as many encoder as decoder layers; the default is the size the speech LM always had (64, 128, 16, 2 + 2)."""
-    t5 = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, tiny_width=width, tiny_layers=layers), DIM, WORDS).llm
+    t5 = SpeechLM(tiny(num_queries=2, qformer_dim=16, tiny_width=width, tiny_layers=layers), DIM, WORDS).llm
     config = t5.base_model.model.config
     assert (config.d_model, config.d_ff, config.d_kv, config.num_heads) == (width, 2 * width, width // 4, 4)
     assert len(t5.base_model.model.encoder.block) == len(t5.base_model.model.decoder.block) == layers
@@ -151,7 +157,7 @@ def test_tiny_llm_size(width, layers):
 
 
 def test_only_lora_and_the_connector_train():
-    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
+    model = SpeechLM(tiny(num_queries=2, qformer_dim=16, train_token_embeddings=False), DIM, WORDS).train()
     names = list(trainable_parameters(model))
     connector = ("qformer.", "projection.", "segment.", "example.")
     assert all("lora_" in n or n.startswith(connector) for n in names)
@@ -168,7 +174,7 @@ def test_only_lora_and_the_connector_train():
     assert moved and moved <= set(names)
     assert any("lora_B" in n for n in moved) and any(n.startswith("qformer.") for n in moved)
     # with train_token_embeddings, exactly the (tied) token embedding table is added
-    with_tokens = set(trainable_parameters(SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16), DIM, WORDS)))
+    with_tokens = set(trainable_parameters(SpeechLM(tiny(num_queries=2, qformer_dim=16), DIM, WORDS)))
     assert with_tokens - set(names) == {"llm.base_model.model.shared.weight"} and set(names) < with_tokens
 
 
@@ -176,7 +182,7 @@ def test_scoring_learns_a_closed_set_mapping():
     """Four utterances, four labels: after training only LoRA and the connector, the closed-set score
     and free generation both return each utterance's label."""
     torch.manual_seed(0)
-    model = SpeechLM(SpeechLMConfig(num_queries=2, qformer_dim=16, lora_dropout=0.0, train_token_embeddings=False), DIM, WORDS)
+    model = SpeechLM(tiny(num_queries=2, qformer_dim=16, lora_dropout=0.0, train_token_embeddings=False), DIM, WORDS)
     frames, mask = frames_for(4, seed=1)
     targets = ["Joy", "Anger", "Fear", "Neutral"]
     batch = model.collate([model.prompt([]) for _ in targets], targets)
@@ -200,7 +206,7 @@ def test_scoring_learns_a_closed_set_mapping():
 
 @pytest.mark.parametrize("tokenizer", ["words", "bytes"])  # bytes: label words of different token lengths
 def test_one_pass_scores_equal_one_pass_per_word_and_precomputed_queries_change_nothing(tokenizer):
-    model = SpeechLM(SpeechLMConfig(num_queries=3, qformer_dim=16, tokenizer=tokenizer, seed=1), DIM, WORDS).eval()
+    model = SpeechLM(tiny(num_queries=3, qformer_dim=16, tokenizer=tokenizer, seed=1), DIM, WORDS).eval()
     batch = model.collate([model.prompt(["Joy"]), model.prompt([]), model.prompt(["Fear", "Anger"])])
     frames, mask = frames_for(6, seed=3)
     with torch.no_grad():
@@ -215,3 +221,44 @@ def test_one_pass_scores_equal_one_pass_per_word_and_precomputed_queries_change_
         torch.testing.assert_close(model.score(batch, None, None, queries=queries), scores, atol=0, rtol=0)
     if tokenizer == "bytes":
         assert len({len(model.label_ids(w)) for w in WORDS}) > 1
+
+
+def test_add_binding_puts_each_pairs_label_word_on_its_placeholders_only():
+    """Binding "add": a pair's placeholders hold its speech plus its label word's embedding; the target's
+    placeholders and every text position are as with the paper's position binding alone."""
+    config = tiny(num_queries=3, qformer_dim=16)
+    position, added = SpeechLM(config, DIM, WORDS).eval(), SpeechLM(replace(config, binding="add"), DIM, WORDS).eval()
+    added.load_state_dict(position.state_dict())
+    pairs = ["Joy", "Anger"]
+    frames, mask = frames_for(3)
+    batch_p, batch_a = position.collate([position.prompt(pairs)]), added.collate([added.prompt(pairs)])
+    assert torch.equal(batch_p["ids"], batch_a["ids"]) and "bound" not in batch_p
+    with torch.no_grad():
+        difference = added.embed(batch_a, frames, mask) - position.embed(batch_p, frames, mask)
+    table, ids, examples = added.llm.get_input_embeddings(), batch_a["ids"][0], batch_a["examples"][0]
+    for k in range(len(ids)):
+        pair = int(examples[k]) - 1
+        if ids[k] == added.speech_id and 0 <= pair < len(pairs):
+            torch.testing.assert_close(difference[0, k], table.weight[added.label_ids(pairs[pair])[0]])
+        else:
+            assert difference[0, k].abs().max() == 0
+    with pytest.raises(ValueError, match="binding"):
+        SpeechLM(replace(config, binding="glue"), DIM, WORDS)
+
+
+def test_the_default_llm_is_the_shipped_in_context_pretrained_t5_and_trains_lora_only():
+    """The default (tiny_icl) loads the build shipped with the package, as a Hugging Face folder, with its
+    own word vocabulary (every label word one token); nothing of the LLM itself trains."""
+    from distmeta.models.speech_lm import ICL_SHIPPED, icl_llm_folder
+
+    config = SpeechLMConfig(num_queries=8, qformer_dim=16)
+    assert (config.llm, config.binding, config.train_token_embeddings) == ("tiny_icl", "add", False)
+    folder = icl_llm_folder(config)
+    assert folder.parent == ICL_SHIPPED and (folder / "config.json").is_file()
+    model = SpeechLM(config, DIM, WORDS)
+    assert all(len(model.label_ids(w)) == 2 for w in WORDS)
+    assert model.tokenizer.unk_token_id not in model.prompt(WORDS)["ids"]
+    assert all("lora_" in n or n.split(".")[0] in ("qformer", "projection", "segment", "example")
+               for n in trainable_parameters(model))
+    with pytest.raises(FileNotFoundError, match="tiny_icl"):
+        SpeechLM(replace(config, tiny_width=48), DIM, WORDS)  # no build for these settings, and loading builds nothing

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score
 from distmeta.speaker import baselines, episodes, evaluate, metaicl, tables
 from distmeta.data.speakers import EMOTIONS, SpeakerData
 from distmeta.features import FrameBank
-from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
+from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig, icl_llm_key
 
 WORDS = SpeakerData(EMOTIONS).words
 
@@ -132,7 +132,7 @@ def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_p
     state reloads into a fresh model with identical predictions."""
     data, bank = toy_speakers
     config = metaicl.MetaICLConfig(batch_size=8, val_every=40, lr=3e-3)
-    model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
+    model_config = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=3)
     model = SpeechLM(model_config, bank.dim, data.words)
     val = episodes.random_episodes(data.splits["valid"], 32, "TU+LU", (0, 3), np.random.default_rng(1))
     before = metaicl.validation_loss(model, bank, val, data.words, 32)
@@ -156,15 +156,37 @@ def test_a_speech_lm_saved_before_the_word_tokenizer_loads_with_bytes(tmp_path):
     from safetensors.torch import save_file
 
     words = ["Neutral", "Anger"]
-    config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2, tokenizer="bytes")
+    config = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=2, tokenizer="bytes", binding="position",
+                            train_token_embeddings=True)
     old = SpeechLM(config, 12, words)
     save_file(metaicl.trainable_state(old), str(tmp_path / "old.safetensors"))
-    settings = {k: v for k, v in asdict(config).items() if k != "tokenizer"}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("tokenizer", "binding")}  # keys that came later
     (tmp_path / "old.json").write_text(json.dumps({"settings": {"model": settings}, "encoder_dim": 12, "words": words}))
     loaded = metaicl.load_speech_lm(tmp_path / "old.safetensors")
     assert loaded.config.tokenizer == "bytes" and loaded.label_ids("Anger") == old.label_ids("Anger")
+    assert loaded.config.binding == "position"  # before the binding: the paper's position embedding alone
     for name, value in metaicl.trainable_state(old).items():
         torch.testing.assert_close(metaicl.trainable_state(loaded)[name], value)
+
+
+def test_a_speech_lm_trained_on_another_llm_build_is_refused(tmp_path):
+    """LoRA and the connector fit the LLM weights they were trained with: a sidecar naming another tiny_icl
+    build (the in-context pretraining changed since) is an error naming the file, not a silent mismatch."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    config = SpeechLMConfig(qformer_dim=16, max_shots=2)
+    model = SpeechLM(config, 12, ["Neutral", "Anger"])
+    save_file(metaicl.trainable_state(model), str(tmp_path / "lm.safetensors"))
+    sidecar = {"settings": {"model": asdict(config), "llm_build": "tiny_icl_00000000"}, "encoder_dim": 12,
+               "words": ["Neutral", "Anger"]}
+    (tmp_path / "lm.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="lm.safetensors.*tiny_icl_00000000"):
+        metaicl.load_speech_lm(tmp_path / "lm.safetensors")
+    sidecar["settings"]["llm_build"] = icl_llm_key(config)
+    (tmp_path / "lm.json").write_text(json.dumps(sidecar))
+    assert metaicl.load_speech_lm(tmp_path / "lm.safetensors").config == config
 
 
 def test_personalized_baseline_references(toy_speakers):
@@ -237,7 +259,7 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
     data, corpus = speaker_corpus
     upstream = UpstreamConfig(name="fbank")
     meta = metaicl.MetaICLConfig(stage1_steps=300, stage2_steps=1, val_every=20, val_episodes=8, batch_size=4)
-    model = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2)
+    model = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=2)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
@@ -289,7 +311,7 @@ def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker
     # one CPU per worker in both layouts, so each model computes with the same thread count
     meta = metaicl.MetaICLConfig(stage1_steps=10, stage2_steps=10, val_every=5, val_episodes=4, batch_size=4,
                                  cpus_per_worker=1, parallel=1)
-    model = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=2)
+    model = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=2)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
@@ -318,7 +340,7 @@ def test_metaicl_training_and_prediction_on_the_device_equal_the_cpus(toy_speake
     on the CPU) against the same run on the CPU: the losses, the trained state, the scores, the words."""
     data, bank = toy_speakers
     config = metaicl.MetaICLConfig(batch_size=8, val_every=10, lr=3e-3)
-    model_config = SpeechLMConfig(num_queries=2, qformer_dim=16, max_shots=3)
+    model_config = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=3)
     val = episodes.random_episodes(data.splits["valid"], 16, "TU+LU", (0, 3), np.random.default_rng(1))
     test_episodes = episodes.evaluation_episodes(data.splits["test"], 2, "TU+LU", seed=0)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from distmeta.listener.distributed import ActorConfig, ActorPool
 from distmeta.listener.metatrain import MetaConfig
 from distmeta.models.speaker_classifier import SpeakerClassifier
 from distmeta.speaker import maml, tables
-from distmeta.speaker.episodes import evaluation_episodes, ua_spk
+from distmeta.speaker.episodes import evaluation_episodes, table2_conditions, ua_spk
 
 CONFIG = MetaConfig(scope="entire", csmt=False, inner_lr=0.5, inner_steps=2, outer_lr=1e-2, outer_steps=6, shots=3,
                     tasks_per_step=3, test_steps=10, val_every=3, val_shots=3, val_seeds=1, val_queries=6,
@@ -70,7 +70,7 @@ def test_evaluation_adapts_on_the_speech_lms_enrollment_pairs(toy, serial):
     data, bank, _ = toy
     meta = serial[0]
     rows = maml.evaluate(meta, bank, data, CONFIG, seed=5, log=None)
-    assert sorted(set(zip(rows["setting"], rows["k"]))) == sorted(maml.conditions(7))
+    assert sorted(set(zip(rows["setting"], rows["k"]))) == sorted(table2_conditions(7))
     for setting, k in [("TU+LD", 3), ("TO+LD", 7)]:
         episodes = evaluation_episodes(data.splits["test"], k, setting, seed=5)  # what the speech LM reads
         part = rows[(rows["setting"] == setting) & (rows["k"] == k)]
