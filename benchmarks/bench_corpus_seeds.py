@@ -1,4 +1,5 @@
-"""Issue 13's conditions at each finished default run, and Meta-PerSER's lead across corpus seeds.
+"""The benchmark's conditions at each finished default run (room at least 6 maF1, Meta-PerSER ahead of
+Entire-Few unseen on both metrics), and Meta-PerSER's lead across corpus seeds.
 
     .venv/bin/python benchmarks/bench_corpus_seeds.py RUN [RUN ...] [--out seeds.csv]
 
@@ -7,33 +8,30 @@ corpus seed. For each run, at the protocol's K:
 - the unseen room (Entire-All minus Entire-Zero, maF1);
 - Meta-PerSER minus Entire-Few per episode on unseen maF1 and miF1 (mean and 95% interval, as paired.md);
 - whether Entire-Zero is above Random on every metric in every scenario;
-- whether issue 13's conditions hold read as means, and with both intervals above 0.
+- whether those conditions hold read as means, and with both intervals above 0.
 
 Then, over the runs, the mean per-seed lead with a 95% t-interval across corpus seeds. That is what holds
 on average over corpora, where a single run's verdict also carries its own 15 episodes' noise
-(docs/listener.md, "Where issue 13 stands, over corpus seeds 29-47").
+(docs/results/listener.md).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distmeta import config as cfg
+from distmeta.io import write_text
+from distmeta.settings import MetaTrainConfig
+from distmeta.listener.protocol import METRICS, paired
+from distmeta.metrics import t_interval
+from distmeta.report import markdown_table
 
-from distmeta import config as cfg  # noqa: E402
-from distmeta.io import write_text  # noqa: E402
-from distmeta.jobs import MetaTrainConfig  # noqa: E402
-from distmeta.listener.protocol import METRICS, paired  # noqa: E402
-from distmeta.metrics import t_interval  # noqa: E402
-from distmeta.report import markdown_table  # noqa: E402
-
-MIN_ROOM = 6.0  # issue 13: Entire-All - Entire-Zero, unseen maF1 points
+MIN_ROOM = 6.0  # Entire-All - Entire-Zero, unseen maF1 points: enough room to personalize
 
 
 def seed_row(run: Path) -> dict:
-    """Issue 13's figures for one finished run."""
+    """The benchmark's figures for one finished run."""
     config = cfg.load(MetaTrainConfig, run / "config.yaml")
     results = pd.read_csv(run / "results.csv")
     shots = config.protocol.shots
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"not a finished jobs/meta_train.py run (no results.csv): {', '.join(missing)}")
     seeds = pd.DataFrame([seed_row(run) for run in args.runs]).set_index("corpus_seed").sort_index()
-    print("## Issue 13 per corpus seed (unseen, points)\n")
+    print("## The conditions per corpus seed (unseen, points)\n")
     print(markdown_table(seeds.round(2)))
     print(f"\nholds read as means at {int(seeds.holds_as_means.sum())} of {len(seeds)}, "
           f"with both intervals above 0 at {int(seeds.holds_with_intervals.sum())}")

@@ -21,8 +21,10 @@ import ray
 import torch
 
 from distmeta.data import make_synthetic_corpus, rotation
-from distmeta.listener.distributed import ActorConfig, ActorPool, ListenerReplica
-from distmeta.listener.metatrain import MetaConfig, MetaLearner, SerialGradients, build_meta_model, make_bank, train
+from distmeta.meta.actors import ActorConfig, ActorPool
+from distmeta.listener.metatrain import ListenerReplica
+from distmeta.meta.learner import MetaConfig, MetaLearner, SerialGradients, train
+from distmeta.listener.metatrain import build_meta_model, make_bank
 from distmeta.models import UpstreamConfig
 
 

@@ -20,22 +20,19 @@ TF32; `bf16` runs under autocast. Figures are from one run on one machine.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wavlm_base_checkpoint import wavlm_base_checkpoint
 
-from wavlm_base_checkpoint import wavlm_base_checkpoint  # noqa: E402
-
-from distmeta.features import AudioBank, ConvFeatureBank  # noqa: E402
-from distmeta.listener.adapters import AdaptConfig, Episode, FineTune, MetaPerSER  # noqa: E402
-from distmeta.listener.metatrain import MetaConfig, meta_model_of  # noqa: E402
-from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope  # noqa: E402
+from distmeta.features import AudioBank, ConvFeatureBank
+from distmeta.listener.adapters import AdaptConfig, Episode, FineTune, MetaPerSER
+from distmeta.meta.learner import MetaConfig
+from distmeta.listener.metatrain import meta_model_of
+from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
 
 PEAK_TFLOPS = {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}  # H100 / H200 SXM, dense
 

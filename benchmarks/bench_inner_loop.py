@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from distmeta.listener.maml import adapt, batched_adapt, meta_gradients
-from distmeta.listener.maml import batch_balanced_loss as loss_fn
+from distmeta.meta.maml import adapt, batched_adapt, meta_gradients
+from distmeta.meta.maml import batch_balanced_loss as loss_fn
 from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
 from distmeta.models.ser import SERHead
+from distmeta.training.tiny_wavlm import ready as build_upstream
 
 
 def timed(fn, repeats):
@@ -36,6 +37,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    build_upstream(UpstreamConfig())
     model = SERModel(Upstream(UpstreamConfig())).to(device)
     wavs = torch.randn(args.shots, 40_000, device=device) * 0.1
     lengths = torch.full((args.shots,), 40_000, device=device)

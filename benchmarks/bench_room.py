@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_room.py [--seeds 0,1,2] [--features evidence,voice,log-mel,tiny,tiny_pretrained] [--utterances 2000]
 
-Calibrating the embedded corpus (issue 13) needs "is there room?" answered per
+Calibrating the embedded corpus needs "is there room?" answered per
 generator setting and corpus seed, and the default run takes most of an hour.
 This answers it on the unseen scenario with the protocol's own episodes
 (5 external test annotators x 3 seeds, K=32, Q=128), in three layers:
@@ -20,12 +20,12 @@ This answers it on the unseen scenario with the protocol's own episodes
               reads them with that error (S=1 scores like tiny_pretrained)
     log-mel   mean and std of 40 log-mel bands: what plain spectra carry
     tiny      mean of each hidden layer of the tiny upstream, random weights (the tests' upstream)
-    tiny_pretrained   the same, pretrained (models/tiny_wavlm.py; the listener jobs' upstream)
+    tiny_pretrained   the same, pretrained (training/tiny_wavlm.py; the listener jobs' upstream)
     wavlm_local:PATH  the same for any WavLM checkpoint in s3prl's format
     KIND+spk  any of these standardised within each speaker (speaker-level normalisation)
 - the label shares behind the paper's Table A1 (neutral and frustration spread).
 
-Room = All - Zero in maF1 points (issue 13 asks >= 6 for the real model).
+Room = All - Zero in maF1 points (the listener benchmark asks >= 6 for the real model).
 When even `evidence` shows no room, the listeners are too alike; when only the
 real features lack it, the upstream (or the audio) is what limits.
 Numbers are from one run on one machine.
@@ -47,6 +47,7 @@ from distmeta.features import AudioBank
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.models import Upstream, UpstreamConfig
 from distmeta.listener.protocol import ProtocolConfig, run_episodes
+from distmeta.training.tiny_wavlm import ready as build_upstream
 
 K, Q, SEEDS = 32, 128, 3
 
@@ -76,6 +77,7 @@ def pooled_features(corpus, kind: str) -> pd.DataFrame:
             rows.append(torch.cat([mel.mean(1), mel.std(1)]).numpy())
     elif kind in ("tiny", "tiny_pretrained") or kind.startswith("wavlm_local:"):
         config = UpstreamConfig(kind) if ":" not in kind else UpstreamConfig("wavlm_local", kind.split(":", 1)[1])
+        build_upstream(config)  # a tiny one is built (or copied from the shipped build) once per machine
         upstream = Upstream(config).eval()
         with torch.no_grad():
             for u in utterances.index:

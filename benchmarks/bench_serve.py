@@ -11,7 +11,7 @@ application bound to 127.0.0.1:
 - cold requests: the first `POST /predict` of each profile (the replica loads it from the store);
 - warm load: `--requests` predictions of one 3 s clip (stopped after `--seconds`), `--concurrency` client
   threads, profiles in turn; throughput, p50 / p95 / max latency as the client sees it.
-Goals on a 2-core machine with the tiny upstream (issue 17): warm p95 under 100 ms, K=32 enrollment under 5 s.
+Goals on a 2-core machine with the tiny upstream: warm p95 under 100 ms, K=32 enrollment under 5 s.
 Writes `serve.md` / `.csv` (the table) and `latency.png` (latency distribution) under --out. One run, one machine.
 """
 
@@ -30,7 +30,8 @@ import soundfile as sf
 
 from distmeta.data import make_synthetic_corpus, rotation
 from distmeta.labels import CLASSES
-from distmeta.listener.metatrain import MetaConfig, meta_train_cached
+from distmeta.meta.learner import MetaConfig
+from distmeta.listener.metatrain import meta_train_cached
 from distmeta.models import UpstreamConfig
 from distmeta.profiles.listener import ListenerBase, enroll
 from distmeta.report import figure, save_figure, save_table

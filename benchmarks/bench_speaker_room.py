@@ -29,7 +29,7 @@ from distmeta.cluster import connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
-from distmeta.jobs import MetaICLJobConfig
+from distmeta.settings import MetaICLJobConfig
 from distmeta.report import markdown_table
 from distmeta.speaker import baselines, ceilings, metaicl
 from distmeta.speaker import maml as speaker_maml

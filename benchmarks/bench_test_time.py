@@ -9,7 +9,7 @@ validation annotators, from the models of finished default runs.
 RUN: the `out` folder of a finished `jobs/meta_train.py` run; its config.yaml names the corpus and the
 `models_dir` holding each split's SSL-E and Meta-PerSER models.
 
-Issue 13 asks that Entire-Few's rate and steps be chosen on the validation annotator, the way Meta-PerSER's
+A fair baseline has Entire-Few's rate and steps chosen on the validation annotator, the way Meta-PerSER's
 settings are, never on test annotators; and both fine-tune the whole model at meta-test, which is most of the
 default run's time, so fewer steps at a higher rate would be worth having if the validation annotators say
 they lose nothing. For every split of the scenario this fine-tunes both starts (SSL-E: Entire-Few; the
@@ -30,34 +30,29 @@ Step 0 along such a trajectory scores the head phase alone.
 
 import argparse
 import itertools
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ (the model file names)
-
-from distmeta import config as cfg  # noqa: E402
-from distmeta.data.scenarios import rotation  # noqa: E402
-from distmeta.data.sources import load_corpus  # noqa: E402
-from distmeta.features import inputs_for  # noqa: E402
-from distmeta.io import write_text  # noqa: E402
-from distmeta.jobs import MetaTrainConfig  # noqa: E402
-from distmeta.listener.adapters import _probs  # noqa: E402
-from distmeta.listener.maml import MetaModel  # noqa: E402
-from distmeta.listener.metatest import learned_rate_steps  # noqa: E402
-from distmeta.listener.metatrain import build_meta_model  # noqa: E402
-from distmeta.listener.pretrain import load_pretrained  # noqa: E402
-from distmeta.metrics import multilabel_scores  # noqa: E402
-from distmeta.report import markdown_table  # noqa: E402
-from distmeta.models.ser import set_scope  # noqa: E402
-from distmeta.training.fit import fine_tune  # noqa: E402
-from jobs.meta_train import meta_model_path  # noqa: E402
+from distmeta import config as cfg
+from distmeta.data.scenarios import rotation
+from distmeta.data.sources import load_corpus
+from distmeta.features import inputs_for
+from distmeta.io import write_text
+from distmeta.settings import MetaTrainConfig
+from distmeta.listener.adapters import _probs
+from distmeta.meta.maml import MetaModel
+from distmeta.listener.metatest import learned_rate_steps
+from distmeta.listener.metatrain import build_meta_model, meta_model_path
+from distmeta.listener.pretrain import load_pretrained
+from distmeta.metrics import multilabel_scores
+from distmeta.report import markdown_table
+from distmeta.models.ser import set_scope
+from distmeta.training.fit import fine_tune
 
 K, Q, SEEDS = 32, 128, 3
 NONE = "none"  # the head_first column of plain fine-tuning
@@ -88,7 +83,7 @@ def trajectories(run: Path, scenario: str, role: str, grid: dict, checkpoints: l
         folder = Path(config.models_dir) / scenario / split.test_annotator
         ssl_e = load_pretrained("ssl_e", config.upstream, folder / "ssl_e.safetensors")
         meta = build_meta_model(config.upstream, None, replace(config.meta, ini=False))
-        meta.load_state_dict(load_file(str(meta_model_path(config, scenario, split, config.meta))))
+        meta.load_state_dict(load_file(str(meta_model_path(config.models_dir, scenario, split.test_annotator, config.meta))))
         task = split.val_task(corpus) if role == "val" else split.test_task(corpus)
         bank = inputs_for(ssl_e.upstream, task.utterances, None, corpus, config.pretrain.max_seconds)  # conv: frozen, shared
         for seed in range(SEEDS):

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distmeta.data.synthetic import default_cache_dir  # noqa: E402
-from distmeta.io import atomic_path  # noqa: E402
-from distmeta.models.s3prl_compat import import_s3prl_hub  # noqa: E402
+from distmeta.data.synthetic import default_cache_dir
+from distmeta.io import atomic_path
+from distmeta.models.s3prl_compat import import_s3prl_hub
 
 WAVLM_BASE = {
     "extractor_mode": "default",

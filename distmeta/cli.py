@@ -38,12 +38,6 @@ def audio_files(items: list[str]) -> list[str]:
     return files
 
 
-def progress_line(done: int, total: int, started: float) -> None:
-    elapsed = time.time() - started
-    print(f"\rpredicted {done}/{total} files, {elapsed:.0f}s, ETA {elapsed / done * (total - done):.0f}s", end="",
-          file=sys.stderr, flush=True)
-
-
 def enroll(args) -> int:
     from distmeta.profiles.kinds import enroll_from, kind_of, load_base
     from distmeta.profiles.store import ProfileStore
@@ -60,6 +54,7 @@ def enroll(args) -> int:
 def predict(args) -> int:
     from distmeta.profiles.kinds import load_base, predict_with
     from distmeta.profiles.store import ProfileStore
+    from distmeta.report import Progress
 
     adapted, profile = None, {}
     if args.profile:
@@ -69,9 +64,9 @@ def predict(args) -> int:
     if profile and profile["base"] != base.digest:
         raise SystemExit(f"profile {args.profile!r} belongs to base model {profile['base']}, not {base.digest} ({model})")
     files = audio_files(args.inputs)
-    started = time.time()
-    rows = predict_with(base, files, adapted, profile, progress=lambda d, n: progress_line(d, n, started))
-    print(file=sys.stderr)
+    shown = Progress("predicted file", len(files), log=lambda line: print(line, file=sys.stderr, flush=True),
+                     bar=sys.stderr.isatty())  # stdout may be the predictions themselves
+    rows = predict_with(base, files, adapted, profile, progress=lambda done, _: shown.update(done))
     for row in rows:
         row.update({"profile": args.profile or "", "base": base.digest})
     out = open(args.output, "w", newline="") if args.output else sys.stdout

@@ -224,3 +224,30 @@ def parse_args(cls, argv=None, *, job: str, description: str | None = None, epil
         print(to_yaml(config), end="")
         raise SystemExit(0)
     return config
+
+
+def resume_args(argv: list[str], job: str) -> list[str]:
+    """`--resume DIR` = the run's own config and folder (`DIR/config.yaml`, `--out DIR`) with `resume=true`;
+    other arguments follow as overrides."""
+    if "--resume" not in argv:
+        return argv
+    at = argv.index("--resume")
+    if at + 1 >= len(argv):
+        raise SystemExit("--resume needs the output folder of the run to continue")
+    folder = Path(argv[at + 1])
+    if not (folder / "config.yaml").is_file():
+        raise SystemExit(f"--resume {folder}: no config.yaml there (is it the --out folder of a {job} run?)")
+    return ["--config", str(folder / "config.yaml"), "--out", str(folder)] + argv[:at] + argv[at + 2:] + ["resume=true"]
+
+
+def check_resumable(cls, config, sections: tuple[str, ...]) -> None:
+    """Refuse to resume the run in `config.out` when any of `sections` (what its models and checkpoints depend
+    on) changed from the run's own config.yaml, naming every differing key."""
+    saved_path = Path(config.out) / "config.yaml"
+    if not saved_path.is_file():
+        return  # nothing ran there yet: a fresh start
+    saved, now = read_yaml(cls, saved_path), dataclasses.asdict(config)
+    changed = differences({k: saved.get(k, {}) for k in sections}, {k: now[k] for k in sections})
+    if changed:
+        raise SystemExit(f"--resume {config.out}: the run was made with other settings than these:\n  "
+                         + "\n  ".join(changed) + "\nresume with the run's own settings, or start a new --out folder")

@@ -1,5 +1,7 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and the one digest of
+settings that names every cached file."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,3 +31,9 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def settings_digest(settings) -> str:
+    """The identity of JSON-able settings (key order aside): what cache keys and file names of built or
+    trained things are made of, the same way everywhere."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

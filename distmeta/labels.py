@@ -34,3 +34,19 @@ def canonical_label(text: str) -> str | None:
     if key not in _ALIASES:
         raise UnknownLabel(f"unknown emotion label {text!r}; known: {', '.join(sorted(_ALIASES))}")
     return _ALIASES[key]
+
+
+def parse_labels(text: str | None) -> tuple[set[str], list[str], list[str]]:
+    """One annotation's labels, joined by ';' (IEMOCAP's evaluation lines, the manifest's `labels` column,
+    an enrollment CSV): (the class names, the label strings as written, an error per unknown string)."""
+    raw = [s.strip() for s in (text or "").split(";") if s.strip()]
+    classes, errors = set(), []
+    for label in raw:
+        try:
+            name = canonical_label(label)
+        except UnknownLabel as err:
+            errors.append(str(err))
+            continue
+        if name is not None:
+            classes.add(name)
+    return classes, raw, errors

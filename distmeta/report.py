@@ -1,12 +1,54 @@
-"""Tables and plots a job leaves behind: CSV for programs, Markdown and PNG for people (the one way
-every job saves a table, `save_table`, and a figure, `save_figure`)."""
+"""What a job shows and leaves behind: progress with an ETA while it runs (`Progress`, the one way every long
+loop reports), and tables and plots, CSV for programs, Markdown and PNG for people (`save_table`,
+`save_figure`)."""
 
+import io
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tqdm import tqdm
+
 from distmeta.io import atomic_path, write_text
+
+
+class Progress:
+    """A loop of `total` steps (epochs, outer steps, episodes, files), with its elapsed time and ETA.
+
+        progress = Progress("meta step", 150, log=print)
+        progress.update(step, "outer loss 0.41")         # steps done so far, and what to show beside them
+
+    tqdm keeps the count and formats the times. In a terminal (`log` is `print` and stderr is one, or `bar`) it draws
+    its bar on stderr and writes no lines; elsewhere (job logs, Ray workers, pipes) each `update` puts one
+    line through `log`: "<what> <n>/<total>: <details>, <elapsed> elapsed, ETA <remaining>", the ETA from
+    the steps done since `start`. `log=None` is silent. Loops that report every few steps call `update`
+    only then.
+    """
+
+    def __init__(self, what: str, total: int, log=print, start: int = 0, bar: bool | None = None):
+        self.what, self.total, self.log, self.start = what, total, log, start
+        self.terminal = (log is print and sys.stderr.isatty()) if bar is None else bar
+        self.bar = tqdm(total=total, initial=start, desc=what, file=sys.stderr if self.terminal else io.StringIO(),
+                        disable=log is None, leave=False, dynamic_ncols=True)
+        self.started = time.time()
+
+    def update(self, done: int, details: str = "") -> None:
+        if self.log is None:
+            return
+        self.bar.update(done - self.bar.n)
+        if self.terminal:
+            self.bar.set_postfix_str(details)
+            if done >= self.total:
+                self.bar.close()
+            return
+        elapsed = time.time() - self.started
+        remaining = elapsed / max(done - self.start, 1) * (self.total - done)
+        shown = f": {details}" if details else ""
+        self.log(f"{self.what} {done}/{self.total}{shown}, {tqdm.format_interval(elapsed)} elapsed, "
+                 f"ETA {tqdm.format_interval(remaining)}")
 
 
 def say(name: str, line: str) -> None:

@@ -14,7 +14,7 @@ A trial is one meta-training of one split (the distributed trainer unless the
 base config says `distributed: false`); after every validation it reports the
 validation annotator's `val_loss`, `val_maF1`, `val_miF1` and the outer loss.
 ASHA and the search read the meta-trainer's own model-selection criterion
-(`metatrain.selection`: `val_maF1`, highest best, under `meta.select: maF1`,
+(`meta.learner.selection`: `val_maF1`, highest best, under `meta.select: maF1`,
 the default; `val_loss`, lowest best, under `meta.select: loss`), so a sweep
 ranks trials by what picks the model inside each of them.
 
@@ -159,8 +159,9 @@ def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: dict, upstream
     store (`tune.with_parameters`)."""
     from ray import tune
 
-    from distmeta.listener.distributed import ActorConfig, ActorPool
-    from distmeta.listener.metatrain import MetaConfig, meta_train_split
+    from distmeta.meta.actors import ActorConfig, ActorPool
+    from distmeta.meta.learner import MetaConfig
+    from distmeta.listener.metatrain import meta_train_split
     from distmeta.models.upstream import UpstreamConfig, landed
 
     merged = with_params(base, params)

@@ -13,6 +13,7 @@ server.
 
 import os
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,3 +111,27 @@ def registered_files(uri: str) -> Path:
         mlflow.artifacts.download_artifacts(uri, dst_path=str(staging))
         staging.rename(folder)
     return folder
+
+
+class StepMetrics:
+    """A meta-training's per-step metrics, sent to its MLflow run in one batch per validation step: each
+    call is a database write, and one per outer step of every training adds up to many seconds of the
+    driver's CPU. The curves in MLflow are the same, up to `val_every` steps behind."""
+
+    def __init__(self, run_id: str):
+        self.run_id, self.pending = run_id, []
+
+    def add(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, record["step"]) for k, v in record.items() if k != "step"]
+        if "val_loss" in record:
+            self.flush()
+
+    def flush(self) -> None:
+        import mlflow
+
+        if self.pending:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
+            self.pending = []

@@ -19,7 +19,7 @@ import pandas as pd
 from distmeta import config as cfg
 from distmeta.data.sources import load_corpus
 from distmeta.data.synthetic import oracle_gap
-from distmeta.jobs import MakeCorpusConfig
+from distmeta.settings import MakeCorpusConfig
 from distmeta.report import markdown_table, save_heatmap, save_table
 
 

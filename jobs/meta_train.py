@@ -28,19 +28,19 @@ import pandas as pd
 
 from distmeta import config as cfg
 from distmeta import tracking
-from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.cluster import beside_workers, connect
 from distmeta.data.scenarios import TooFewItems, rotation
 from distmeta.data.sources import load_corpus
-from distmeta.listener.distributed import ActorPool
 from distmeta.io import atomic_path
-from distmeta.jobs import MetaTrainConfig
-from distmeta.listener.metatrain import ABLATIONS, MetaConfig, meta_train_cached
-from distmeta.models.upstream import prepare
+from distmeta.listener.adapters import baseline_adapters, meta_adapter
+from distmeta.listener.metatrain import meta_model_path, meta_train_cached, meta_variants
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
 from distmeta.listener.protocol import (EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
                                        table2)
+from distmeta.meta.actors import ActorPool
 from distmeta.report import save_table, say
+from distmeta.settings import MetaTrainConfig
+from distmeta.training.tiny_wavlm import ready as build_upstream
 
 
 def setup(config: MetaTrainConfig):
@@ -54,7 +54,7 @@ def setup(config: MetaTrainConfig):
                 raise SystemExit(f"{error}: lower protocol.shots or protocol.queries, or leave the annotator out "
                                  f"of protocol.test_annotators") from None
     connect(config.ray_address)
-    prepare(config.upstream)  # a tiny upstream is built here once, before any worker needs it
+    build_upstream(config.upstream)  # a tiny upstream is built here once, before any worker needs it
     return corpus, splits
 
 
@@ -67,29 +67,13 @@ def pretrain_models(config: MetaTrainConfig, splits, inputs=None) -> dict:
                              config.storage, inputs)
 
 
-def meta_variants(config: MetaTrainConfig, scenario: str) -> dict:
-    """{method name: MetaConfig}: Meta-PerSER itself, plus the Table 2 variants on unseen data."""
-    variants = {"Meta-PerSER": config.meta} if "Meta-PerSER" in config.protocol.methods else {}
-    if scenario == "unseen":
-        for name in config.protocol.table2:
-            if name not in ABLATIONS:
-                raise SystemExit(f"protocol.table2: unknown variant {name!r}; choose from {list(ABLATIONS)}")
-            variants[f"Meta[{name}]"] = MetaConfig(**{**asdict(config.meta), **ABLATIONS[name]})
-    return variants
-
-
-def meta_model_path(config: MetaTrainConfig, scenario: str, split, meta_config: MetaConfig) -> Path:
-    tag = "-".join(f"{k}{int(getattr(meta_config, k))}" for k in ("ini", "csmt", "da", "lslr"))
-    return Path(config.models_dir) / scenario / split.test_annotator / f"meta-{tag}.safetensors"
-
-
 def register_meta_perser(config: MetaTrainConfig, splits) -> int | None:
     """Register the Meta-PerSER model of the first unseen split (else the first split) as `distmeta-listener`:
     what `distmeta enroll --model models:/distmeta-listener/<version>` adapts."""
     if "Meta-PerSER" not in config.protocol.methods:
         return None
     scenario = "unseen" if "unseen" in splits else next(iter(splits))
-    path = meta_model_path(config, scenario, splits[scenario][0], config.meta)
+    path = meta_model_path(config.models_dir, scenario, splits[scenario][0].test_annotator, config.meta)
     version = tracking.register_model([path, path.with_suffix(".json")], "distmeta-listener")
     print(f"registered {path} as models:/distmeta-listener/{version}", flush=True)
     return version
@@ -103,11 +87,11 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, po
     import mlflow
     from concurrent.futures import ThreadPoolExecutor
 
-    variants = meta_variants(config, scenario)
+    variants = meta_variants(config.meta, config.protocol.methods, config.protocol.table2, scenario)
     parent = mlflow.active_run().info.run_id
     by_path = {}  # model file -> the variants it serves (Meta-PerSER is Table 2's last row)
     for method, meta_config in variants.items():
-        by_path.setdefault(meta_model_path(config, scenario, split, meta_config), []).append(method)
+        by_path.setdefault(meta_model_path(config.models_dir, scenario, split.test_annotator, meta_config), []).append(method)
 
     def train(path: Path, methods: list, actors) -> dict:
         states = {}
@@ -118,7 +102,7 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, po
                                   parent_run_id=parent) as run:
                 mlflow.log_params({**cfg.flatten(asdict(meta_config), "meta."), "scenario": scenario,
                                    "test_annotator": split.test_annotator, "method": method})
-                steps = StepMetrics(run.info.run_id)
+                steps = tracking.StepMetrics(run.info.run_id)
                 states[method] = meta_train_cached(
                     path, corpus, split, config.upstream, checkpoints["ssl_e"], meta_config, asdict(config.data),
                     config.pretrain.max_seconds, log=functools.partial(say, method), actors=actors, on_step=steps.add,
@@ -138,30 +122,6 @@ def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, po
                               config.pretrain.max_seconds, inputs)
         adapters.update(dict.fromkeys(methods, shared))
     return {method: adapters[method] for method in variants}
-
-
-class StepMetrics:
-    """A meta-training's per-step metrics, sent to its MLflow run in one batch per validation step: each
-    call is a database write (~8 ms of the driver's CPU), and 150 steps x 30 trainings of them cost the
-    default run ~40 s of CPU. The curves in MLflow are the same, up to `val_every` steps behind."""
-
-    def __init__(self, run_id: str):
-        self.run_id, self.pending = run_id, []
-
-    def add(self, record: dict) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, record["step"]) for k, v in record.items() if k != "step"]
-        if "val_loss" in record:
-            self.flush()
-
-    def flush(self) -> None:
-        import mlflow
-
-        if self.pending:
-            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
 
 
 def job_inputs(config: MetaTrainConfig, corpus):
@@ -256,43 +216,18 @@ def save(config: MetaTrainConfig, corpus, splits, results: pd.DataFrame) -> dict
     return paths
 
 
-def resume_args(argv: list[str]) -> list[str]:
-    """`--resume DIR` = the run's own config and folder, continuing from its checkpoints."""
-    if "--resume" not in argv:
-        return argv
-    at = argv.index("--resume")
-    if at + 1 >= len(argv):
-        raise SystemExit("--resume needs the output folder of the run to continue")
-    folder = Path(argv[at + 1])
-    if not (folder / "config.yaml").is_file():
-        raise SystemExit(f"--resume {folder}: no config.yaml there (is it the --out folder of a meta_train run?)")
-    return ["--config", str(folder / "config.yaml"), "--out", str(folder)] + argv[:at] + argv[at + 2:] + ["resume=true"]
-
-
 # What a run's models and checkpoints depend on: resuming with any of it changed would continue on other
 # data. The rest (protocol, actors, out, tracking) may change on resume.
 SHAPING_SECTIONS = ("data", "upstream", "pretrain", "meta")
 
 
-def check_resumable(config: MetaTrainConfig) -> None:
-    """Refuse to resume a run whose shaping settings changed, naming every differing key."""
-    saved_path = Path(config.out) / "config.yaml"
-    if not saved_path.is_file():
-        return  # nothing ran there yet: a fresh start
-    saved, now = cfg.read_yaml(MetaTrainConfig, saved_path), asdict(config)
-    changed = cfg.differences({k: saved.get(k, {}) for k in SHAPING_SECTIONS}, {k: now[k] for k in SHAPING_SECTIONS})
-    if changed:
-        raise SystemExit(f"--resume {config.out}: the run was made with other settings than these:\n  "
-                         + "\n  ".join(changed) + "\nresume with the run's own settings, or start a new --out folder")
-
-
 def main(argv=None) -> int:
-    argv = resume_args(list(sys.argv[1:] if argv is None else argv))
+    argv = cfg.resume_args(list(sys.argv[1:] if argv is None else argv), "meta_train")
     config = cfg.parse_args(MetaTrainConfig, argv, job="meta_train", description=__doc__.split("\n")[0],
                             epilog="--resume DIR  continue the interrupted run in DIR with its own config.yaml (overrides "
                                    "may follow; data, upstream, pretrain and meta settings must stay as they were)")
     if config.resume:
-        check_resumable(config)
+        cfg.check_resumable(MetaTrainConfig, config, SHAPING_SECTIONS)
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
     with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:

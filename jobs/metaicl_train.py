@@ -45,9 +45,9 @@ from distmeta.cluster import beside_workers, connect
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
-from distmeta.listener.distributed import ActorPool
+from distmeta.meta.actors import ActorPool
 from distmeta.report import save_table
-from distmeta.jobs import MetaICLJobConfig
+from distmeta.settings import MetaICLJobConfig
 from distmeta.training import icl_llm
 
 

@@ -18,8 +18,8 @@ from distmeta import tracking
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import load_corpus
-from distmeta.jobs import PretrainJobConfig
-from distmeta.models.upstream import prepare
+from distmeta.settings import PretrainJobConfig
+from distmeta.training.tiny_wavlm import ready as build_upstream
 from distmeta.listener.pretrain import pretrain_rotation
 
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     with tracking.run(config.experiment, f"pretrain-{config.upstream.name}", asdict(config)) as mlflow:
         connect(config.ray_address)
         corpus = load_corpus(config.data)
-        prepare(config.upstream)
+        build_upstream(config.upstream)
         splits = {s: rotation(corpus, s, config.protocol.test_annotators or None) for s in config.protocol.scenarios}
         checkpoints = pretrain_rotation(config.kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir,
                                         config.storage)

@@ -32,9 +32,9 @@ from distmeta import tracking
 from distmeta.cluster import connect
 from distmeta.data.scenarios import rotation
 from distmeta.data.sources import load_corpus
-from distmeta.jobs import MetaICLJobConfig, MetaTrainConfig, TuneJobConfig
-from distmeta.models.upstream import prepare
-from distmeta.listener.metatrain import selection
+from distmeta.settings import MetaICLJobConfig, MetaTrainConfig, TuneJobConfig
+from distmeta.training.tiny_wavlm import ready as build_upstream
+from distmeta.meta.learner import selection
 from distmeta.listener.pretrain import pretrain_rotation
 from distmeta.report import save_table
 from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
@@ -70,7 +70,7 @@ def setup(config: TuneJobConfig):
     connect(config.base.ray_address)
     space = load_space(space_path(config.sweep.space), MetaTrainConfig)
     corpus = load_corpus(config.base.data)
-    prepare(config.base.upstream)
+    build_upstream(config.base.upstream)
     splits = rotation(corpus, config.sweep.scenario, [config.sweep.test_annotator] if config.sweep.test_annotator else None)
     split = splits[0]
     check_shots(space, config.base.meta, split.train_tasks(corpus))

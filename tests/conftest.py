@@ -55,6 +55,39 @@ def assert_near():
     return check
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """The tests' local Ray (2 CPUs, no dashboard): one for the session, started by the first module that asks
+    and shut down when the session ends. The job tests start their own, as a user's job does, and shut it
+    down; the next module that asks starts this one again. A test that starts actors stops them (in a
+    `finally`), so they hold no CPU the next test's Ray Train run waits for."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end():
+    import sys
+
+    yield
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_upstreams():
+    """The random tiny upstreams the tests construct (seeds 0 and 1), built into the cache as a job builds its
+    upstream before constructing a model: constructing an `Upstream` only loads."""
+    from distmeta.models import UpstreamConfig
+    from distmeta.training.tiny_wavlm import ready
+
+    for seed in (0, 1):
+        ready(UpstreamConfig(name="tiny", seed=seed))
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """A 300-utterance synthetic corpus, generated once per test session."""
@@ -74,3 +107,21 @@ def distmeta_home(tmp_path_factory):
         os.environ.pop("DISTMETA_HOME", None)
     else:
         os.environ["DISTMETA_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def meta_setting(small_corpus):
+    """(MetaConfig, a tiny SER meta-model from scratch, its pooled bank, the training tasks, the validation task) of
+    the small corpus's first unseen split: what the meta-learner's and one split's tests train."""
+    from distmeta.data import rotation
+    from distmeta.listener.metatrain import build_meta_model, make_bank
+    from distmeta.meta.learner import MetaConfig
+    from distmeta.models import UpstreamConfig
+
+    split = rotation(small_corpus, "unseen")[0]
+    config = MetaConfig(ini=False, outer_steps=4, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=3,
+                        inner_steps=2, inner_lr=0.05, outer_lr=1e-2, val_steps=3)
+    model = build_meta_model(UpstreamConfig(), None, config)
+    tasks, val_task = split.train_tasks(small_corpus), split.val_task(small_corpus)
+    pool = sorted({u for t in tasks for u in t.utterances} | set(val_task.utterances))
+    return config, model, make_bank(model, small_corpus, pool, config, None), tasks, val_task

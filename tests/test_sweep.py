@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from distmeta.config import ConfigError
-from distmeta.jobs import MetaTrainConfig
-from distmeta.listener.distributed import ActorConfig
-from distmeta.listener.metatrain import selection
+from distmeta.settings import MetaTrainConfig
+from distmeta.meta.actors import ActorConfig
+from distmeta.meta.learner import selection
 from distmeta.sweep import load_space, sweep_table, trial_resources, with_params
 
 
@@ -81,7 +81,7 @@ def test_trial_reserves_its_actors():
 
 def test_shot_counts_a_task_cannot_supply_are_refused_before_any_trial(tmp_path, job_config, small_corpus):
     from distmeta.data.scenarios import rotation
-    from distmeta.listener.metatrain import MetaConfig
+    from distmeta.meta.learner import MetaConfig
     from distmeta.sweep import check_shots
 
     tasks = rotation(small_corpus, "unseen")[0].train_tasks(small_corpus)

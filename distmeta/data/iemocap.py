@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from distmeta.data.corpus import Corpus, CorpusError, build_annotations
-from distmeta.labels import UnknownLabel, canonical_label
+from distmeta.labels import parse_labels
 
 _HEADER = re.compile(r"^\[(?P<start>[\d.]+)\s*-\s*(?P<end>[\d.]+)\]\t(?P<utt>\S+)\t")
 _CATEGORICAL = re.compile(r"^C-(?P<who>[A-Z]+\d*):\t(?P<labels>[^\t]*)")
@@ -73,15 +73,8 @@ def read_iemocap(root, check_audio: bool = True) -> Corpus:
             who = cat["who"]
             annotator = current[:5] + who[0] if who[0] in "FM" and who[1:] in ("", "1") else f"C-{who}"
             seen_annotators.add(annotator)
-            classes, raw = set(), [s.strip() for s in cat["labels"].split(";") if s.strip()]
-            for text in raw:
-                try:
-                    name = canonical_label(text)
-                except UnknownLabel as err:
-                    problems.append(f"{file}:{lineno}: {err}")
-                    continue
-                if name is not None:
-                    classes.add(name)
+            classes, raw, errors = parse_labels(cat["labels"])
+            problems += [f"{file}:{lineno}: {error}" for error in errors]
             if not classes:
                 dropped += 1
                 continue

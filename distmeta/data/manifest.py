@@ -21,7 +21,7 @@ import pandas as pd
 
 from distmeta.data.audio import AudioError, probe
 from distmeta.data.corpus import Corpus, CorpusError, build_annotations
-from distmeta.labels import UnknownLabel, canonical_label
+from distmeta.labels import parse_labels
 
 REQUIRED = ("utterance", "path", "speaker", "session", "annotator", "labels")
 
@@ -77,16 +77,8 @@ def read_manifest(path, check_audio: bool = True, name: str | None = None) -> Co
                 problems.append(f"{where}: utterance {utt!r} annotated by {annotator!r} again (first on line {seen[key]})")
                 continue
             seen[key] = reader.line_num
-            raw = [s.strip() for s in (row["labels"] or "").split(";") if s.strip()]
-            classes = set()
-            for text in raw:
-                try:
-                    label = canonical_label(text)
-                except UnknownLabel as err:
-                    problems.append(f"{where}: {err}")
-                    continue
-                if label is not None:
-                    classes.add(label)
+            classes, raw, errors = parse_labels(row["labels"])
+            problems += [f"{where}: {error}" for error in errors]
             if not raw:
                 problems.append(f"{where}: no emotion label")
             elif classes:

@@ -2,10 +2,9 @@
 MAML so it adapts to one annotator from a few of their labels.
 
     pretrain     SSL-E / Linear / Multi pretraining, one Ray Train run (training.launcher)
-    maml         MetaModel (an SER model + its LSLR rates, with adapt and meta_gradients); the functional core
-    metatrain    MetaLearner, the shared outer loop, the serial trainer
-    checkpoint   meta-training checkpoints (save, resume)
-    distributed  Ray task actors holding the training tasks (one each, or several); actor replacement; chaos
+    metatrain    the SER meta-model (SSL-E + LSLR rates), its inputs, one split's meta-training, the cache,
+                 and the replica the task actors build (the meta-learning core itself: distmeta.meta)
+    metatest     adapting the meta-trained model to one person (meta-test and enrollment)
     adapters     the few-shot methods (baselines, ceilings, Meta-PerSER) behind one predict(episode)
     protocol     the meta-test protocol (in process or on episode actors), Tables 1 and 2, the shots sweep, paired comparisons
 """

@@ -35,11 +35,9 @@ from distmeta.training.fit import fine_tune, fit
 
 @dataclass
 class AdaptConfig:
-    # Entire-Few's 10 steps at 5e-4 are what its validation annotators pick within a budget of 10 steps, from
-    # up to 10 steps at 3e-4, 4e-4, 5e-4, 1e-3 and 2e-3 (unseen, corpus seeds 29-32:
-    # benchmarks/bench_test_time.py, docs/listener.md; 5 at 1e-3, the pick of a coarser grid, is 0.4 maF1
-    # lower; Meta-PerSER's pick is meta.test_*). Without the budget they pick 50 at 1e-4 (5x the cost):
-    # `--preset paper`.
+    # Entire-Few's 10 steps at 5e-4 are what its validation annotators pick within a budget of 10 steps
+    # (benchmarks/bench_test_time.py, docs/results/listener.md; Meta-PerSER's pick is meta.test_*). Without
+    # the budget they pick 50 at 1e-4: `--preset paper`.
     steps: int = 10  # gradient steps on the one support batch
     lr: float = 5e-4  # AdamW, fine-tuning baselines
     weight_decay: float = 0.0
@@ -53,17 +51,16 @@ class CeilingConfig:
     max_epochs: int = 30
     patience: int = 3  # epochs without a better held-out score before stopping
     # Epochs before the held-out share may pick or stop: its macro-F1 on ~30-50 items is noisy enough to stop
-    # a still-improving model after 4-6 epochs. Unseen, corpus seeds 16 and 18 (per-epoch query scores):
-    # 8 -> 13.5 epochs run instead of 7.7, +2.6 / +2.1 maF1 (docs/listener.md).
+    # a still-improving model after a few epochs.
     min_epochs: int = 8
     held_out: float = 0.2  # share of the pool kept for early stopping
     # What the held-out share scores: maF1 (macro-F1, what Table 1 reports) or loss (class-balanced; it stops
-    # training while macro- and micro-F1 still rise, docs/listener.md).
+    # training while macro- and micro-F1 still rise).
     select: str = "maF1"
     max_items: int = 400  # a random subset (seeded by the episode) of larger pools; seen pools hold ~1,700
     batch_size: int = 32
-    # Batches of utterances of similar length (training.fit): ~1.4x faster, but a lower ceiling (unseen, corpus
-    # seeds 0-3: -1.0 maF1 / -1.6 miF1 on average against random batches, docs/listener.md), so off.
+    # Batches of utterances of similar length (training.fit): faster, but a lower ceiling than random batches
+    # (docs/results/listener.md), so off.
     length_buckets: bool = False
 
     def __post_init__(self):

@@ -15,8 +15,8 @@
 
 import torch
 
-from distmeta.listener.maml import MetaModel
-from distmeta.listener.metatrain import SEEDED, MetaConfig, query_probs
+from distmeta.meta.maml import MetaModel
+from distmeta.meta.learner import SEEDED, MetaConfig, query_probs
 from distmeta.models.ser import set_scope, trainable_parameters
 from distmeta.training.fit import fine_tune
 

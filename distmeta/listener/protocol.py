@@ -20,12 +20,13 @@ import pandas as pd
 from distmeta.listener.adapters import AdaptConfig, CeilingConfig, Episode
 from distmeta.data.scenarios import Task
 from distmeta.metrics import multilabel_scores, t_interval
+from distmeta.report import Progress
 
 METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
 CEILINGS = ("Entire-All", "Oracle-Aggregate", "Oracle-Listener")  # the oracles: synthetic corpora only
-# Whole-model fine-tuning per episode (~17 s for Entire-All, ~2-3 s for Entire-Few and for Meta-PerSER and its
-# Table 2 variants at the default 5-10 steps, on one CPU; the rest take well under a second): EpisodeWorkers
+# Whole-model fine-tuning per episode (Entire-All's many epochs most of all; the other methods take well
+# under a second): EpisodeWorkers
 # hands these out first, so that a split ends on cheap episodes and no actor idles while another finishes one.
 SLOWEST_FIRST = ("Entire-All", "Entire-Few", "Meta-PerSER")
 
@@ -97,12 +98,11 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
     first = {}
     scorer = {name: first.setdefault(id(adapters[name]), name) for name in methods}
     scored = list(dict.fromkeys((seed, shots, scorer[name]) for seed, shots, name in plan))
-    started = time.time()
+    shown = Progress(f"  {task.annotator}: episode", len(scored), log)
 
     def progress(done: int) -> None:
-        if log and (done % 10 == 0 or done == len(scored)):
-            elapsed = time.time() - started
-            log(f"  {task.annotator}: {done}/{len(scored)} episodes, {elapsed:.0f}s, ETA {elapsed / done * (len(scored) - done):.0f}s")
+        if done % 10 == 0 or done == len(scored):
+            shown.update(done)
 
     if workers is not None:
         rows = workers.run(adapters, task, config, labels, scored, progress)

@@ -24,8 +24,6 @@ Trainable: LoRA, Q-Former, projection, segment and example embeddings (and, with
 the speech encoder stay frozen (`distmeta.models.trainable_parameters` lists what trains).
 """
 
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distmeta.data.synthetic.cache import default_cache_dir
+from distmeta.io import settings_digest
 
 SPEECH_TOKEN = "<speech>"
 PAIR_LABEL = " {word}."  # an enrollment pair's label text, after its speech
@@ -136,7 +135,7 @@ def icl_llm_key(config: "SpeechLMConfig") -> str:
     """The name of a tiny_icl build: everything that shapes it (its recipe's settings live in the recipe, under
     ICL_RECIPE_VERSION)."""
     key = {"width": config.tiny_width, "layers": config.tiny_layers, "binding": config.binding, "recipe": ICL_RECIPE_VERSION}
-    return "tiny_icl_" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return "tiny_icl_" + settings_digest(key)
 
 
 def icl_llm_folder(config: "SpeechLMConfig") -> Path:

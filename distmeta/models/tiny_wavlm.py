@@ -1,54 +1,21 @@
-"""The tiny upstream the embedded default runs on: a 2-layer WavLM built locally in s3prl's checkpoint format.
+"""The tiny upstream the embedded default runs on: a 2-layer WavLM in s3prl's checkpoint format.
 
-`tiny` is randomly initialised (fast; what the tests use). Its frozen convolutional
-encoder is then a random filter bank and its layers carry little of what a voice
-conveys, so an SER model on it learns little: on the default corpus a linear probe of
-its pooled layers scores below one on plain log-mel statistics (benchmarks/bench_room.py).
-The paper's upstream, WavLM Base+, was pretrained on 94k hours, and its layers carry
-pitch, loudness and voice quality, which is what SER heads read.
+    path = checkpoint(UpstreamConfig(name="tiny_pretrained"))   # the file s3prl's wavlm_local loads
 
-`tiny_pretrained` gives the tiny model that, once per machine, offline: it is trained
-on synthetic audio of *other* speakers (its own seed stream, never a corpus's) with three
-self-supervised workers in the manner of PASE (Pascual et al. 2019):
-
-- masked frames: WavLM's span masking on the input, each frame's 40 log-mel bands
-  reconstructed from the output (L1);
-- prosody: from the mean of each layer, regress the voice parameters the utterance
-  was rendered with (F0 level and range, rate, level, spectral tilt, open quotient,
-  aspiration, jitter, shimmer, creak, final rise, formant shift; standardised, MSE),
-  the synthetic counterpart of PASE's prosody worker (F0, voicing, energy), which on
-  real speech a pitch tracker would supply;
-- pitch: from the last layer, regress each mostly voiced frame's F0 (semitones,
-  standardised, MSE), PASE's frame-level prosody target. Without it the layers read F0
-  only coarsely (a ridge probe of their means: R^2 0.71 for the F0 level, 0.07 for a
-  final rise), and F0 is the main cue of the rare emotions (fear, surprise, disgust)
-  that macro-F1 weighs like the common ones.
-
-No emotion label and no listener is involved. The checkpoint is cached under
-`$DISTMETA_CACHE/upstreams`, keyed by everything that shapes it. The default build (seed 0, 12 epochs,
-2,000 utterances) ships in `models/weights/` under that key, so a fresh machine copies it instead of
-spending ~10 minutes on 2 cores; any other setting, recipe or voice generator is built here.
-`python -m distmeta.models.tiny_wavlm` rebuilds the shipped copy (after a recipe or voice change).
+`tiny` is randomly initialised (fast; what the tests use); `tiny_pretrained` is the same model pretrained
+on synthetic audio of other speakers with PASE-like self-supervised workers, the stand-in for what WavLM
+Base+ brings to SER. Both are built by the recipe in `distmeta/training/tiny_wavlm.py` (which the jobs run
+before they construct a model) into `$DISTMETA_CACHE/upstreams`, under a file name that is the cache key:
+everything that shapes the weights. The default pretrained build ships in `models/weights/` under the same
+name. This module only says where a checkpoint is; it never builds one.
 """
 
-import hashlib
-import json
-import shutil
-import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-import torchaudio
-from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
-from distmeta.data.synthetic.cache import VOICE_VERSION, default_cache_dir, render_all
-from distmeta.data.synthetic.listeners import SyntheticConfig, draw_speakers, draw_utterances, voice_utterance
-from distmeta.data.synthetic.voice import Prosody
-from distmeta.io import atomic_path
-from distmeta.labels import CLASSES
+from distmeta.data.synthetic.cache import VOICE_VERSION, default_cache_dir
+from distmeta.io import settings_digest
 from distmeta.models.s3prl_compat import import_s3prl_hub
 
 TINY_WAVLM = {
@@ -71,16 +38,11 @@ TINY_WAVLM = {
     "normalize": False,
 }
 PRETRAINING_VERSION = 2  # 2: the frame-level pitch worker; bump when the pretraining recipe changes, so old checkpoints are not reused
-HOP = 320  # the conv encoder's downsampling: one frame per 20 ms
-PRETRAINING_STREAM = 0x7E1  # second seed word: pretraining audio never shares a corpus's random stream
 SHIPPED = Path(__file__).parent / "weights"  # pretrained builds shipped with the package, named by their cache key
 
 
-def _digest(fields_: dict) -> str:
-    return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _wavlm(seed: int):
+def wavlm(seed: int):
+    """The tiny WavLM, randomly initialised from `seed` (what the recipe saves or pretrains)."""
     import_s3prl_hub()
     from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
 
@@ -88,126 +50,31 @@ def _wavlm(seed: int):
     return WavLM(WavLMConfig(TINY_WAVLM))
 
 
-def _save(model, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save({"cfg": dict(TINY_WAVLM), "model": model.state_dict()}, tmp)
-    return path
-
-
 def tiny_checkpoint_path(seed: int = 0) -> Path:
-    return default_cache_dir() / "upstreams" / f"tiny_wavlm_{_digest(TINY_WAVLM)}_seed{seed}.pt"
-
-
-def build_tiny_checkpoint(path, seed: int = 0) -> Path:
-    """A randomly initialised tiny WavLM saved in s3prl's checkpoint format (plain-dict cfg + state dict)."""
-    path = Path(path)
-    return path if path.is_file() else _save(_wavlm(seed), path)
+    return default_cache_dir() / "upstreams" / f"tiny_wavlm_{settings_digest(TINY_WAVLM)}_seed{seed}.pt"
 
 
 def pretrained_tiny_path(seed: int = 0, epochs: int = 12, utterances: int = 2000) -> Path:
     key = {"wavlm": TINY_WAVLM, "seed": seed, "epochs": epochs, "utterances": utterances,
            "recipe": PRETRAINING_VERSION, "generator": VOICE_VERSION}  # the key's old name: built checkpoints keep theirs
-    return default_cache_dir() / "upstreams" / f"tiny_wavlm_pretrained_{_digest(key)}.pt"
+    return default_cache_dir() / "upstreams" / f"tiny_wavlm_pretrained_{settings_digest(key)}.pt"
 
 
-def frame_pitch(pitch: np.ndarray) -> np.ndarray:
-    """Per-sample F0 (Hz, 0 unvoiced) -> one value per conv frame: the mean F0 of a mostly voiced frame in
-    semitones above 100 Hz, NaN for the others."""
-    frames = pitch[:len(pitch) // HOP * HOP].reshape(-1, HOP)
-    voiced = frames > 0
-    semitones = 12 * np.log2(np.where(voiced, frames, 100.0) / 100.0)
-    mean = (semitones * voiced).sum(1) / np.maximum(voiced.sum(1), 1)
-    return np.where(voiced.mean(1) > 0.5, mean, np.nan).astype(np.float32)
+def checkpoint_path(config) -> Path:
+    """Where the checkpoint of a `tiny` or `tiny_pretrained` upstream config lives in this machine's cache."""
+    if config.name == "tiny":
+        return tiny_checkpoint_path(config.seed)
+    return pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
 
 
-def _render(job) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    wav, prosody, pitch = voice_utterance(*job)
-    return wav, np.array([getattr(prosody, f.name) for f in fields(Prosody)], np.float32), frame_pitch(pitch)
-
-
-def pretraining_audio(seed: int, utterances: int, progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-    """Waveforms of synthetic speakers drawn from their own seed stream, each one's standardised voice
-    parameters [N, P] (those that vary) and its standardised F0 per frame (NaN where unvoiced)."""
-    rng = np.random.default_rng([seed, PRETRAINING_STREAM])
-    speakers = draw_speakers(rng)
-    plan = draw_utterances(rng, SyntheticConfig(n_utterances=utterances), speakers)
-    jobs = [(asdict(speakers[row.speaker]), plan.loc[u, [f"latent_{c}" for c in CLASSES]].to_numpy(float), row.strength,
-             row.target_seconds, row.audio_seed) for u, row in zip(plan.index, plan.itertuples())]
-    rendered = render_all(_render, jobs, 0, "upstream pretraining audio" if progress else None, 500, time.time())
-    prosody = torch.from_numpy(np.stack([p for _, p, _ in rendered]))
-    prosody = prosody[:, prosody.std(0) > 1e-6]
-    voiced = np.concatenate([p[~np.isnan(p)] for _, _, p in rendered])
-    pitch = [torch.from_numpy((p - voiced.mean()) / voiced.std()) for _, _, p in rendered]
-    return [torch.from_numpy(w) for w, _, _ in rendered], (prosody - prosody.mean(0)) / prosody.std(0), pitch
-
-
-def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[torch.Tensor], epochs: int,
-                  seed: int = 0, lr: float = 2e-3, batch_size: int = 32, log=print):
-    """The tiny WavLM (conv encoder included) trained with the masked-frame, prosody and pitch workers
-    (`pitch`: each utterance's standardised F0 per frame, NaN where unvoiced)."""
-    model = _wavlm(seed)
-    layers = TINY_WAVLM["encoder_layers"]
-    log_mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, win_length=400, hop_length=HOP, n_mels=40, center=False)
-    frame_worker = nn.Linear(TINY_WAVLM["encoder_embed_dim"], 40)
-    prosody_worker = nn.Linear(TINY_WAVLM["encoder_embed_dim"] * (layers + 1), prosody.shape[1])
-    pitch_worker = nn.Linear(TINY_WAVLM["encoder_embed_dim"], 1)
-    params = [*model.parameters(), *frame_worker.parameters(), *prosody_worker.parameters(), *pitch_worker.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    order_rng, started = np.random.default_rng(seed), time.time()
-    for epoch in range(1, epochs + 1):
-        totals = np.zeros(3)
-        order = order_rng.permutation(len(wavs))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            x = pad_sequence([wavs[i] for i in batch], batch_first=True)
-            lengths = torch.tensor([len(wavs[i]) for i in batch])
-            padding = torch.arange(x.shape[1])[None] >= lengths[:, None]
-            (last, results), _ = model.extract_features(x, padding_mask=padding, mask=True, ret_layer_results=True,
-                                                        output_layer=layers)
-            target = torch.log(log_mel(x) + 1e-6).transpose(1, 2)
-            frames = min(target.shape[1], last.shape[1])
-            valid = (torch.arange(last.shape[1])[None] < (lengths // HOP)[:, None]).float()
-            frame_loss = ((frame_worker(last[:, :frames]) - target[:, :frames]).abs().mean(-1) * valid[:, :frames]).sum()
-            frame_loss = frame_loss / valid[:, :frames].sum()
-            pooled = torch.cat([(h.transpose(0, 1) * valid[..., None]).sum(1) for h, _ in results], -1) / valid.sum(1, keepdim=True)
-            prosody_loss = ((prosody_worker(pooled) - prosody[batch]) ** 2).mean()
-            # F0 of each mostly voiced frame, read from the last layer (PASE's frame-level prosody target)
-            f0 = pad_sequence([pitch[i] for i in batch], batch_first=True, padding_value=float("nan"))[:, :frames]
-            voiced = ~torch.isnan(f0) & (valid[:, :f0.shape[1]] > 0)
-            pitch_loss = ((pitch_worker(last[:, :f0.shape[1]])[..., 0] - f0.nan_to_num()) ** 2)[voiced].mean()
-            optimizer.zero_grad()
-            (frame_loss + prosody_loss + pitch_loss).backward()
-            optimizer.step()
-            totals += [frame_loss.item() * len(batch), prosody_loss.item() * len(batch), pitch_loss.item() * len(batch)]
-        elapsed = time.time() - started
-        if log:
-            frame_l1, prosody_mse, pitch_mse = totals / len(wavs)
-            log(f"upstream pretraining: epoch {epoch}/{epochs}, masked log-mel L1 {frame_l1:.3f}, prosody MSE "
-                f"{prosody_mse:.3f}, frame F0 MSE {pitch_mse:.3f} (1.0 = knows nothing), {elapsed:.0f}s elapsed, "
-                f"ETA {elapsed / epoch * (epochs - epoch):.0f}s")
-    return model.eval()
-
-
-def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print) -> Path:
-    """The pretrained tiny WavLM at `path`, in s3prl's checkpoint format: when missing, the shipped build of
-    the same name (the same key) is copied there, or else it is built there."""
-    path = Path(path)
+def checkpoint(config) -> Path:
+    """The checkpoint to load for a tiny upstream config: the cache's, else the shipped build of the same key.
+    Missing, it says how to build it: nothing here builds."""
+    path = checkpoint_path(config)
     if path.is_file():
         return path
-    shipped = SHIPPED / path.name
-    if shipped.is_file():
-        if log:
-            log(f"pretrained tiny upstream: the build shipped as {shipped} (same settings, recipe and voices) -> {path}")
-        with atomic_path(path) as tmp:
-            shutil.copyfile(shipped, tmp)
-        return path
-    if log:
-        log(f"building the pretrained tiny upstream once ({utterances} utterances x {epochs} epochs) -> {path}")
-    wavs, prosody, pitch = pretraining_audio(seed, utterances, progress=log is not None)
-    return _save(pretrain_tiny(wavs, prosody, pitch, epochs, seed, log=log), path)
-
-
-if __name__ == "__main__":  # ship the default build under its current key (after a recipe or voice change: ~10 min)
-    current = build_pretrained_tiny(SHIPPED / pretrained_tiny_path().name)  # builds it there unless already shipped
-    for stale in set(SHIPPED.glob("*.pt")) - {current}:
-        stale.unlink()
+    if (SHIPPED / path.name).is_file():
+        return SHIPPED / path.name
+    raise FileNotFoundError(f"upstream {config.name!r} (seed {config.seed}) has no checkpoint at {path}: the jobs build it "
+                            f"before they construct a model; in your own code call "
+                            f"distmeta.training.tiny_wavlm.ready(config) first")

@@ -4,9 +4,11 @@
 `hubert`, `wav2vec2`, ... downloaded by s3prl only because the user named it),
 a feature extractor (`fbank`), or a local-checkpoint loader (`wavlm_local`,
 `hubert_local`, `wav2vec2_local`, with `path` the checkpoint). `tiny` and
-`tiny_pretrained` build a 2-layer WavLM in s3prl's checkpoint format ({"cfg":
-..., "model": state_dict}) under the cache folder (`models/tiny_wavlm.py`) and
-load it with `s3prl.hub.wavlm_local`; nothing is downloaded. `tiny` (random
+`tiny_pretrained` are a 2-layer WavLM in s3prl's checkpoint format ({"cfg":
+..., "model": state_dict}) in the cache folder (`models/tiny_wavlm.py`; built by
+`training/tiny_wavlm.py`, which the jobs run first), loaded with
+`s3prl.hub.wavlm_local`; nothing is downloaded, and constructing an `Upstream`
+never builds or trains anything. `tiny` (random
 weights) is what tests run on, `tiny_pretrained` (pretrained once on synthetic
 audio of other speakers) what the listener jobs run on by default. `speech_encoder`
 is the ICL paper's encoder shape (`models/speech_encoder.py`, s3prl's upstream
@@ -32,7 +34,7 @@ from distmeta.data.synthetic import default_cache_dir
 from distmeta.io import atomic_path
 from distmeta.models.s3prl_compat import import_s3prl_hub
 from distmeta.models.speech_encoder import SpeechEncoder
-from distmeta.models.tiny_wavlm import build_pretrained_tiny, build_tiny_checkpoint, pretrained_tiny_path, tiny_checkpoint_path
+from distmeta.models.tiny_wavlm import checkpoint, checkpoint_path
 
 
 @dataclass
@@ -40,37 +42,25 @@ class UpstreamConfig:
     name: str = "tiny"  # "tiny", "tiny_pretrained", or any s3prl hub name (wavlm_base, hubert, fbank, wavlm_local, ...)
     path: str = ""  # checkpoint for *_local names
     seed: int = 0  # initialisation of the tiny upstream (and its pretraining audio)
-    pretrain_epochs: int = 12  # tiny_pretrained: epochs of its self-supervised pretraining (models/tiny_wavlm.py)
+    pretrain_epochs: int = 12  # tiny_pretrained: epochs of its self-supervised pretraining (training/tiny_wavlm.py)
     pretrain_utterances: int = 2000  # tiny_pretrained: synthetic utterances it is pretrained on
-
-
-def _tiny_path(config: UpstreamConfig) -> Path:
-    if config.name == "tiny":
-        return tiny_checkpoint_path(config.seed)
-    return pretrained_tiny_path(config.seed, config.pretrain_epochs, config.pretrain_utterances)
 
 
 def build_name(config: UpstreamConfig) -> str:
     """For the locally built tiny upstreams, their checkpoint's file name, which names the recipe and the
     generator version that built it ("" for other names): part of every trained model's cache key beside
     the config, so models trained on an older `tiny_pretrained` are retrained, not reused."""
-    return _tiny_path(config).name if config.name in ("tiny", "tiny_pretrained") else ""
-
-
-def prepare(config: UpstreamConfig) -> Path | None:
-    """Build the locally made checkpoint a `tiny` name needs, once per machine (jobs call this on the
-    driver before any worker or actor constructs the upstream); its path, or None for other names."""
-    if config.name == "tiny":
-        return build_tiny_checkpoint(_tiny_path(config), config.seed)
-    if config.name == "tiny_pretrained":
-        return build_pretrained_tiny(_tiny_path(config), config.seed, config.pretrain_epochs, config.pretrain_utterances)
-    return None
+    return checkpoint_path(config).name if config.name in ("tiny", "tiny_pretrained") else ""
 
 
 def portable(config: UpstreamConfig) -> bytes | None:
     """On the driver: the checkpoint file the upstream is built from, as bytes to ship to other nodes
-    (nodes share no disk), or None when there is none (s3prl downloads, feature extractors)."""
-    path = prepare(config) or (Path(config.path) if config.name.endswith(("_local", "_custom")) else None)
+    (nodes share no disk), or None when there is none (s3prl downloads, feature extractors). A tiny
+    upstream's must have been built (training.tiny_wavlm.ready)."""
+    if config.name in ("tiny", "tiny_pretrained"):
+        path = checkpoint(config)
+    else:
+        path = Path(config.path) if config.name.endswith(("_local", "_custom")) else None
     return path.read_bytes() if path is not None else None
 
 
@@ -80,7 +70,7 @@ def landed(config: UpstreamConfig, checkpoint: bytes | None) -> UpstreamConfig:
     if checkpoint is None:
         return config
     if config.name in ("tiny", "tiny_pretrained"):
-        path = _tiny_path(config)
+        path = checkpoint_path(config)
     else:
         path = default_cache_dir() / "upstreams" / f"shipped-{hashlib.sha256(checkpoint).hexdigest()[:16]}.pt"
         config = replace(config, path=str(path))
@@ -106,7 +96,7 @@ class Upstream(nn.Module):
         hub = import_s3prl_hub()
         name = config.name
         if name in ("tiny", "tiny_pretrained"):
-            self.model = hub.wavlm_local(str(prepare(config)))
+            self.model = hub.wavlm_local(str(checkpoint(config)))
         elif name == "speech_encoder":
             if not config.path:
                 raise FileNotFoundError("upstream 'speech_encoder' needs upstream.path: a checkpoint that "

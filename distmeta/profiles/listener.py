@@ -25,10 +25,11 @@ from safetensors.torch import load_file
 from distmeta import __version__
 from distmeta.data.audio import AudioError, load_audio
 from distmeta.features import AudioBank, input_bank
-from distmeta.labels import CLASSES, UnknownLabel, canonical_label
-from distmeta.listener.maml import MetaModel
+from distmeta.labels import CLASSES, parse_labels
+from distmeta.meta.maml import MetaModel
 from distmeta.listener.metatest import adapt_to
-from distmeta.listener.metatrain import MetaConfig, build_meta_model, make_bank, query_probs
+from distmeta.meta.learner import MetaConfig, query_probs
+from distmeta.listener.metatrain import build_meta_model, make_bank
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.profiles.store import csv_rows, file_digest, model_file
 
@@ -69,10 +70,9 @@ def read_labelled(path) -> list[tuple[str, np.ndarray]]:
     ';'); relative paths are relative to the CSV. Errors name the line."""
     clips = []
     for line, row, clip in csv_rows(path, ("path", "labels")):
-        try:
-            names = {canonical_label(s) for s in (row["labels"] or "").split(";") if s.strip()} - {None}
-        except UnknownLabel as err:
-            raise ValueError(f"{path}, line {line}: {err}") from None
+        names, _, errors = parse_labels(row["labels"])
+        if errors:
+            raise ValueError(f"{path}, line {line}: {errors[0]}")
         if not names:
             raise ValueError(f"{path}, line {line}: no label in the nine classes")
         clips.append((clip, np.array([float(c in names) for c in CLASSES], dtype=np.float32)))

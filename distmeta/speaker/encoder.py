@@ -28,10 +28,11 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from distmeta.data.audio import load_audio
+from distmeta.io import settings_digest
 from distmeta.models.speaker_classifier import AttentivePooling
 from distmeta.models.speech_encoder import HEAD, SpeechEncoder, SpeechEncoderConfig, log_mel
 from distmeta.models.upstream import UpstreamConfig
-from distmeta.training.artifacts import digest, is_done, shaping
+from distmeta.training.artifacts import is_done, shaping
 from distmeta.training.fit import fit
 from distmeta.training.launcher import storage_path, train_many
 
@@ -119,17 +120,17 @@ def split_inputs(corpus, tasks, n_mels: int, n_classes: int) -> tuple[list[torch
 def pretrain_encoder(corpus, data, config: EncoderPretrainConfig, models_dir, storage: str = "") -> Path:
     """The pretrained encoder's checkpoint for this corpus and split (trained now unless already saved)."""
     splits = {name: [t.speaker for t in data.splits[name]] for name in ("train", "valid")}
-    settings = json.loads(json.dumps({"corpus": corpus.fingerprint(), "speakers": digest(splits),
+    settings = json.loads(json.dumps({"corpus": corpus.fingerprint(), "speakers": settings_digest(splits),
                                       "emotions": list(data.emotions), "pretrain": shaping(config),
                                       "saved": "encoder and head"}))  # checkpoints without the head retrain
-    path = Path(models_dir).resolve() / f"speech_encoder-{digest(settings)}.safetensors"
+    path = Path(models_dir).resolve() / f"speech_encoder-{settings_digest(settings)}.safetensors"
     request = {"settings": settings, "out_path": str(path), "init": ""}
     parts = {"classes": len(data.emotions)}
     if not is_done(path, settings):  # else train_many has nothing to train: no audio to read
         parts.update({name: split_inputs(corpus, data.splits[name], config.model.n_mels, len(data.emotions))
                       for name in ("train", "valid")})
     train_many(_train_loop, [request], {"parts": parts}, config, storage_path(storage, Path(models_dir) / "ray"),
-               f"speech-encoder-{digest(settings)}")
+               f"speech-encoder-{settings_digest(settings)}")
     return path
 
 

@@ -3,12 +3,12 @@
     predict  = argmax over the closed set of label words of log P(word | instruction, pairs, target)
 """
 
-import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
+from distmeta.report import Progress
 from distmeta.speaker.episodes import Episode, episode_prompts, evaluation_episodes, result_rows, ua_spk
 
 
@@ -75,7 +75,7 @@ def evaluate_speech_lm(model, bank, data, training: str, config: EvaluationConfi
     parts = []
     todo = conditions(training, len(data.emotions), model.config.max_shots, config)
     todo = [(s, e, k) for s, e0, k in todo for e in (data.emotions if e0 == "*" else [e0])]
-    started = time.time()
+    progress = Progress(f"{MODEL_NAMES[training]} condition", len(todo), log)
     for number, (setting, emotion, k) in enumerate(todo, 1):
         index = list(data.emotions).index(emotion) if emotion else None
         try:
@@ -87,7 +87,5 @@ def evaluate_speech_lm(model, bank, data, training: str, config: EvaluationConfi
         parts.append(result_rows(episodes, predictions, data.words, model=MODEL_NAMES[training], training=training,
                                   setting=setting, emotion=emotion))
         stats = ua_spk(parts[-1]["correct"], parts[-1]["speaker"])
-        elapsed = time.time() - started
-        log(f"{MODEL_NAMES[training]} [{number}/{len(todo)}] {setting or '-'} {emotion} k={k}: UA_spk {stats['UA_spk']:.3f}, "
-            f"{elapsed:.0f}s, ETA {elapsed / number * (len(todo) - number):.0f}s")
+        progress.update(number, f"{setting or '-'} {emotion} k={k}, UA_spk {stats['UA_spk']:.3f}")
     return pd.concat(parts, ignore_index=True)

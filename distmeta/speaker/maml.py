@@ -1,4 +1,4 @@
-"""MAML on speaker tasks: the listener path's meta-learner and task actors, over speakers.
+"""MAML on speaker tasks: the meta-learning core's meta-learner and task actors (`distmeta.meta`), over speakers.
 
     meta, result = meta_train(bank, data, pretrained, config)                  # serial, in process
     meta, result = meta_train(bank, data, pretrained, config, actors=pool)     # one Ray task actor per speaker
@@ -6,9 +6,9 @@
 
 So gradient-based and in-context personalization compare on one corpus, one metric and the same enrollment
 draws:
-- a speaker is a `data.scenarios.Task` (its utterances, its emotions one-hot), so the listener path's
-  `metatrain.task_meta_gradient`, `train` (outer loop, DA, LSLR, model selection) and
-  `distributed.ActorPool` apply unchanged; only the replica an actor builds differs (`ClassifierReplica`);
+- a speaker is a `data.scenarios.Task` (its utterances, its emotions one-hot), so the core's
+  `learner.task_meta_gradient`, `train` (outer loop, DA, LSLR, model selection) and
+  `actors.ActorPool` apply unchanged, as on the listener path; only the replica an actor builds differs (`ClassifierReplica`);
 - meta-training starts from the trained Pretrained classifier (attentive pooling + linear on the frozen
   speech encoder's frames, Table II) and adapts all of it: `shots` enrollment pairs per speaker in the
   inner loop, `shots` more as the outer batch (CSMT: the same pairs);
@@ -19,7 +19,6 @@ draws:
 """
 
 import copy
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +26,11 @@ import pandas as pd
 import torch
 
 from distmeta.data.scenarios import Task
-from distmeta.listener.distributed import ActorConfig
-from distmeta.listener.maml import MetaModel
-from distmeta.listener.metatrain import MetaConfig, MetaLearner, SerialGradients, train
+from distmeta.meta.actors import ActorConfig, task_gradients
+from distmeta.meta.learner import MetaConfig, MetaLearner, train
+from distmeta.meta.maml import MetaModel
 from distmeta.models.speaker_classifier import SpeakerClassifier
+from distmeta.report import Progress
 from distmeta.speaker.episodes import evaluation_episodes, result_rows, table2_conditions, ua_spk
 
 
@@ -82,7 +82,7 @@ class ClassifierReplica:
 
 def meta_train(bank, data, pretrained: SpeakerClassifier, config: MetaConfig, actors=None, log=print) -> tuple[MetaModel, dict]:
     """Meta-train on the training speakers from `pretrained` (with `config.ini`; else a fresh classifier);
-    returns the meta-model at its best validation step and `metatrain.train`'s result."""
+    returns the meta-model at its best validation step and `meta.learner.train`'s result."""
     n = len(data.emotions)
     torch.manual_seed(config.seed)
     start = copy.deepcopy(pretrained) if config.ini else SpeakerClassifier(bank.dim, n)
@@ -90,10 +90,7 @@ def meta_train(bank, data, pretrained: SpeakerClassifier, config: MetaConfig, ac
     tasks = [as_task(s, n) for s in data.splits["train"]]
     val_tasks = [as_task(s, n) for s in data.splits["valid"]]
     learner = MetaLearner(meta, config)
-    if actors is None:
-        gradients = SerialGradients(bank, tasks)
-    else:
-        gradients = actors.setup(ClassifierReplica(bank.dim, n), meta, config, tasks, bank)
+    gradients = task_gradients(actors, ClassifierReplica(bank.dim, n), meta, config, tasks, bank)
     result = train(learner, gradients, len(tasks), bank, val_tasks, log=log)
     meta.load_state_dict(result["best_state"])
     return meta, result
@@ -116,15 +113,13 @@ def predict(meta: MetaModel, bank, episodes, n_emotions: int, steps: int) -> lis
 
 def evaluate(meta: MetaModel, bank, data, config: MetaConfig, seed: int, log=print) -> pd.DataFrame:
     """One row per test utterance and condition (model "MAML"), enrollment drawn as for the speech LM (`seed`)."""
-    n, parts, started = len(data.emotions), [], time.time()
+    n, parts = len(data.emotions), []
     todo = table2_conditions(n)
+    progress = Progress("MAML condition", len(todo), log)
     for number, (setting, k) in enumerate(todo, 1):
         episodes = evaluation_episodes(data.splits["test"], k, setting or "TU+LU", seed)
         predicted = predict(meta, bank, episodes, n, config.test_steps)
         parts.append(result_rows(episodes, [data.words[i] for i in predicted], data.words, model="MAML", training="MAML",
                                  setting=setting, emotion=""))
-        if log:
-            elapsed = time.time() - started
-            log(f"MAML [{number}/{len(todo)}] {setting or '-'} k={k}: UA_spk {ua_spk(parts[-1]['correct'], parts[-1]['speaker'])['UA_spk']:.3f}, "
-                f"{elapsed:.0f}s, ETA {elapsed / number * (len(todo) - number):.0f}s")
+        progress.update(number, f"{setting or '-'} k={k}, UA_spk {ua_spk(parts[-1]['correct'], parts[-1]['speaker'])['UA_spk']:.3f}")
     return pd.concat(parts, ignore_index=True)

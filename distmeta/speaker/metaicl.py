@@ -8,10 +8,8 @@
 gradients).
 """
 
-import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +21,12 @@ from distmeta.config import from_dict
 from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import SpeakerTask, speaker_view
 from distmeta.features import AudioBank, FrameBank
-from distmeta.io import write_json
+from distmeta.io import settings_digest, write_json
 from distmeta.models import trainable_parameters
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig, icl_llm_key
 from distmeta.models.upstream import Upstream, build_name
-from distmeta.training.artifacts import digest, is_done, shaping
+from distmeta.report import Progress
+from distmeta.training.artifacts import is_done, shaping
 from distmeta.training.launcher import storage_path, train_many
 from distmeta.speaker.episodes import Episode, episode_batch, random_episodes, stage_enrollment
 
@@ -93,7 +92,7 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
     optimizer = optimizer or make_optimizer(model, config)
     rng = np.random.default_rng([config.seed, rank, start_step, steps])
     best = best or {"val_loss": math.inf, "step": 0, "state": None}
-    started, running = time.time(), []
+    progress, running = Progress("step", steps, log, start=start_step), []
     model.train()
     for step in range(start_step + 1, steps + 1):
         episodes = random_episodes(train_tasks, config.batch_size, setting, shots, rng, emotion)
@@ -108,11 +107,8 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
             running = []
             if val_loss < best["val_loss"]:
                 best = {"val_loss": val_loss, "step": step, "state": trainable_state(inner)}
-            elapsed = time.time() - started
-            if log:
-                log(f"step {step}/{steps}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}"
-                    f"{' (best)' if best['step'] == step else ''}, {elapsed:.0f}s, "
-                    f"ETA {elapsed / (step - start_step) * (steps - step):.0f}s")
+            progress.update(step, f"train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}"
+                                  f"{' (best)' if best['step'] == step else ''}")
             if on_validation:
                 on_validation(step, metrics, optimizer, best)
     return best
@@ -139,7 +135,7 @@ def frame_bank(corpus, upstream_config, layer: int, models_dir) -> Path:
     the corpus counts by its fingerprint (audio files' sizes and modification times, labels), so audio
     changed in place gets new frames."""
     key = json.dumps([corpus.fingerprint(), asdict(upstream_config), build_name(upstream_config), layer])
-    path = Path(models_dir).resolve() / f"frames-{upstream_config.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.safetensors"
+    path = Path(models_dir).resolve() / f"frames-{upstream_config.name}-{settings_digest(key)}.safetensors"
     if not path.is_file():
         print(f"encoding {len(corpus.utterances)} utterances with {upstream_config.name} (layer {layer}) -> {path}", flush=True)
         FrameBank(Upstream(upstream_config), AudioBank(corpus, corpus.utterances.index), layer).save(path)
@@ -172,6 +168,9 @@ def _train_loop(worker) -> None:
         config = from_dict(MetaICLConfig, settings["meta"])
         training = settings["training"]
         model_config = from_dict(SpeechLMConfig, settings["model"])
+        # Seeded before the model is built: a Ray worker process may have drawn from torch's generator before
+        # (another run's work), and the Q-Former's and LoRA's initial weights must not depend on that.
+        torch.manual_seed(config.seed + rank)
         model = SpeechLM(model_config, bank.dim, data.words)
         if request["init"]:
             load_trainable(model, worker.start_state(request))
@@ -234,7 +233,7 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
                                     "encoder_layer": encoder_layer, "model": asdict(model_config),
                                     "llm_build": icl_llm_key(model_config) if model_config.llm == "tiny_icl" else "",
                                     "meta": shaping(meta)}))
-    models_dir, key = Path(models_dir).resolve(), digest(common)
+    models_dir, key = Path(models_dir).resolve(), settings_digest(common)
     paths = {t: models_dir / f"speech_lm-{key}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
     requests = [{"settings": {**common, "training": t}, "out_path": str(p), "init": "" if t == "stage1" else str(paths["stage1"])}
                 for t, p in paths.items()]

@@ -3,7 +3,6 @@ shaped it. A model is reused only when its sidecar's settings equal the requeste
 must hold everything that changes the result and nothing that does not (where it ran, on how many CPUs).
 """
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +20,6 @@ def shaping(config) -> dict:
     run onto GPUs reuses its models. (`num_workers` stays: each worker takes its share of every epoch's
     batches, so the worker count changes the steps taken.)"""
     return {k: v for k, v in asdict(config).items() if k not in SCALING}
-
-
-def digest(settings) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def is_done(path, settings: dict) -> bool:

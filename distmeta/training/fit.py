@@ -8,18 +8,17 @@ size (each worker takes every world_size-th batch) and a report callback.
 
 import functools
 import math
-import time
 
 import numpy as np
 import torch
 
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
+from distmeta.report import Progress
 
 
 # Batches of similar length: rows are drawn in random pools of this many batches, each pool is sorted by
-# length and cut into batches, and the batches are shuffled. Padding to the longest utterance of a random
-# batch made SSL-E pretraining ~1.45x slower in the default job on the synthetic corpus (1-4.4 s utterances),
-# attention being quadratic in the padded length.
+# length and cut into batches, and the batches are shuffled. A random batch pads every utterance to its
+# longest one, and attention is quadratic in the padded length, so bucketing makes pretraining faster.
 BUCKET_POOL = 8
 
 
@@ -109,7 +108,7 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
     rng = np.random.default_rng(seed)
     best = {"val_loss": math.inf, "score": -math.inf, "state": None, "epoch": -1}
     history = []
-    started = time.time()
+    progress = Progress("epoch", epochs, log)
     model.train()
     for epoch in range(epochs):
         every = _batches(len(targets), batch_size, rng, lengths)
@@ -135,11 +134,9 @@ def fit(model, make_inputs, targets: np.ndarray, val_targets: np.ndarray, make_v
         if is_best:
             best = {"val_loss": val_loss, "score": score, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        elapsed = time.time() - started
-        if log:
-            shown = f", val score {metrics['val_score']:.4f}" if val_score is not None else ""
-            log(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}{shown}"
-                f"{' (best)' if is_best else ''}, {elapsed:.0f}s elapsed, ETA {elapsed / (epoch + 1) * (epochs - epoch - 1):.0f}s")
+        shown = f", val score {metrics['val_score']:.4f}" if val_score is not None else ""
+        progress.update(epoch + 1, f"train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}{shown}"
+                                   f"{' (best)' if is_best else ''}")
         if on_epoch:
             on_epoch(epoch + 1, metrics, is_best, model.state_dict())
         if patience and judged and epoch + 1 - best["epoch"] >= patience:

@@ -26,10 +26,8 @@ embedding alone it is two hops (the target to its pair, the pair to its label), 
 """
 
 import argparse
-import json
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from distmeta.io import write_json
 from distmeta.labels import CLASSES
 from distmeta.models.speech_lm import (ICL_SHIPPED, PAIR_LABEL, PROMPT_EMBEDDINGS, SPEECH_TOKEN, PromptFormat,
                                        SpeechLMConfig, icl_llm_folder, icl_llm_key, tiny_t5, word_tokenizer)
+from distmeta.report import Progress
 
 LABEL_WORDS = [WORDS.get(c, c.capitalize()) for c in CLASSES]  # every class's word: what episodes name classes with
 INSTRUCTION_WORDS = [WORDS[e] for e in EMOTIONS]  # the speaker corpus's, as its instruction lists them
@@ -179,7 +178,7 @@ def pretrain(llm, prompts: PromptFormat, config: ICLPretrainConfig, extra: nn.Mo
     # every batch its own number of placeholders per item, so one build serves any `model.num_queries`
     formats = {(q, bare): PromptFormat(prompts.tokenizer, replace(prompts.config, num_queries=q), prompts.words, bare=bare)
                for q in QUERIES for bare in (False, True)}
-    started, losses = time.time(), []
+    shown, losses = Progress("in-context pretraining step", config.steps, log), []
     llm.train()
     for step in range(1, config.steps + 1):
         progress = min(1.0, step / max(config.curriculum * config.steps, 1))
@@ -196,13 +195,11 @@ def pretrain(llm, prompts: PromptFormat, config: ICLPretrainConfig, extra: nn.Mo
         scheduler.step()
         losses.append(loss.item())
         if step % every == 0 or step == config.steps:
-            elapsed = time.time() - started
-            line = f"in-context pretraining: step {step}/{config.steps}, up to {most} pairs, loss {np.mean(losses):.3f}"
+            line = f"up to {most} pairs, loss {np.mean(losses):.3f}"
             losses = []
             if report:
                 line += ", " + report(step)
-            if log:
-                log(f"{line}, {elapsed:.0f}s, ETA {elapsed / step * (config.steps - step):.0f}s")
+            shown.update(step, line)
     return llm.eval()
 
 

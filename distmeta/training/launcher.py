@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from distmeta.io import write_json
-from distmeta.training.artifacts import digest, is_done, save_model
+from distmeta.io import settings_digest, write_json
+from distmeta.training.artifacts import is_done, save_model
 
 _USER_REPORT_WAIT = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # set before this module was imported
 MANIFEST = "launcher.json"  # in every checkpoint: finished models, carried start states, what it holds
@@ -40,7 +40,7 @@ def storage_path(storage: str, default) -> str:
 
 
 def _key(request: dict) -> dict:
-    return {"out_path": request["out_path"], "digest": digest(request["settings"])}
+    return {"out_path": request["out_path"], "digest": settings_digest(request["settings"])}
 
 
 def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, name: str,
@@ -73,9 +73,9 @@ def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, 
     # line would reach the driver twice. The setting travels from this process to the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # A worker's `ray.train.report` waits until the run's controller collects the previous one, which it
-    # does once per health-check interval (2 s by default): 2 s lost per epoch of every model. Pretraining
-    # the default job's 30 models lost ~5 minutes to it. But polling every 0.1 s keeps ~7% of a core busy
-    # per run, so loops that report every few minutes wait longer. Ray Train sends the setting from this
+    # does once per health-check interval (2 s by default): seconds lost per epoch of every model,
+    # minutes over the default job's pretraining. But polling often keeps part of a core busy per run, so
+    # loops that report every few minutes wait longer. Ray Train sends the setting from this
     # process's environment to each run's controller as it starts; one the user set is kept.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = _USER_REPORT_WAIT or str(report_wait_s)
     shares = share_out(todo, getattr(scaling, "parallel", 1))
@@ -129,7 +129,7 @@ def _fit(loop, todo: list[dict], shared: dict, scaling, cpus: int, storage: str,
         _worker_main, train_loop_config={"loop": loop, "requests": todo, "shared": shared},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"{name}-{digest([r['settings'] for r in todo])}", storage_path=storage,
+        run_config=RunConfig(name=f"{name}-{settings_digest([r['settings'] for r in todo])}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)))  # each finished model is one
     result = trainer.fit()

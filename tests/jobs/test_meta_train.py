@@ -10,7 +10,7 @@ COLUMNS = ["method", "scenario", "upstream", "annotator", "seed", "shots", "maF1
 
 def test_resume_with_other_data_or_model_settings_is_refused_naming_each_key(load_job, tmp_path):
     from distmeta import config as cfg
-    from distmeta.jobs import MetaTrainConfig
+    from distmeta.settings import MetaTrainConfig
 
     job = load_job("meta_train")
     cfg.save(MetaTrainConfig(out=str(tmp_path)), tmp_path / "config.yaml")  # as a run there wrote it
@@ -119,7 +119,7 @@ def test_a_test_pool_too_small_for_k_and_q_stops_the_job_before_anything_trains(
     from dataclasses import replace
 
     from distmeta.data.sources import DataConfig
-    from distmeta.jobs import MetaTrainConfig
+    from distmeta.settings import MetaTrainConfig
 
     data = DataConfig(path=str(tmp_path / "corpus"), seed=3, n_utterances=300)
     small_corpus.save(data.path)  # loads as a cache hit: the same seed and size

@@ -28,10 +28,21 @@ def free_port() -> int:
 
 
 def stop_cluster(temp_dir: str) -> None:
-    """Stop only this test's Ray processes (`ray stop` would stop every Ray instance of the user)."""
+    """Stop only this test's Ray processes (`ray stop` would stop every Ray instance of the user): those whose
+    command line names its temp dir, and their children (the agents retitle themselves "ray::DashboardAgent";
+    left running, they keep the agent port and the next cluster on this machine has no job agent)."""
     mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for proc in list(mine):
+        try:
+            mine += proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    mine = list({proc.pid: proc for proc in mine}.values())
     for proc in mine:
-        proc.terminate()
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
     _, alive = psutil.wait_procs(mine, timeout=20)
     for proc in alive:
         proc.kill()
@@ -114,7 +125,7 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     assert [r for r in table2["ICL"] if r.endswith("-shot")] == ["1-shot"] + [f"{k}-shot" for k in range(8)] * 4
     room = table2[table2["model"] == "Oracle-Reader"]["UA_spk"]  # the ceiling rows' room, and each reader's share
     proposed = table2[table2["model"] == "Proposed"]["UA_spk"]
-    assert table2[table2["model"] == "Proposed"]["share of room"].iloc[-1] == pytest.approx(
+    assert float(table2[table2["model"] == "Proposed"]["share of room"].iloc[-1]) == pytest.approx(
         (proposed.iloc[-1] - proposed.iloc[0]) / (room.iloc[-1] - room.iloc[0]))
     # MAML (on the job's task actors) adapted on exactly the pairs the speech LM read: the same episodes
     maml, proposed = (results[(results["model"] == m) & results["setting"].isin(["TU+LD", "TO+LD"])] for m in ("MAML", "Proposed"))

@@ -61,7 +61,8 @@ def test_fine_tune_fits_the_support_and_leaves_the_model_alone(setting):
 def test_meta_perser_fine_tuning_is_entire_fews_procedure_from_the_meta_trained_state(setting):
     from distmeta.features import input_bank
     from distmeta.listener.adapters import MetaPerSER
-    from distmeta.listener.metatrain import MetaConfig, meta_model_of
+    from distmeta.meta.learner import MetaConfig
+    from distmeta.listener.metatrain import meta_model_of
 
     model, audio, hidden, episode = setting
     meta = meta_model_of(model.clone(), MetaConfig())  # scope head: only the head was meta-trained
@@ -165,7 +166,8 @@ def test_every_adapter_on_the_device_predicts_as_on_the_cpu(setting, small_corpu
     from distmeta.data import rotation
     from distmeta.features import AudioBank, input_bank
     from distmeta.listener.adapters import CeilingConfig, FitAll, MetaPerSER, ZeroShot
-    from distmeta.listener.metatrain import MetaConfig, meta_model_of
+    from distmeta.meta.learner import MetaConfig
+    from distmeta.listener.metatrain import meta_model_of
 
     model, _, pooled, episode = setting
     task = rotation(small_corpus, "seen")[0].test_task(small_corpus)

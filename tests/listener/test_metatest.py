@@ -7,7 +7,8 @@ import torch
 from distmeta.features import input_bank
 from distmeta.listener.adapters import AdaptConfig, FineTune
 from distmeta.listener.metatest import adapted_probs, learned_rate_steps
-from distmeta.listener.metatrain import MetaConfig, meta_model_of
+from distmeta.meta.learner import MetaConfig
+from distmeta.listener.metatrain import meta_model_of
 
 
 @pytest.fixture(scope="module")

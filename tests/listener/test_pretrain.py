@@ -17,15 +17,6 @@ from distmeta.listener.pretrain import PretrainConfig, build_model, pretrain_man
 from distmeta.training.fit import fit
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_training_rows_hold_out_whole_utterances(small_corpus):
     split = rotation(small_corpus, "unseen")[0]
     for kind in ("ssl_e", "multi"):

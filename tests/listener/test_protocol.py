@@ -54,9 +54,8 @@ def test_paired_differences_match_scipy(results):
 
 
 @pytest.mark.slow
-def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_worker(small_corpus, tmp_path):
+def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_worker(small_corpus, tmp_path, ray_local):
     """Whole-model fine-tuning (Entire-Few, Entire-All) on two Ray actors against the serial protocol."""
-    import ray
     import torch
 
     from distmeta.data import rotation
@@ -97,9 +96,8 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
         serial = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None)
     finally:
         torch.set_num_threads(threads)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    workers = EpisodeWorkers(2)
     try:
-        workers = EpisodeWorkers(2)
         parallel = run_episodes(adapters, task, config, {"scenario": "unseen"}, log=None, workers=workers)
         assert len(parallel) == len(serial) == 2 * 4 + 2 * 1
         for mine, theirs in zip(parallel, serial):  # the same plan order and scores (actors: one thread each)
@@ -109,9 +107,8 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
         again = run_episodes(lost, task, replace(config, methods=tuple(lost)), {}, log=None, workers=workers)
         assert (tmp_path / "died").exists() and len(again) == 2 * 5 + 2 * 1
         assert [r["method"] for r in again[:5]] == list(lost)
-        workers.shutdown()
     finally:
-        ray.shutdown()
+        workers.shutdown()
 
 
 def test_a_sweep_k_the_test_pool_cannot_hold_is_left_out_and_named_and_table_1s_k_must_fit():

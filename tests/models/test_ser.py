@@ -74,7 +74,7 @@ def test_clone_is_independent_and_identical(model, monkeypatch):
     def no_disk(*args):  # a model that reached another node through Ray has no checkpoint there to rebuild from
         raise AssertionError("clone read the upstream's checkpoint again")
 
-    monkeypatch.setattr(upstream_module, "prepare", no_disk)
+    monkeypatch.setattr(upstream_module, "checkpoint", no_disk)
     model.eval()
     set_scope(model, "head")
     twin = model.clone()

@@ -7,14 +7,19 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import cross_val_score
 
 from distmeta.data.synthetic.listeners import draw_speakers
-from distmeta.models.tiny_wavlm import (HOP, PRETRAINING_STREAM, SHIPPED, build_tiny_checkpoint, frame_pitch,
-                                        pretrained_tiny_path, pretraining_audio)
-from distmeta.models.upstream import Upstream, UpstreamConfig, prepare
+from distmeta.models.tiny_wavlm import SHIPPED, checkpoint, pretrained_tiny_path
+from distmeta.models.upstream import Upstream, UpstreamConfig
+from distmeta.training.tiny_wavlm import (HOP, PRETRAINING_STREAM, build_tiny_checkpoint, frame_pitch, pretraining_audio,
+                                          ready)
 
 
 def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path))
     config = UpstreamConfig(name="tiny_pretrained", pretrain_epochs=4, pretrain_utterances=128)
+    with pytest.raises(FileNotFoundError, match="ready"):  # constructing an upstream never builds one
+        Upstream(config)
+    assert not any(tmp_path.rglob("*.pt"))
+    ready(config)
     upstream = Upstream(config)
     log = capsys.readouterr().out
     epochs = [tuple(map(float, m)) for m in re.findall(r"L1 ([\d.]+), prosody MSE ([\d.]+), frame F0 MSE ([\d.]+)", log)]
@@ -24,7 +29,8 @@ def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, mo
     path = pretrained_tiny_path(0, 4, 128)
     assert path.is_file() and torch.load(path, weights_only=True)["cfg"]["encoder_layers"] == 2
     built = path.stat().st_mtime_ns
-    again = Upstream(config)  # reused, not rebuilt
+    assert ready(config) == path  # reused, not rebuilt
+    again = Upstream(config)
     assert path.stat().st_mtime_ns == built and "upstream pretraining" not in capsys.readouterr().out
     random = torch.load(build_tiny_checkpoint(tmp_path / "random.pt"), weights_only=True)["model"]
     trained = again.model.model.state_dict()
@@ -66,9 +72,10 @@ def _f0_read_from_layer_means(upstream: Upstream, wavs, pitch) -> float:
 def test_a_fresh_machine_copies_the_shipped_default_build_which_reads_pitch(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path))
     shipped = sorted(SHIPPED.glob("*.pt"))
-    # one build, under today's key; after a recipe or voice change: python -m distmeta.models.tiny_wavlm
+    # one build, under today's key; after a recipe or voice change: python -m distmeta.training.tiny_wavlm
     assert [p.name for p in shipped] == [pretrained_tiny_path().name]
-    path = prepare(UpstreamConfig(name="tiny_pretrained"))
+    assert checkpoint(UpstreamConfig(name="tiny_pretrained")) == shipped[0]  # loading reads the shipped build as it is
+    path = ready(UpstreamConfig(name="tiny_pretrained"))
     assert path == pretrained_tiny_path() and path.parent.parent == tmp_path
     assert path.read_bytes() == shipped[0].read_bytes()
     log = capsys.readouterr().out
@@ -78,4 +85,5 @@ def test_a_fresh_machine_copies_the_shipped_default_build_which_reads_pitch(tmp_
     # pretrained on seed 0's) where the random tiny's barely does (R^2 0.99 against 0.30 here).
     wavs, _, pitch = pretraining_audio(1, 160, progress=False)
     assert _f0_read_from_layer_means(Upstream(UpstreamConfig(name="tiny_pretrained")).eval(), wavs, pitch) > 0.9
+    ready(UpstreamConfig(name="tiny"))  # this machine's cache is empty: the random one is built first
     assert _f0_read_from_layer_means(Upstream(UpstreamConfig(name="tiny")).eval(), wavs, pitch) < 0.6

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from distmeta.models.s3prl_compat import import_s3prl_hub
-from distmeta.models.tiny_wavlm import build_tiny_checkpoint, tiny_checkpoint_path
+from distmeta.models.tiny_wavlm import tiny_checkpoint_path
 from distmeta.models.upstream import Upstream, UpstreamConfig
+from distmeta.training.tiny_wavlm import build_tiny_checkpoint, ready
 
 
 def test_tiny_upstream_loads_through_s3prl_wavlm_local(tmp_path):
@@ -85,6 +86,7 @@ def test_an_upstream_shipped_to_a_node_without_the_drivers_files_is_the_drivers(
     local = UpstreamConfig(name="wavlm_local", path=str(build_tiny_checkpoint(tmp_path / "mine.pt", seed=3)))
     for config in (UpstreamConfig(seed=4), local):
         monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path / "driver"))
+        ready(config)  # what the job does on the driver
         driver = Upstream(config).state_dict()
         shipped = portable(config)
         monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path / "node"))  # the node's own, empty cache

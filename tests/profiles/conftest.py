@@ -7,7 +7,8 @@ import pytest
 from distmeta.data import rotation
 from distmeta.labels import CLASSES
 from distmeta.listener.adapters import Episode
-from distmeta.listener.metatrain import MetaConfig, meta_train_cached
+from distmeta.meta.learner import MetaConfig
+from distmeta.listener.metatrain import meta_train_cached
 from distmeta.models import UpstreamConfig
 
 TRAINED_WITH = MetaConfig(ini=False, outer_steps=2, shots=8, val_every=2, val_seeds=1, val_queries=8, test_steps=4,

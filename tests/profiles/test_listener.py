@@ -11,7 +11,7 @@ import pytest
 from distmeta import cli
 from distmeta.labels import CLASSES
 from distmeta.listener.adapters import meta_adapter
-from distmeta.listener.metatrain import query_probs
+from distmeta.meta.learner import query_probs
 from distmeta.models import UpstreamConfig
 from distmeta.profiles.listener import ListenerBase, enroll, read_labelled
 from distmeta.profiles.store import ProfileStore

@@ -17,8 +17,7 @@ HEADER = "serve_multiplexed_model_id"
 
 
 @pytest.fixture(scope="module")
-def served(trained, small_corpus, tmp_path_factory):
-    import ray
+def served(trained, small_corpus, tmp_path_factory, ray_local):
     from ray import serve
 
     from distmeta.profiles.serve import start
@@ -28,13 +27,11 @@ def served(trained, small_corpus, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = start(str(path), store, host="127.0.0.1", port=port, max_profiles=2, max_body_mb=1.0)
         yield url, path, store, episode
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def clips_of(corpus, ids, targets) -> list[tuple[str, str]]:

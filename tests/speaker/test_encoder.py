@@ -11,6 +11,7 @@ import torch
 
 from distmeta.data.audio import load_audio
 from distmeta.data.speakers import speaker_view
+from distmeta.io import settings_digest
 from distmeta.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig, log_mel
 from distmeta.models.upstream import Upstream, UpstreamConfig
 from distmeta.speaker import baselines, encoder
@@ -24,17 +25,11 @@ CONFIG = encoder.EncoderPretrainConfig(SpeechEncoderConfig(dim=32, heads=2, ffn_
 
 
 @pytest.fixture(scope="module")
-def pretrained(speaker_corpus, tmp_path_factory):
-    import ray
-
+def pretrained(speaker_corpus, tmp_path_factory, ray_local):
     _, corpus = speaker_corpus
     data = speaker_view(corpus)
     models = tmp_path_factory.mktemp("encoder-models")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        upstream = encoder.ready_upstream(UpstreamConfig(name="speech_encoder"), CONFIG, corpus, data, models)
-    finally:
-        ray.shutdown()
+    upstream = encoder.ready_upstream(UpstreamConfig(name="speech_encoder"), CONFIG, corpus, data, models)
     return corpus, data, models, upstream
 
 
@@ -67,7 +62,7 @@ def test_pretraining_reads_training_and_validation_speakers_only(pretrained):
     assert len(train) == sum(len(t.utterances) for t in data.splits["train"])
     # the settings name the two splits' speakers; a corpus whose test speakers differ has another split
     settings = json.loads(Path(pretrained[3].path).with_suffix(".json").read_text())["settings"]
-    assert settings["speakers"] == encoder.digest({n: [t.speaker for t in data.splits[n]] for n in ("train", "valid")})
+    assert settings["speakers"] == settings_digest({n: [t.speaker for t in data.splits[n]] for n in ("train", "valid")})
 
 
 def test_a_saved_encoder_is_reused_and_its_frames_are_what_the_speaker_path_reads(pretrained):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from distmeta.listener.distributed import ActorConfig, ActorPool
-from distmeta.listener.metatrain import MetaConfig
+from distmeta.meta.actors import ActorConfig, ActorPool
+from distmeta.meta.learner import MetaConfig
 from distmeta.models.speaker_classifier import SpeakerClassifier
 from distmeta.speaker import maml, tables
 from distmeta.speaker.episodes import evaluation_episodes, table2_conditions, ua_spk
@@ -44,22 +44,18 @@ def test_speaker_tasks_are_the_listener_paths_tasks(toy):
 
 
 @pytest.mark.slow
-def test_maml_on_speaker_task_actors_equals_the_serial_run(toy, serial):
-    import ray
-
+def test_maml_on_speaker_task_actors_equals_the_serial_run(toy, serial, ray_local):
     data, bank, start = toy
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    pool = ActorPool(ActorConfig(), log=None)  # one actor per training speaker
     try:
-        pool = ActorPool(ActorConfig(), log=None)  # one actor per training speaker
         assert_same(maml.meta_train(bank, data, start, CONFIG, actors=pool, log=None), serial)
         assert len(pool.actors) == len(data.splits["train"]) == 5
         assert len(pool.last_metrics) == 5 and len({m["loss"] for m in pool.last_metrics.values()}) > 1
         pool.config.max_actors = 2  # fewer actors than speakers: each holds several (0, 2, 4 and 1, 3)
         assert_same(maml.meta_train(bank, data, start, CONFIG, actors=pool, log=None), serial)
         assert pool.annotators == ["s0, s2, s4", "s1, s3"]
-        pool.shutdown()
     finally:
-        ray.shutdown()
+        pool.shutdown()
     # meta-training moved the classifier and kept the best validation step
     assert serial[1]["best_step"] in (3, 6)
     assert any(not torch.equal(v, start.state_dict()[k[len("model."):]]) for k, v in serial[0].state_dict().items()

@@ -1,15 +1,14 @@
 """Where generated corpora live and how they are reused: one folder per generator config, regenerated when
 the config, the generator or the audio files change; audio rendered in a process pool with progress."""
 
-import hashlib
-import json
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 from distmeta.data.corpus import Corpus, CorpusError
+from distmeta.io import settings_digest
+from distmeta.report import Progress
 
 
 GENERATOR_VERSION = 3  # bump when the generative model changes, so caches of the old one are not reused
@@ -22,25 +21,23 @@ def config_hash(config) -> str:
     """A generator config's identity (any of our corpus generators' dataclasses), for its cache folder."""
     fields = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change the corpus
     fields["generator_version"] = GENERATOR_VERSION
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return settings_digest(fields)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTMETA_CACHE", Path.home() / ".cache" / "distmeta"))
 
 
-def render_all(render, jobs: list, workers: int, what: str | None, every: int, started: float) -> list:
+def render_all(render, jobs: list, workers: int, what: str | None, every: int) -> list:
     """`render(job)` for every job in a process pool (`workers` 0: one per core), results in order (the
     corpora's renderers return the seconds of audio written); with `what`, a progress line with ETA
     every `every` jobs."""
-    results = []
+    results, progress = [], Progress(f"{what}: utterance", len(jobs), print if what else None)
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for i, result in enumerate(pool.map(render, jobs, chunksize=16), 1):
             results.append(result)
-            if what and (i % every == 0 or i == len(jobs)):
-                elapsed = time.time() - started
-                eta = elapsed / i * (len(jobs) - i)
-                print(f"{what}: {i}/{len(jobs)} utterances, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
+            if i % every == 0 or i == len(jobs):
+                progress.update(i)
     return results
 
 

@@ -65,8 +65,8 @@ EXTERNAL_BIAS = {
 }
 EXTERNAL_MULTI = {"E1": 0.02, "E2": 0.01, "E3": 0.02, "E4": 0.12, "E5": 0.04}
 # The share of each session an external labels. The unseen test pool is one session, and what Entire-All learns
-# a listener from is that pool minus the 128 queries: at 85-50% (generator version 2) that left 60-250 items and a
-# room (Entire-All - Entire-Zero, unseen) under 6 maF1 at 7 of 10 corpus seeds (docs/listener.md).
+# a listener from is that pool minus the 128 queries: lower shares (generator version 2) left Entire-All too few items
+# to learn a listener from, and the room (Entire-All - Entire-Zero, unseen) too small.
 EXTERNAL_COVERAGE = {"E1": 0.95, "E2": 0.9, "E3": 0.85, "E4": 0.8, "E5": 0.75}
 SELF_REPORT_SESSIONS = (1, 2, 3)
 PAIR_LEAK = (0.3, 0.6)  # how much of a look-alike pair leaks, before the listener's direction
@@ -80,8 +80,7 @@ SENSITIVITY = (0.6, 1.4)  # multiplies expression strength: how much emotion a l
 class SyntheticConfig:
     seed: int = 0
     # 2,500: five sessions of ~500, so an external labels ~375-475 of the unseen test session, ~250-350 left to
-    # Entire-All after the queries; at 2,000 the room to personalize fell under 6 maF1 at some corpus seeds
-    # (docs/listener.md)
+    # Entire-All after the queries; at 2,000 the room to personalize was too small at some corpus seeds
     n_utterances: int = 2500
     min_seconds: float = 1.0
     max_seconds: float = 4.0
@@ -257,7 +256,7 @@ def make_synthetic_corpus(out_dir=None, seed: int = 0, n_utterances: int = 2500,
     jobs = [(path, asdict(speakers[spk]), plan.loc[utt, [f"latent_{c}" for c in CLASSES]].to_numpy(float), strength, sec, seed)
             for utt, path, spk, strength, sec, seed in zip(plan.index, plan["path"], plan["speaker"], plan["strength"],
                                                            plan["target_seconds"], plan["audio_seed"])]
-    plan["duration"] = render_all(_render, jobs, config.workers, "synthetic corpus" if progress else None, 200, started)
+    plan["duration"] = render_all(_render, jobs, config.workers, "synthetic corpus" if progress else None, 200)
     utterances = plan.drop(columns=["audio_seed", "target_seconds"])
     info = {"source": "synthetic", "config": asdict(config), "config_hash": config_hash(config),
             "speakers": {k: asdict(v) for k, v in speakers.items()}, "listeners": listeners,

@@ -142,7 +142,7 @@ def make_speaker_corpus(out_dir=None, config: SpeakerCorpusConfig | None = None,
                 jobs.append((path, asdict(VOICES[sex]), _prosody(latent), float(rng.uniform(config.min_seconds, config.max_seconds)),
                              int(rng.integers(2**63))))
     utterances = pd.DataFrame(rows).set_index("utterance")
-    utterances["duration"] = render_all(_render, jobs, config.workers, "speaker corpus" if progress else None, 500, started)
+    utterances["duration"] = render_all(_render, jobs, config.workers, "speaker corpus" if progress else None, 500)
     annotations = build_annotations([(u, "speaker", {e}, e) for u, e in utterances["emotion"].items()])
     info = {"source": "synthetic-speakers", "config": asdict(config), "config_hash": config_hash(config),
             "styles": styles, "generation_seconds": round(time.time() - started, 1)}

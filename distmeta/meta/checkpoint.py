@@ -1,4 +1,4 @@
-"""Meta-training checkpoints: everything `metatrain.train` needs to continue after an outer step (the
+"""Meta-training checkpoints: everything `learner.train` needs to continue after an outer step (the
 learner's parameters and AdamW state, the step, the task sampler's random state, the best state so far and
 the history), in one safetensors file written atomically, refused on resume if written with other settings."""
 

@@ -1,16 +1,16 @@
 """Distributed meta-training on Ray: task actors hold the training tasks (annotators or speakers), the driver aggregates.
 
     actors = ActorPool(ActorConfig(num_gpus=0.25))
-    result = meta_train_split(corpus, split, upstream, ssl_e, meta, actors=actors)   # metatrain.py
+    result = meta_train_split(corpus, split, upstream, ssl_e, meta, actors=actors)   # listener/metatrain.py
     result = speaker.maml.meta_train(bank, data, pretrained, meta, actors=actors)    # speaker tasks
 
 `ActorPool.setup` gives each training task (an annotator's labels, or a speaker's
 utterances) to one `TaskActor`: its items, their inputs (cached pooled features
 for frozen-upstream scopes, audio for `entire`, a speaker's frames) and a model
-replica, built by a `replica` object (`ListenerReplica` here, the speaker path's
-`ClassifierReplica`). With `max_actors` below the number of tasks, each actor
+replica, built by a `replica` object (the listener path's `ListenerReplica`, the
+speaker path's `ClassifierReplica`). With `max_actors` below the number of tasks, each actor
 holds several tasks (task i on actor i mod max_actors). The driver is
-`metatrain.train`, the same outer loop as the serial trainer: each step it puts
+`learner.train`, the same outer loop as the serial trainer: each step it puts
 the meta-model's trainable parameters (the model's and, with LSLR, its rates)
 into the object store once, as one flat float32 buffer; each actor holding a
 chosen task copies it into its replica, runs `task_meta_gradients` on its chosen
@@ -39,13 +39,13 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from distmeta.meta.learner import SerialGradients, task_meta_gradients
 from distmeta.models.ser import trainable_parameters
-from distmeta.models.upstream import portable
 
 
 @dataclass
@@ -78,29 +78,6 @@ class FlatLayout:
                 for name, shape in self.shapes.items()}
 
 
-class ListenerReplica:
-    """How a task actor builds the SER meta-model: the upstream from the driver's checkpoint bytes (`shared`,
-    so the node need not see the driver's disk), once per actor; each training re-scopes it."""
-
-    def __init__(self, upstream_config):
-        self.upstream_config = upstream_config
-        self.key = repr(upstream_config)
-
-    def shared(self):
-        return portable(self.upstream_config)
-
-    def model(self, config, shared):
-        from distmeta.listener.metatrain import build_meta_model
-        from distmeta.models.upstream import landed
-
-        return build_meta_model(landed(self.upstream_config, shared), None, replace(config, ini=False)).model
-
-    def meta_model(self, model, config):
-        from distmeta.listener.metatrain import meta_model_of
-
-        return meta_model_of(model, config)  # this training's scope, rates and LSLR
-
-
 class TaskActor:
     """Holds one or more training tasks and a model replica; returns those tasks' meta-gradients."""
 
@@ -123,8 +100,6 @@ class TaskActor:
 
     def meta_gradient(self, flat: np.ndarray, step: int, second_order: bool, indices: list) -> list:
         """[(metrics, flat meta-gradients)] of the tasks at `indices`, in order."""
-        from distmeta.listener.metatrain import task_meta_gradients
-
         values = self.layout.unflatten(flat)
         with torch.no_grad():
             for name, param in self.params.items():
@@ -207,7 +182,7 @@ class Chaos:
 class ActorPool:
     """Task actors kept across trainings (splits, variants): each `setup` hands them new tasks.
 
-    After `setup`, the pool is the `gradients` callable `metatrain.train` takes.
+    After `setup`, the pool is the `gradients` callable `learner.train` takes.
     """
 
     def __init__(self, config: ActorConfig | None = None, log=print):
@@ -315,3 +290,11 @@ class ActorPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)  # a no-op for an actor that has died already
         self.actors = []
+
+
+def task_gradients(actors: "ActorPool | None", replica, meta, config, tasks: list, bank):
+    """The `gradients` callable of `learner.train`: the tasks' meta-gradients in this process (no `actors`:
+    the serial reference), or on `actors`, each of which builds its model with `replica`."""
+    if actors is None:
+        return SerialGradients(bank, tasks)
+    return actors.setup(replica, meta, config, tasks, bank)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from distmeta import config as cfg
-from distmeta.jobs import JOBS
+from distmeta.settings import JOBS
 
 ROOT = Path(__file__).parents[1]
 
@@ -24,7 +24,7 @@ def test_default_yaml_lists_every_key_with_its_default(job):
     cls = JOBS[job]
     path = cfg.PRESETS / job / "default.yaml"
     written = yaml.safe_load(path.read_text())
-    assert cfg.to_dict(cfg.load(cls, preset=path)) == cfg.to_dict(cls()), f"{path} differs from distmeta.jobs"
+    assert cfg.to_dict(cfg.load(cls, preset=path)) == cfg.to_dict(cls()), f"{path} differs from distmeta.settings"
     expected = leaf_keys(cfg.to_dict(cls()))
     if job == "tune":  # `base` and `icl_base` are job configs: configs/meta_train, metaicl_train/default.yaml document them
         expected = {k for k in expected if not k.startswith(("base.", "icl_base."))}

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from distmeta.data import rotation
-from distmeta.listener.distributed import ActorConfig, ActorPool, FlatLayout
-from distmeta.listener.metatrain import MetaConfig, build_meta_model, meta_train_split
+from distmeta.meta.actors import ActorConfig, ActorPool, FlatLayout
+from distmeta.meta.learner import MetaConfig
+from distmeta.listener.metatrain import build_meta_model, meta_train_split
 from distmeta.models import UpstreamConfig
 
 CONFIG = MetaConfig(ini=False, outer_steps=6, shots=8, val_every=3, val_seeds=1, val_queries=8, test_steps=3,
@@ -21,15 +22,6 @@ def test_flat_layout_round_trip_keeps_names_shapes_and_values():
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     with pytest.raises(KeyError, match="b"):
         layout.flatten({"w": tensors["w"], "rates.w": tensors["rates.w"]})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

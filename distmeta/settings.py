@@ -10,8 +10,8 @@ equal to the dataclass below.
 from dataclasses import dataclass, field
 
 from distmeta.data.sources import DataConfig
-from distmeta.listener.distributed import ActorConfig
-from distmeta.listener.metatrain import MetaConfig
+from distmeta.meta.actors import ActorConfig
+from distmeta.meta.learner import MetaConfig
 from distmeta.listener.pretrain import PretrainConfig
 from distmeta.listener.protocol import ProtocolConfig
 from distmeta.models.speech_lm import SpeechLMConfig
@@ -35,7 +35,7 @@ class MakeCorpusConfig:
 class MetaTrainConfig:
     """jobs/meta_train.py: listener personalization end to end, from pretraining to Table 1."""
     data: DataConfig = field(default_factory=DataConfig)
-    # Pretrained once per machine on synthetic audio of other speakers (models/tiny_wavlm.py); "tiny"
+    # Pretrained once per machine on synthetic audio of other speakers (training/tiny_wavlm.py); "tiny"
     # is the same model with random weights, any s3prl name a real upstream.
     upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig(name="tiny_pretrained"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from distmeta.listener.maml import MetaModel, adapt, batched_meta_gradients, meta_gradients
+from distmeta.meta.maml import MetaModel, adapt, batched_meta_gradients, meta_gradients
 
 
 class MLP(nn.Module):
