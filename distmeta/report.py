@@ -2,14 +2,12 @@
 loop reports), and tables and plots, CSV for programs, Markdown and PNG for people (`save_table`,
 `save_figure`)."""
 
-import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from tqdm import tqdm
 
 from distmeta.io import atomic_path, write_text
@@ -21,25 +19,25 @@ class Progress:
         progress = Progress("meta step", 150, log=print)
         progress.update(step, "outer loss 0.41")         # steps done so far, and what to show beside them
 
-    tqdm keeps the count and formats the times. In a terminal (`log` is `print` and stderr is one, or `bar`) it draws
-    its bar on stderr and writes no lines; elsewhere (job logs, Ray workers, pipes) each `update` puts one
-    line through `log`: "<what> <n>/<total>: <details>, <elapsed> elapsed, ETA <remaining>", the ETA from
+    In a terminal (`log` is `print` and stderr is one, or `bar`) tqdm draws its bar on stderr and no lines
+    are written; elsewhere (job logs, Ray workers, pipes) each `update` puts one line through `log`:
+    "<what> <n>/<total>: <details>, <elapsed> elapsed, ETA <remaining>" (tqdm's time format), the ETA from
     the steps done since `start`. `log=None` is silent. Loops that report every few steps call `update`
     only then.
     """
 
     def __init__(self, what: str, total: int, log=print, start: int = 0, bar: bool | None = None):
         self.what, self.total, self.log, self.start = what, total, log, start
-        self.terminal = (log is print and sys.stderr.isatty()) if bar is None else bar
-        self.bar = tqdm(total=total, initial=start, desc=what, file=sys.stderr if self.terminal else io.StringIO(),
-                        disable=log is None, leave=False, dynamic_ncols=True)
+        terminal = (log is print and sys.stderr.isatty()) if bar is None else bar
+        self.bar = tqdm(total=total, initial=start, desc=what, file=sys.stderr, leave=False,
+                        dynamic_ncols=True) if terminal and log is not None else None
         self.started = time.time()
 
     def update(self, done: int, details: str = "") -> None:
         if self.log is None:
             return
-        self.bar.update(done - self.bar.n)
-        if self.terminal:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(details)
             if done >= self.total:
                 self.bar.close()

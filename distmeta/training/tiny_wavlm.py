@@ -34,6 +34,7 @@ spending ~10 minutes on 2 cores; any other setting, recipe or voice generator is
 """
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def pretraining_audio(seed: int, utterances: int, progress: bool = True) -> tupl
     return [torch.from_numpy(w) for w, _, _ in rendered], (prosody - prosody.mean(0)) / prosody.std(0), pitch
 
 
+@contextmanager
+def numpy_seeded(seed: int):
+    """numpy's global generator seeded for the block and given back as it was: s3prl's WavLM draws its span
+    masks from it, so a build is the same every time."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[torch.Tensor], epochs: int,
                   seed: int = 0, lr: float = 2e-3, batch_size: int = 32, log=print):
     """The tiny WavLM (conv encoder included) trained with the masked-frame, prosody and pitch workers
@@ -111,49 +124,36 @@ def pretrain_tiny(wavs: list[torch.Tensor], prosody: torch.Tensor, pitch: list[t
     params = [*model.parameters(), *frame_worker.parameters(), *prosody_worker.parameters(), *pitch_worker.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr)
     order_rng, progress = np.random.default_rng(seed), Progress("upstream pretraining: epoch", epochs, log)
-    # s3prl's WavLM draws its span masks from numpy's global generator: seeded here, so a build is the same
-    # every time, and given back as it was.
-    numpy_state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        _pretrain_epochs(model, wavs, prosody, pitch, epochs, batch_size, optimizer, order_rng, progress,
-                         log_mel, frame_worker, prosody_worker, pitch_worker)
-    finally:
-        np.random.set_state(numpy_state)
+    with numpy_seeded(seed):
+        for epoch in range(1, epochs + 1):
+            totals = np.zeros(3)
+            order = order_rng.permutation(len(wavs))
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                x = pad_sequence([wavs[i] for i in batch], batch_first=True)
+                lengths = torch.tensor([len(wavs[i]) for i in batch])
+                padding = torch.arange(x.shape[1])[None] >= lengths[:, None]
+                (last, results), _ = model.extract_features(x, padding_mask=padding, mask=True, ret_layer_results=True,
+                                                            output_layer=layers)
+                target = torch.log(log_mel(x) + 1e-6).transpose(1, 2)
+                frames = min(target.shape[1], last.shape[1])
+                valid = (torch.arange(last.shape[1])[None] < (lengths // HOP)[:, None]).float()
+                frame_loss = ((frame_worker(last[:, :frames]) - target[:, :frames]).abs().mean(-1) * valid[:, :frames]).sum()
+                frame_loss = frame_loss / valid[:, :frames].sum()
+                pooled = torch.cat([(h.transpose(0, 1) * valid[..., None]).sum(1) for h, _ in results], -1) / valid.sum(1, keepdim=True)
+                prosody_loss = ((prosody_worker(pooled) - prosody[batch]) ** 2).mean()
+                # F0 of each mostly voiced frame, read from the last layer (PASE's frame-level prosody target)
+                f0 = pad_sequence([pitch[i] for i in batch], batch_first=True, padding_value=float("nan"))[:, :frames]
+                voiced = ~torch.isnan(f0) & (valid[:, :f0.shape[1]] > 0)
+                pitch_loss = ((pitch_worker(last[:, :f0.shape[1]])[..., 0] - f0.nan_to_num()) ** 2)[voiced].mean()
+                optimizer.zero_grad()
+                (frame_loss + prosody_loss + pitch_loss).backward()
+                optimizer.step()
+                totals += [frame_loss.item() * len(batch), prosody_loss.item() * len(batch), pitch_loss.item() * len(batch)]
+            frame_l1, prosody_mse, pitch_mse = totals / len(wavs)
+            progress.update(epoch, f"masked log-mel L1 {frame_l1:.3f}, prosody MSE {prosody_mse:.3f}, frame F0 MSE "
+                                   f"{pitch_mse:.3f} (1.0 = knows nothing)")
     return model.eval()
-
-
-def _pretrain_epochs(model, wavs, prosody, pitch, epochs, batch_size, optimizer, order_rng, progress, log_mel,
-                     frame_worker, prosody_worker, pitch_worker) -> None:
-    layers = TINY_WAVLM["encoder_layers"]
-    for epoch in range(1, epochs + 1):
-        totals = np.zeros(3)
-        order = order_rng.permutation(len(wavs))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            x = pad_sequence([wavs[i] for i in batch], batch_first=True)
-            lengths = torch.tensor([len(wavs[i]) for i in batch])
-            padding = torch.arange(x.shape[1])[None] >= lengths[:, None]
-            (last, results), _ = model.extract_features(x, padding_mask=padding, mask=True, ret_layer_results=True,
-                                                        output_layer=layers)
-            target = torch.log(log_mel(x) + 1e-6).transpose(1, 2)
-            frames = min(target.shape[1], last.shape[1])
-            valid = (torch.arange(last.shape[1])[None] < (lengths // HOP)[:, None]).float()
-            frame_loss = ((frame_worker(last[:, :frames]) - target[:, :frames]).abs().mean(-1) * valid[:, :frames]).sum()
-            frame_loss = frame_loss / valid[:, :frames].sum()
-            pooled = torch.cat([(h.transpose(0, 1) * valid[..., None]).sum(1) for h, _ in results], -1) / valid.sum(1, keepdim=True)
-            prosody_loss = ((prosody_worker(pooled) - prosody[batch]) ** 2).mean()
-            # F0 of each mostly voiced frame, read from the last layer (PASE's frame-level prosody target)
-            f0 = pad_sequence([pitch[i] for i in batch], batch_first=True, padding_value=float("nan"))[:, :frames]
-            voiced = ~torch.isnan(f0) & (valid[:, :f0.shape[1]] > 0)
-            pitch_loss = ((pitch_worker(last[:, :f0.shape[1]])[..., 0] - f0.nan_to_num()) ** 2)[voiced].mean()
-            optimizer.zero_grad()
-            (frame_loss + prosody_loss + pitch_loss).backward()
-            optimizer.step()
-            totals += [frame_loss.item() * len(batch), prosody_loss.item() * len(batch), pitch_loss.item() * len(batch)]
-        frame_l1, prosody_mse, pitch_mse = totals / len(wavs)
-        progress.update(epoch, f"masked log-mel L1 {frame_l1:.3f}, prosody MSE {prosody_mse:.3f}, frame F0 MSE "
-                               f"{pitch_mse:.3f} (1.0 = knows nothing)")
 
 
 def build_pretrained_tiny(path, seed: int = 0, epochs: int = 12, utterances: int = 2000, log=print) -> Path:

@@ -9,8 +9,8 @@ from sklearn.model_selection import cross_val_score
 from distmeta.data.synthetic.listeners import draw_speakers
 from distmeta.models.tiny_wavlm import SHIPPED, checkpoint, pretrained_tiny_path
 from distmeta.models.upstream import Upstream, UpstreamConfig
-from distmeta.training.tiny_wavlm import (HOP, PRETRAINING_STREAM, build_tiny_checkpoint, frame_pitch, pretraining_audio,
-                                          ready)
+from distmeta.training.tiny_wavlm import (HOP, PRETRAINING_STREAM, build_tiny_checkpoint, frame_pitch, pretrain_tiny,
+                                          pretraining_audio, ready)
 
 
 def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, monkeypatch, capsys):
@@ -38,6 +38,18 @@ def test_pretrained_tiny_learns_its_three_workers_and_is_built_once(tmp_path, mo
     # the conv encoder trained too (the SER model keeps it frozen afterwards)
     assert not torch.equal(trained["feature_extractor.conv_layers.0.0.weight"], random["feature_extractor.conv_layers.0.0.weight"])
     assert upstream.num_layers == 3
+
+
+def test_a_build_is_the_same_every_time_and_leaves_numpys_generator_as_it_was():
+    """WavLM's span masks come from numpy's global generator: two builds of one key once differed."""
+    wavs, prosody, pitch = pretraining_audio(0, 32, progress=False)
+    np.random.seed(7)
+    expected = np.random.get_state()[1].copy()
+    first = pretrain_tiny(wavs, prosody, pitch, epochs=1, log=None).state_dict()
+    assert np.array_equal(np.random.get_state()[1], expected)  # the caller's draws are untouched
+    np.random.rand(5)  # whatever the caller drew in between does not matter
+    second = pretrain_tiny(wavs, prosody, pitch, epochs=1, log=None).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_pretraining_speakers_are_not_a_corpus_speakers():
