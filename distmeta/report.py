@@ -63,13 +63,25 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mlflow_run():
+    """The mlflow module when this thread has an active MLflow run (a job's), else None; never imports it."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
+
+
 def save_table(df: pd.DataFrame, out_dir, name: str, title: str = "", floatfmt: str = ".1f") -> Path:
-    """Write `name.csv` and `name.md` under `out_dir`; returns the Markdown path."""
+    """Write `name.csv` and `name.md` under `out_dir`, and inside a job's MLflow run log it with `log_table`
+    (`tables/<name>.json`, which the UI shows as a table); returns the Markdown path."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir / f"{name}.csv") as tmp:
         df.to_csv(tmp)
     md = out_dir / f"{name}.md"
     write_text(md, (f"## {title}\n\n" if title else "") + markdown_table(df, floatfmt))
+    mlflow = _mlflow_run()
+    if mlflow is not None:
+        flat = df.reset_index()
+        flat.columns = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in flat.columns]
+        mlflow.log_table(flat, artifact_file=f"tables/{name}.json")
     return md
 
 
@@ -84,12 +96,16 @@ def figure(*args, **kwargs):
 
 
 def save_figure(fig, path) -> Path:
-    """Write `fig` as PNG atomically and close it: the one way every plot is saved."""
+    """Write `fig` as PNG atomically (inside a job's MLflow run also `log_figure`, `plots/<name>.png`) and
+    close it: the one way every plot is saved."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+    mlflow = _mlflow_run()
+    if mlflow is not None:
+        mlflow.log_figure(fig, f"plots/{Path(path).name}")
     plt.close(fig)
     return Path(path)
 

@@ -57,6 +57,9 @@ class MetaTrainConfig:
     # "": a folder under models_dir, enough on one node
     storage: str = ""
     experiment: str = "distmeta-meta-train"
+    # Meta-PerSER models registered as distmeta-listener (pyfunc, with the alias <scenario>-<annotator>):
+    # "first" the first unseen split's (else the first split's), "all" every split's, "none"
+    register: str = "first"
     ray_address: str = ""  # "": $RAY_ADDRESS when set (e.g. under `ray job submit`), else a local instance
 
 

@@ -13,6 +13,7 @@ server.
 
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,8 +42,12 @@ def artifact_location(uri: str) -> str | None:
     return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
 
 
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training view, not its GenAI one
+
+
 def use_experiment(mlflow, experiment: str) -> None:
-    """Set the tracking URI and experiment, creating the experiment with its artifacts beside the store."""
+    """Set the tracking URI and experiment, creating the experiment with its artifacts beside the store and
+    marked as model development (an experiment made before is marked too)."""
     uri = tracking_uri()
     database = sqlite_file(uri)
     if database is not None:
@@ -50,10 +55,12 @@ def use_experiment(mlflow, experiment: str) -> None:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         try:
-            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri), tags=KIND)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by another process
-    mlflow.set_experiment(experiment)
+    found = mlflow.set_experiment(experiment)
+    if found.tags.get("mlflow.experimentKind") != KIND["mlflow.experimentKind"]:
+        mlflow.set_experiment_tag("mlflow.experimentKind", KIND["mlflow.experimentKind"])
 
 
 def metric_name(*parts) -> str:
@@ -63,12 +70,14 @@ def metric_name(*parts) -> str:
 
 
 @contextmanager
-def run(experiment: str, run_name: str, params: dict):
-    """Start an MLflow run with flattened `params`; yields the mlflow module for logging."""
+def run(experiment: str, run_name: str, params: dict, description: str | None = None, tags: dict | None = None):
+    """Start an MLflow run with flattened `params`, a description and tags (what the UI shows and filters by);
+    yields the mlflow module for logging."""
     import mlflow
 
     use_experiment(mlflow, experiment)
-    with mlflow.start_run(run_name=run_name) as active:
+    with mlflow.start_run(run_name=run_name, description=description,
+                          tags={k: str(v) for k, v in (tags or {}).items()}) as active:
         flat = flatten(params)
         for start in range(0, len(flat), 100):  # MLflow caps params per batch
             mlflow.log_params(dict(list(flat.items())[start:start + 100]))
@@ -76,39 +85,41 @@ def run(experiment: str, run_name: str, params: dict):
         yield mlflow
 
 
-def register_model(files, name: str) -> int:
-    """Register `files` (a model and its sidecar) in the tracking store's Model Registry under `name`, from the
-    active run; returns the new version (`models:/<name>/<version>` then names it). Files only: nothing a
-    loader would unpickle."""
-    import shutil
-    import tempfile
-
-    import mlflow
+def model_version(uri: str) -> tuple[str, str]:
+    """(name, version) of a registry URI: `models:/<name>/<version>`, `models:/<name>/latest` or
+    `models:/<name>@<alias>`, resolved to the version number it names now."""
     from mlflow import MlflowClient
 
-    with tempfile.TemporaryDirectory() as folder:
-        for file in files:
-            shutil.copy(file, folder)
-        model = mlflow.initialize_logged_model(name=name)
-        MlflowClient().log_model_artifacts(model.model_id, folder)
-    mlflow.finalize_logged_model(model.model_id, "READY")
-    return int(mlflow.register_model(f"models:/{model.model_id}", name).version)
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    name, _, version = rest.partition("/")
+    if version == "latest":
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+        if not versions:
+            raise FileNotFoundError(f"{uri}: no registered model {name!r}")
+        return name, str(max(int(v.version) for v in versions))
+    return name, version
 
 
 def registered_files(uri: str) -> Path:
-    """The folder holding a registered model's files (`models:/<name>/<version>`), downloaded once into
-    $DISTMETA_HOME/registry; kept per tracking store, since another store's version 1 is another model."""
+    """The folder holding a registered model's files (`models:/<name>/<version or latest or @alias>`),
+    downloaded once into $DISTMETA_HOME/registry: an alias or `latest` is resolved to its version first, and the
+    cache is kept per tracking store, since another store's version 1 is another model."""
     import hashlib
 
     import mlflow
 
     store = tracking_uri()
     mlflow.set_tracking_uri(store)
+    name, version = model_version(uri) if not uri.startswith("models:/m-") else (uri[len("models:/"):], "")
     folder = (home() / "registry" / hashlib.sha256(store.encode()).hexdigest()[:12]
-              / re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("models:/"):]))
+              / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}/{version}"))
     if not folder.is_dir():
         staging = folder.with_name(folder.name + ".partial")
-        mlflow.artifacts.download_artifacts(uri, dst_path=str(staging))
+        shutil.rmtree(staging, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}" if version else uri, dst_path=str(staging))
         staging.rename(folder)
     return folder
 

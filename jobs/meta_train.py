@@ -38,6 +38,7 @@ from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
 from distmeta.listener.protocol import (EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
                                        table2)
 from distmeta.meta.actors import ActorPool
+from distmeta.profiles.mlflow_model import log_model
 from distmeta.report import save_table, say
 from distmeta.settings import MetaTrainConfig
 from distmeta.training.tiny_wavlm import ready as build_upstream
@@ -67,16 +68,29 @@ def pretrain_models(config: MetaTrainConfig, splits, inputs=None) -> dict:
                              config.storage, inputs)
 
 
-def register_meta_perser(config: MetaTrainConfig, splits) -> int | None:
-    """Register the Meta-PerSER model of the first unseen split (else the first split) as `distmeta-listener`:
-    what `distmeta enroll --model models:/distmeta-listener/<version>` adapts."""
-    if "Meta-PerSER" not in config.protocol.methods:
-        return None
-    scenario = "unseen" if "unseen" in splits else next(iter(splits))
-    path = meta_model_path(config.models_dir, scenario, splits[scenario][0].test_annotator, config.meta)
-    version = tracking.register_model([path, path.with_suffix(".json")], "distmeta-listener")
-    print(f"registered {path} as models:/distmeta-listener/{version}", flush=True)
-    return version
+def register_meta_perser(config: MetaTrainConfig, splits, results) -> list[int]:
+    """Register Meta-PerSER models as `distmeta-listener` (pyfunc; what `distmeta enroll --model
+    models:/distmeta-listener/<version>` adapts and `mlflow models serve` serves): the first unseen split's
+    (else the first split's), or every split's (`register: all`), each with the alias <scenario>-<annotator>
+    and its scenario's Meta-PerSER metrics."""
+    if "Meta-PerSER" not in config.protocol.methods or config.register == "none":
+        return []
+    first = "unseen" if "unseen" in splits else next(iter(splits))
+    chosen = [(first, splits[first][0])] + ([(s, split) for s in splits for split in splits[s]
+                                             if (s, split) != (first, splits[first][0])] if config.register == "all" else [])
+    versions = []
+    for scenario, split in chosen:
+        path = meta_model_path(config.models_dir, scenario, split.test_annotator, config.meta)
+        scored = results[(results["method"] == "Meta-PerSER") & (results["scenario"] == scenario)
+                         & (results["shots"] == config.protocol.shots)]
+        metrics = {f"{scenario}.{metric}": float(scored[metric].mean()) for metric in ("maF1", "miF1", "UA") if len(scored)}
+        alias = f"{scenario}-{split.test_annotator}"
+        version = log_model([path, path.with_suffix(".json")], "distmeta-listener", metrics=metrics, aliases=(alias,),
+                            tags={"path": "listener", "scenario": scenario, "test_annotator": split.test_annotator,
+                                  "upstream": config.upstream.name})
+        print(f"registered {path} as models:/distmeta-listener/{version} (@{alias})", flush=True)
+        versions.append(version)
+    return versions
 
 
 def meta_train(config: MetaTrainConfig, corpus, scenario, split, checkpoints, pools: list, inputs) -> dict:
@@ -228,9 +242,14 @@ def main(argv=None) -> int:
                                    "may follow; data, upstream, pretrain and meta settings must stay as they were)")
     if config.resume:
         cfg.check_resumable(MetaTrainConfig, config, SHAPING_SECTIONS)
+    if config.register not in ("first", "all", "none"):
+        raise SystemExit(f"register: {config.register!r}; use first, all or none")
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
-    with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config)) as mlflow:
+    description = (f"Meta-PerSER on {config.upstream.name}, {config.data.source} corpus (seed {config.data.seed}): "
+                   f"SSL-E, meta-training and the meta-test protocol ({', '.join(config.protocol.scenarios)})")
+    tags = {"path": "listener", "upstream": config.upstream.name, "corpus": config.data.source, "seed": config.data.seed}
+    with tracking.run(config.experiment, f"meta_train-{config.upstream.name}", asdict(config), description, tags) as mlflow:
         seconds = {}
         corpus, splits = setup(config)
         inputs = job_inputs(config, corpus)
@@ -244,7 +263,7 @@ def main(argv=None) -> int:
             results = evaluate(config, corpus, splits, checkpoints, seconds, inputs)
         seconds["meta-train and meta-test wall"] = time.time() - started - seconds["setup"] - seconds["pretrain"]  # they overlap
         paths = save(config, corpus, splits, results)
-        register_meta_perser(config, splits)
+        register_meta_perser(config, splits, results)
         for (method, scenario), group in results[results["shots"] == config.protocol.shots].groupby(["method", "scenario"]):
             for metric in ("maF1", "miF1", "UA"):
                 mlflow.log_metric(tracking.metric_name(scenario, method, metric), float(group[metric].mean()))

@@ -46,6 +46,7 @@ from distmeta.data.sources import load_corpus
 from distmeta.data.speakers import speaker_view
 from distmeta.features import FrameBank
 from distmeta.meta.actors import ActorPool
+from distmeta.profiles.mlflow_model import log_model
 from distmeta.report import save_table
 from distmeta.settings import MetaICLJobConfig
 from distmeta.training import icl_llm
@@ -100,7 +101,11 @@ def main(argv=None) -> int:
     config = cfg.parse_args(MetaICLJobConfig, argv, job="metaicl_train", description=__doc__.split("\n")[0])
     started = time.time()
     cfg.save(config, f"{config.out}/config.yaml")
-    with tracking.run(config.experiment, f"metaicl-{config.upstream.name}-{config.model.llm}", asdict(config)) as mlflow:
+    description = (f"Speaker ICL: the MetaICL speech LM ({config.model.llm}) on {config.upstream.name}, {config.data.source} "
+                   f"corpus (seed {config.data.seed}), with its baselines, ceilings and Tables II-IV")
+    tags = {"path": "speaker", "upstream": config.upstream.name, "corpus": config.data.source, "seed": config.data.seed}
+    with tracking.run(config.experiment, f"metaicl-{config.upstream.name}-{config.model.llm}", asdict(config), description,
+                      tags) as mlflow:
         # setup
         corpus = load_corpus(config.data)
         data = speaker_view(corpus)
@@ -153,10 +158,6 @@ def main(argv=None) -> int:
             sidecar = path.with_suffix(".json")
             mlflow.log_artifact(str(sidecar), artifact_path="models")
             mlflow.log_metric(tracking.metric_name("best_val_loss", training), json.loads(sidecar.read_text())["best_val_loss"])
-        # the proposed model (TU+LU), for use: models:/distmeta-speaker/<version>
-        encoder = [Path(upstream.path), Path(upstream.path).with_suffix(".json")] if upstream.name == "speech_encoder" else []
-        version = tracking.register_model([models["TU+LU"], models["TU+LU"].with_suffix(".json"), *encoder], "distmeta-speaker")
-        print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
         # evaluate
         with phase(timing, "speech LM evaluation"):
             for training, path in models.items():
@@ -165,9 +166,16 @@ def main(argv=None) -> int:
         paths = tables.save_results(results, data, config.out)
         for path in paths.values():
             mlflow.log_artifact(str(path))
+        metrics = {}
         for name, row in tables.table2(results).iterrows():
             parts = ("UA_spk", name) + ((row["ICL"],) if row["ICL"] != "-" else ())
-            mlflow.log_metric(tracking.metric_name(*parts), float(row["UA_spk"]))
+            metrics[tracking.metric_name(*parts)] = float(row["UA_spk"])
+        mlflow.log_metrics(metrics)
+        # the proposed model (TU+LU), for use: models:/distmeta-speaker/<version> (pyfunc), with its encoder
+        encoder = [Path(upstream.path), Path(upstream.path).with_suffix(".json")] if upstream.name == "speech_encoder" else []
+        version = log_model([models["TU+LU"], models["TU+LU"].with_suffix(".json"), *encoder], "distmeta-speaker",
+                            metrics=metrics, tags={"path": "speaker", "upstream": config.upstream.name})
+        print(f"registered {models['TU+LU']} as models:/distmeta-speaker/{version}", flush=True)
         timing["total"] = time.time() - started
         profile = pd.DataFrame({"seconds": list(timing.values()),
                                 "beside the speech LMs": ["yes" if name in beside else "" for name in timing]}, index=list(timing))

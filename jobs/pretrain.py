@@ -30,7 +30,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"kinds: unknown {unknown}; choose from ssl_e, linear, multi")
     started = time.time()
     cfg.save(config, f"{config.out}/config.yaml")
-    with tracking.run(config.experiment, f"pretrain-{config.upstream.name}", asdict(config)) as mlflow:
+    description = f"Supervised pretraining ({', '.join(config.kinds)}) on {config.upstream.name}, every split of the rotation"
+    tags = {"path": "listener", "upstream": config.upstream.name, "corpus": config.data.source, "seed": config.data.seed}
+    with tracking.run(config.experiment, f"pretrain-{config.upstream.name}", asdict(config), description, tags) as mlflow:
         connect(config.ray_address)
         corpus = load_corpus(config.data)
         build_upstream(config.upstream)

@@ -169,7 +169,9 @@ def main(argv=None) -> int:
                             epilog="--space FILE  the search space YAML (same as sweep.space=FILE)")
     started = time.time()
     cfg.save(config, Path(config.out) / "config.yaml")
-    with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config)) as mlflow:
+    description = f"Ray Tune sweep over {config.sweep.space}"
+    tags = {"path": "sweep", "space": Path(config.sweep.space).stem}
+    with tracking.run(config.experiment, f"tune-{Path(config.sweep.space).stem}", asdict(config), description, tags) as mlflow:
         icl = space_job(space_path(config.sweep.space)) == "metaicl_train"
         parent = mlflow.active_run().info.run_id
         if icl:

@@ -1,233 +1,302 @@
-"""`distmeta serve`: many people's profiles behind one Ray Serve application.
+"""`distmeta serve`: many people's profiles behind one Ray Serve application with a FastAPI ingress.
 
-    POST /predict                  body: one audio file (wav, flac, ogg); header serve_multiplexed_model_id: the
-                                   profile id (no header: the unpersonalized model) -> probabilities and labels
-    POST /enroll?person=ID         body: a tar (or .tar.gz) of labels.csv and the clips it names -> the new profile
-                                   (listener model: columns path,labels; speaker model: path,label, 1-7 rows)
+    POST /profiles/{id}/predict    body: one audio file (wav, flac, ogg) -> scores (sorted), labels (listener)
+    POST /predict                  the same; the profile in the header serve_multiplexed_model_id (none: the
+                                   unpersonalized model)
+    POST /profiles/{id}/enroll     body: a tar (or .tar.gz) of labels.csv and its clips, or a multipart form
+                                   (files `clips`, one field `labels` per clip) -> the new profile
+    POST /enroll?person=ID         the same
     GET  /profiles                 the store's profiles, and whether each belongs to the served base model
-    GET  /health                   the base model, and the profiles loaded on the replica that answered
+    GET  /health                   the base model, the profiles loaded on the replica that answered, peak memory
+    GET  /docs                     the OpenAPI page (/openapi.json the schema)
 
-Two deployments. `Ingress` speaks HTTP: it checks sizes and maps failures to status codes (400 unreadable
-audio or bad enrollment, 404 unknown profile or path, 413 a body over the limit); every failure is an
-answer, so the server keeps serving. `ProfileModel` loads the base model (a Meta-PerSER listener model or a
-MetaICL speech LM; one server serves one base model and its profiles) once per replica and a person's
-profile on demand through `@serve.multiplexed`: the ingress passes the header's profile id on as the
-handle's `multiplexed_model_id`, so Serve routes a person's requests to a replica that holds their profile,
-and each replica keeps at most `max_profiles` of them, evicting the least recently used. A profile
-re-enrolled or deleted on disk is noticed at its next request (its JSON's modification time).
-
-Predictions are `profiles.kinds.predict_with`, the function `distmeta predict` runs, on the request body.
+Two deployments. `Ingress` speaks HTTP: it checks the token, reads bodies within their size limit while they
+stream in, unpacks enrollments within `uploads.UploadLimits`, and answers failures as `{"detail": ...}` with
+their status (400 bad input, 401 no or wrong token, 404 unknown profile or path, 409 enrolling over another
+model's profile, 413 too large). `ProfileModel` holds a `Personalizer` (the base model, loaded once per
+replica) and people's profiles, loaded on demand through `@serve.multiplexed`: the ingress passes the profile
+id on as the handle's `multiplexed_model_id`, so Serve routes a person's requests to a replica that holds
+their profile, and a replica keeps at most `max_profiles` of them, evicting the least recently used (an id
+with no profile is refused before that, so it evicts nothing). A profile re-enrolled on disk is noticed at its
+next request. Predictions are `Personalizer.classify`'s records, what `distmeta predict` writes.
 """
 
 import asyncio
-import io
-import tarfile
-import tempfile
-from pathlib import Path, PurePosixPath
+import hmac
+import logging
+import os
+import resource
 
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.formparsers import MultiPartParser
 
-from distmeta.profiles.kinds import enroll_from, kind_of, load_base, predict_with
-from distmeta.profiles.store import ProfileError, ProfileStore
+from distmeta.data.audio import AudioLimits
+from distmeta.profiles.personalizer import Personalizer
+from distmeta.profiles.store import ProfileConflict, ProfileError, check_id
+from distmeta.profiles.uploads import UploadLimits, archive_enrollment
 
-MAX_BODY_MB = 20.0
-AUDIO_SUFFIX = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg"}
-
-
-class Profile:
-    """A loaded profile; `__del__` is what Serve calls when it evicts one (and Python, later, again)."""
-
-    def __init__(self, person: str, tensors: dict, meta: dict, stamp: int, loaded: dict):
-        self.person, self.tensors, self.meta, self.stamp, self.loaded = person, tensors, meta, stamp, loaded
-        loaded[person] = id(self)
-
-    def __del__(self):
-        if self.loaded.get(self.person) == id(self):  # not a newer load of the same person
-            del self.loaded[self.person]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HEADER = "serve_multiplexed_model_id"
+AUDIO_BODY = {"requestBody": {"required": True, "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}}}
+log = logging.getLogger("ray.serve")
 
 
-def enrollment_archive(clips: list[tuple[str, str]], column: str = "labels") -> bytes:
-    """A POST /enroll body from (clip path, label text) pairs: a tar of labels.csv (`column`: labels for a
-    listener model, label for a speaker model) and the clips, as `tar -C folder -cf - .` makes one."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        rows = [f"path,{column}"]
-        for i, (path, labels) in enumerate(clips):
-            name = f"clips/{i}{Path(path).suffix}"
-            tar.add(path, arcname=name)
-            rows.append(f"{name},{labels}")
-        table = ("\n".join(rows) + "\n").encode()
-        info = tarfile.TarInfo("labels.csv")
-        info.size = len(table)
-        tar.addfile(info, io.BytesIO(table))
-    return out.getvalue()
+class ServeArgs(BaseModel):
+    """The application's settings: `distmeta serve`'s flags, `serve run distmeta.profiles.serve:build k=v`'s
+    arguments, or a Serve config file's `args`."""
+    model: str                       # a base model file or models:/ URI
+    store: str | None = None         # the profile folder (default ~/.local/share/distmeta/profiles)
+    max_profiles: int = 8            # profiles a model replica keeps loaded (LRU)
+    max_body_mb: float = 20.0        # larger bodies: 413, counted while they stream in
+    max_clip_seconds: float = 60.0   # longer clips (from their header): 400
+    max_clips: int = 256             # enrollment clips (a speaker model: also its max_shots)
+    replicas: int = 1                # model replicas, each computing one request at a time
+    device: str = "cpu"              # where a replica runs its model: cpu, cuda, cuda:1
+    num_gpus: float = 0.0            # GPUs reserved per model replica (fractional allowed)
+    token: str | None = None         # required as `Authorization: Bearer <token>` (default $DISTMETA_TOKEN)
 
 
-def unpack_enrollment(archive: bytes, folder: Path) -> Path:
-    """Write a tar's regular files into `folder` (never outside it) and return its labels.csv."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            for member in tar.getmembers():
-                name = PurePosixPath(member.name)
-                if not member.isfile() or name.is_absolute() or ".." in name.parts:
-                    continue  # folders, links and paths leaving the archive are skipped
-                target = folder.joinpath(*name.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
-    except tarfile.TarError as err:
-        raise ValueError(f"the body is not a tar archive ({err})") from None
-    found = sorted(folder.rglob("labels.csv"), key=lambda p: len(p.parts))
-    if not found:
-        raise ValueError("the archive holds no labels.csv (columns path,labels; paths relative to it)")
-    return found[0]
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def failure(err: Exception) -> dict:
+    """A bad input as an answer: 404 unknown profile, 409 conflict, 400 otherwise."""
+    status = 404 if isinstance(err, ProfileError) else 409 if isinstance(err, ProfileConflict) else 400
+    return {"status": status, "detail": str(err)}
 
 
 @serve.deployment
 class ProfileModel:
     """The base model (listener or speaker) and its people's profiles, on one replica."""
 
-    def __init__(self, model: str, store: str | None, max_profiles: int):
-        self.base = load_base(model)
-        self.kind = kind_of(self.base)
-        self.store = ProfileStore(store)
-        self.loaded: dict[str, int] = {}  # profile id -> the Profile this replica holds for it
+    def __init__(self, args: ServeArgs):
+        limits = AudioLimits(max_seconds=args.max_clip_seconds)
+        self.p = Personalizer.from_pretrained(args.model, args.device, args.store, limits=limits, max_clips=args.max_clips)
+        self.loaded: dict[str, int] = {}  # profile id -> the _Loaded this replica holds for it
         self.loads: dict[str, int] = {}
-        # One computation at a time per replica: adapted parameters are swapped into the one model for a call
-        # (torch.func.functional_call) and s3prl collects hidden states in a per-model buffer; torch uses the
-        # cores within a call, more replicas serve more calls at once.
-        self.busy = asyncio.Lock()
-        async def load(person: str) -> Profile:  # a plain function: Serve keeps its cache on the decorated object
+        # A Personalizer computes one call at a time (its own lock); more replicas serve more calls at once.
+
+        async def load(person: str):  # a plain function: Serve keeps its cache on the decorated object
             return await self._load(person)
 
-        # wired here, not as a decorator: the limit is a command-line flag
-        self.profile = serve.multiplexed(max_num_models_per_replica=max_profiles)(load)
+        # wired here, not as a decorator: the limit is a setting
+        self.profile = serve.multiplexed(max_num_models_per_replica=args.max_profiles)(load)
 
-    def _stamp(self, person: str) -> int:
-        sidecar = self.store.sidecar(person)
-        if not sidecar.is_file():
-            raise ProfileError(f"no profile {person!r}")
-        return sidecar.stat().st_mtime_ns
-
-    async def _load(self, person: str) -> Profile:
-        stamp = self._stamp(person)
-        tensors, meta = self.store.load(person)
-        if meta.get("base") != self.base.digest or meta.get("kind") != self.kind:
-            raise ProfileError(f"profile {person!r} is a {meta.get('kind')} profile of base model {meta.get('base')}, "
-                               f"not of the served {self.kind} model {self.base.digest}")
+    async def _load(self, person: str):
+        stamp = self.p.store.stamp(person)
+        profile = self.p.profile(person)
         self.loads[person] = self.loads.get(person, 0) + 1
-        return Profile(person, tensors, meta, stamp, self.loaded)
+        return _Loaded(profile, stamp, self.loaded)
 
-    async def _current(self, person: str) -> Profile:
-        profile = await self.profile(person)
-        if self._stamp(person) != profile.stamp:  # re-enrolled since it was loaded: read it again
+    async def _current(self, person: str):
+        stamp = self.p.store.stamp(person)  # first: an unknown id is refused before it can evict a loaded profile
+        held = await self.profile(person)
+        if stamp != held.stamp:  # re-enrolled since it was loaded: read it again
             fresh = await self._load(person)
-            profile.tensors, profile.meta, profile.stamp = fresh.tensors, fresh.meta, fresh.stamp
-            self.loaded[person] = id(profile)
-        return profile
+            held.profile, held.stamp = fresh.profile, fresh.stamp
+            self.loaded[person] = id(held)
+        return held.profile
 
-    async def predict(self, audio: bytes) -> dict:
+    async def predict(self, audio: bytes, top_k: int | None = None) -> dict:
         person = serve.get_multiplexed_model_id()
         try:
-            profile = (await self._current(person)) if person else None
-        except ProfileError as err:
-            return {"status": 404, "error": str(err)}
-        with tempfile.NamedTemporaryFile(suffix=AUDIO_SUFFIX.get(audio[:4], ".wav")) as f:
-            f.write(audio)
-            f.flush()
-            async with self.busy:
-                row = (await asyncio.to_thread(predict_with, self.base, [f.name], profile and profile.tensors,
-                                               profile and profile.meta))[0]
-        if row["error"]:
-            return {"status": 400, "error": row["error"].replace(f.name, "request body")}
-        del row["error"], row["path"]
-        answer = {key: row.pop(key) for key in ("labels", "label", "score") if key in row}  # listener: labels; speaker: label, score
-        if "labels" in answer:
-            answer["labels"] = answer["labels"].split(";") if answer["labels"] else []
-        return {"status": 200, "probabilities": row, **answer, "profile": person, "kind": self.kind, "base": self.base.digest}
+            profile = (await self._current(check_id(person))) if person else None
+            wav = self.p.read([audio], names=["request body"])
+        except (ProfileError, ValueError) as err:  # AudioError is a ValueError
+            return failure(err)
+        probs = await asyncio.to_thread(self.p.probabilities, wav, profile)
+        return {"status": 200, **self.p.records(probs, top_k)[0], "profile": person, "kind": self.p.kind, "base": self.p.digest}
 
-    async def enroll(self, person: str, archive: bytes) -> dict:
-        def run():
-            with tempfile.TemporaryDirectory() as folder:
-                try:
-                    tensors, meta = enroll_from(self.base, unpack_enrollment(archive, Path(folder)))
-                except ValueError as err:  # name files as they are in the archive
-                    raise ValueError(str(err).replace(folder + "/", "")) from None
-                self.store.save(person, tensors, meta)
-                return meta
-
+    async def enroll(self, person: str, clips: list[bytes], labels: list[str], names: list[str], overwrite: bool) -> dict:
         try:
-            self.store.sidecar(person)  # a bad id is refused before any work
-            async with self.busy:
-                meta = await asyncio.to_thread(run)
+            check_id(person)
+            profile = await asyncio.to_thread(self.p.enroll, clips, labels, person, None, overwrite, names)
         except (ProfileError, ValueError) as err:
-            return {"status": 400, "error": str(err)}
-        return {"status": 200, **meta, "person": person}
+            return failure(err)
+        return {"status": 200, **profile.meta}
 
     async def profiles(self) -> dict:
-        return {"status": 200, "base": self.base.digest,
-                "profiles": [{**meta, "usable": meta.get("base") == self.base.digest and meta.get("kind") == self.kind}
-                             for meta in self.store.list()]}
+        return {"status": 200, "base": self.p.digest,
+                "profiles": [{**meta, "usable": meta.get("base") == self.p.digest and meta.get("kind") == self.p.kind}
+                             for meta in self.p.store.list()]}
 
     async def health(self) -> dict:
-        return {"status": 200, "kind": self.kind, "base": self.base.digest, "base_path": str(self.base.path), "loaded": sorted(self.loaded),
-                "loads": dict(self.loads)}
+        return {"status": 200, "kind": self.p.kind, "base": self.p.digest, "loaded": sorted(self.loaded),
+                "loads": dict(self.loads), "peak_rss_mb": round(peak_mb(), 1)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})  # it only awaits the model replicas (one CPU each)
+class _Loaded:
+    """A loaded profile; `__del__` is what Serve's eviction amounts to (and Python's, later, again)."""
+
+    def __init__(self, profile, stamp: int, loaded: dict):
+        self.profile, self.stamp, self.loaded, self.person = profile, stamp, loaded, profile.person
+        loaded[self.person] = id(self)
+
+    def __del__(self):
+        if self.loaded.get(self.person) == id(self):  # not a newer load of the same person
+            del self.loaded[self.person]
+
+
+app = FastAPI(title="distmeta", description="Personalized speech emotion recognition: enroll people, predict their audio.")
+bearer = HTTPBearer(auto_error=False)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})  # it only awaits the model replicas
+@serve.ingress(app)
 class Ingress:
-    def __init__(self, model, max_body_bytes: int):
-        self.model, self.max_body_bytes = model, max_body_bytes
+    def __init__(self, model, args: ServeArgs):
+        self.model, self.args = model, args
+        self.max_body = int(args.max_body_mb * 1024 * 1024)
+        self.uploads = UploadLimits(max_members=2 * args.max_clips + 16)
+        if not args.token:
+            log.warning("distmeta serve: no token; anyone who can reach the HTTP port can enroll and predict")
 
-    async def _body(self, request: Request) -> bytes | None:
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.args.token and not (credentials and hmac.compare_digest(credentials.credentials.encode(), self.args.token.encode())):
+            raise HTTPException(401, "a valid token is needed: Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def _stream(self, request: Request):
+        """The body as it streams in, refused (413) the moment it passes the limit, chunked or not."""
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
-        body = await request.body()
-        return None if len(body) > self.max_body_bytes else body
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise HTTPException(413, f"the body is over the limit of {self.max_body} bytes")
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise HTTPException(413, f"the body is over the limit of {self.max_body} bytes")
+            yield chunk
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        route = (request.method, request.url.path.rstrip("/") or "/")
-        if route == ("GET", "/health"):
-            answer = await self.model.health.remote()
-        elif route == ("GET", "/profiles"):
-            answer = await self.model.profiles.remote()
-        elif route[1] in ("/predict", "/enroll") and route[0] == "POST":
-            body = await self._body(request)
-            if body is None:
-                answer = {"status": 413, "error": f"the body is over the limit of {self.max_body_bytes} bytes"}
-            elif not body:
-                answer = {"status": 400, "error": "empty body: send the audio file (predict) or a tar (enroll)"}
-            elif route[1] == "/predict":
-                person = request.headers.get("serve_multiplexed_model_id", "")
-                answer = await self.model.options(multiplexed_model_id=person).predict.remote(body)
-            elif not request.query_params.get("person"):
-                answer = {"status": 400, "error": "enroll needs ?person=ID"}
+    async def _body(self, request: Request) -> bytes:
+        body = b"".join([chunk async for chunk in self._stream(request)])
+        if not body:
+            raise HTTPException(400, "empty body: send the audio file (predict) or the enrollment (enroll)")
+        return body
+
+    @staticmethod
+    def _answer(answer: dict) -> dict:
+        status = answer.pop("status")
+        if status != 200:
+            raise HTTPException(status, answer["detail"])
+        return answer
+
+    async def _predict(self, request: Request, person: str, top_k: int | None) -> dict:
+        if top_k is not None and top_k < 1:
+            raise HTTPException(400, "top_k must be at least 1")
+        audio = await self._body(request)
+        return self._answer(await self.model.options(multiplexed_model_id=person).predict.remote(audio, top_k))
+
+    @app.post("/profiles/{person}/predict", openapi_extra=AUDIO_BODY)
+    async def predict_profile(self, person: str, request: Request, top_k: int | None = None,
+                              credentials=Depends(bearer)) -> dict:
+        """Emotions of one clip, with a person's profile."""
+        self._authorize(credentials)
+        try:
+            check_id(person)
+        except ProfileError as err:
+            raise HTTPException(400, str(err)) from None
+        return await self._predict(request, person, top_k)
+
+    @app.post("/predict", openapi_extra=AUDIO_BODY)
+    async def predict(self, request: Request, top_k: int | None = None, credentials=Depends(bearer)) -> dict:
+        """Emotions of one clip; the profile in the header serve_multiplexed_model_id (none: unpersonalized)."""
+        self._authorize(credentials)
+        person = request.headers.get(HEADER, "")
+        if person:
+            try:
+                check_id(person)
+            except ProfileError as err:
+                raise HTTPException(400, str(err)) from None
+        return await self._predict(request, person, top_k)
+
+    async def _enroll(self, request: Request, person: str, overwrite: bool) -> dict:
+        try:
+            check_id(person)
+        except ProfileError as err:
+            raise HTTPException(400, str(err)) from None
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await MultiPartParser(request.headers, self._stream(request), max_files=self.args.max_clips,
+                                             max_fields=self.args.max_clips + 8, max_part_size=self.max_body).parse()
+                files = form.getlist("clips")
+                if any(isinstance(f, str) for f in files):
+                    raise ValueError("`clips` must be files")
+                clips = [await f.read() for f in files]
+                labels, names = [str(v) for v in form.getlist("labels")], [f"clips[{i}] ({f.filename})"[:120] for i, f in enumerate(files)]
+                if len(labels) != len(clips):
+                    raise ValueError(f"{len(clips)} clips but {len(labels)} labels (one `labels` field per clip)")
             else:
-                answer = await self.model.enroll.remote(request.query_params["person"], body)
-        else:
-            answer = {"status": 404, "error": f"no route {route[0]} {route[1]}; routes: POST /predict, POST /enroll, "
-                                              f"GET /profiles, GET /health"}
-        return JSONResponse({k: v for k, v in answer.items() if k != "status"}, status_code=answer["status"])
+                clips, labels, names = archive_enrollment(await self._body(request), self.uploads)
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
+        except Exception as err:  # the form parser's own errors on a malformed form
+            if isinstance(err, HTTPException):
+                raise
+            raise HTTPException(400, f"a malformed multipart form ({type(err).__name__})") from None
+        return self._answer(await self.model.enroll.remote(person, clips, labels, names, overwrite))
+
+    @app.post("/profiles/{person}/enroll")
+    async def enroll_profile(self, person: str, request: Request, overwrite: bool = False, credentials=Depends(bearer)) -> dict:
+        """Enroll a person: a tar (or .tar.gz) of labels.csv and its clips, or a multipart form (files `clips`,
+        one `labels` field per clip). Over a profile of another kind or model only with overwrite=true."""
+        self._authorize(credentials)
+        return await self._enroll(request, person, overwrite)
+
+    @app.post("/enroll")
+    async def enroll(self, request: Request, person: str = "", overwrite: bool = False, credentials=Depends(bearer)) -> dict:
+        """The same as POST /profiles/{person}/enroll, the person in ?person=ID."""
+        self._authorize(credentials)
+        if not person:
+            raise HTTPException(400, "enroll needs ?person=ID")
+        return await self._enroll(request, person, overwrite)
+
+    @app.get("/profiles")
+    async def profiles(self, credentials=Depends(bearer)) -> dict:
+        """The store's profiles; `usable`: enrolled on the served base model."""
+        self._authorize(credentials)
+        return self._answer(await self.model.profiles.remote())
+
+    @app.get("/health")
+    async def health(self, credentials=Depends(bearer)) -> dict:
+        """The served base model, the profiles loaded on the replica that answered, and peak memory."""
+        self._authorize(credentials)
+        return self._answer(await self.model.health.remote()) | {"ingress_peak_rss_mb": round(peak_mb(), 1)}
 
 
-def application(model: str, store: str | None = None, max_profiles: int = 8, max_body_mb: float = MAX_BODY_MB,
-                replicas: int = 1):
-    """The bound Serve application: the ingress in front of `replicas` model replicas."""
-    if max_profiles < 1:
-        raise ValueError(f"max_profiles must be at least 1, got {max_profiles}")
-    replica = ProfileModel.options(num_replicas=replicas).bind(str(model), None if store is None else str(store), max_profiles)
-    return Ingress.bind(replica, int(max_body_mb * 1024 * 1024))
+def application(args: ServeArgs):
+    """The bound Serve application: the ingress in front of `args.replicas` model replicas."""
+    if args.max_profiles < 1:
+        raise ValueError(f"max_profiles must be at least 1, got {args.max_profiles}")
+    args = args.model_copy(update={"token": args.token or os.environ.get("DISTMETA_TOKEN") or None})
+    options = {"num_cpus": 1, "num_gpus": args.num_gpus}
+    replica = ProfileModel.options(num_replicas=args.replicas, ray_actor_options=options).bind(args)
+    return Ingress.bind(replica, args)
 
 
-def start(model: str, store=None, host: str = "127.0.0.1", port: int = 8000, **options) -> str:
-    """Start Serve's HTTP proxy on host:port and run the application; returns its URL."""
+def build(args: ServeArgs):
+    """The application builder `serve run distmeta.profiles.serve:build model=PATH` and a Serve config file's
+    `import_path` name (its `args` are ServeArgs)."""
+    return application(args)
+
+
+def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve's HTTP proxy on host:port and run the application; returns its URL. A host other than
+    loopback needs a token."""
     import ray
 
-    cpus, replicas = ray.cluster_resources().get("CPU", 0), options.get("replicas", 1)
-    if replicas > cpus:  # Serve would wait forever for a CPU for the extra replicas
-        raise ValueError(f"{replicas} model replicas need a CPU each; the Ray cluster has {cpus:g}")
+    token = args.token or os.environ.get("DISTMETA_TOKEN")
+    if host not in LOOPBACK and not token:
+        raise ValueError(f"--host {host} exposes the server beyond this machine: give --token (or $DISTMETA_TOKEN)")
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    if args.replicas > cpus:  # Serve would wait forever for a CPU for the extra replicas
+        raise ValueError(f"{args.replicas} model replicas need a CPU each; the Ray cluster has {cpus:g}")
+    if args.replicas * args.num_gpus > gpus:
+        raise ValueError(f"{args.replicas} model replicas of {args.num_gpus:g} GPU; the Ray cluster has {gpus:g} GPUs")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(model, store, **options), name="distmeta", route_prefix="/", blocking=False)
+    serve.run(application(args), name="distmeta", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"

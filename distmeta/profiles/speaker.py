@@ -1,8 +1,8 @@
 """Speaker profiles: a speaker's enrollment pairs, encoded once, for the meta-trained speech LM to read in context.
 
     base = SpeakerBase.load("runs/icl-models/speech_lm-<hash>-TU_LU.safetensors")   # or models:/distmeta-speaker/1
-    tensors, meta = enroll(base, read_pairs("pairs.csv"))     # 1..max_shots (7) pairs: frames + label words
-    rows = predict(base, ["a.wav"], tensors, meta)            # the top label and its probability, one per label
+    tensors, meta = enroll(base, waveforms, words)          # 1..max_shots (7) pairs: frames + label words
+    probs = probabilities(base, waveforms, tensors, meta)   # [N, 7] over the label words
 
 Nothing adapts: a speaker profile is the pairs themselves, their speech already passed through the frozen
 encoder (the upstream and layer the speech LM was trained on, from its sidecar), so a prediction only
@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distmeta import __version__
-from distmeta.data.audio import AudioError, load_audio
 from distmeta.data.speakers import WORDS
 from distmeta.features import AudioBank, FrameBank
 from distmeta.models.speech_lm import SpeechLM
@@ -36,9 +36,12 @@ class SpeakerBase:
     layer: int
     digest: str
     path: Path
+    device: torch.device
+
+    kind = "speaker"
 
     @classmethod
-    def load(cls, path) -> "SpeakerBase":
+    def load(cls, path, device="cpu") -> "SpeakerBase":
         from distmeta.speaker.metaicl import load_speech_lm
 
         path = model_file(path, "speaker")
@@ -50,12 +53,15 @@ class SpeakerBase:
         beside = path.parent / Path(encoder.path).name
         if encoder.name == "speech_encoder" and beside.is_file():  # registered together (models:/), or moved together
             encoder = replace(encoder, path=str(beside))
-        upstream = Upstream(encoder).eval()
-        return cls(load_speech_lm(path), upstream, settings["encoder_layer"], file_digest(path), path)
+        device = torch.device(device)
+        upstream = Upstream(encoder).eval().to(device)
+        return cls(load_speech_lm(path).to(device), upstream, settings["encoder_layer"], file_digest(path), path, device)
 
     @property
     def words(self) -> list[str]:
         return list(self.model.words)
+
+    labels = words
 
     def frames(self, waveforms: dict) -> FrameBank:
         """The frozen encoder's frames of these waveforms (id -> [T]), as the job computed its training frames."""
@@ -68,62 +74,48 @@ def label_word(label: str, words: list[str]) -> str | None:
     return by_name.get(label.strip().lower())
 
 
-def read_pairs(path, words: list[str]) -> list[tuple[str, str]]:
+def read_pairs(path, words: list[str], name=None) -> list[tuple[str, str]]:
     """A speaker's enrollment pairs from a CSV with columns path,label (one label per clip: a label word of the
     model, or its class name); relative paths are relative to the CSV. Errors name the line."""
     pairs = []
-    for line, row, clip in csv_rows(path, ("path", "label")):
-        word = label_word(row["label"] or "", words)
+    for line, row, clip in csv_rows(path, ("path", "label"), name):
+        word = label_word(row["label"], words)
         if word is None:
-            raise ValueError(f"{path}, line {line}: label {row['label']!r} is not one of {', '.join(words)}")
+            raise ValueError(f"{name or path}, line {line}: label {row['label']!r} is not one of {', '.join(words)}")
         pairs.append((clip, word))
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise ValueError(f"{name or path}: no pairs")
     return pairs
 
 
-def enroll(base: SpeakerBase, pairs: list[tuple[str, str]]) -> tuple[dict, dict]:
-    """(the pairs' frames, profile metadata): 1..max_shots pairs, kept in their order."""
+def enroll(base: SpeakerBase, waveforms: list[torch.Tensor], words: list[str]) -> tuple[dict, dict]:
+    """(the pairs' frames, profile metadata) from 1..max_shots waveforms (16 kHz) and their label words,
+    kept in their order."""
     most = base.model.config.max_shots
-    if not 1 <= len(pairs) <= most:
-        raise ValueError(f"{len(pairs)} enrollment pairs; the speech LM reads 1 to {most} (max_shots)")
-    waveforms = {}
-    for i, (clip, _) in enumerate(pairs):
-        try:
-            waveforms[f"pair/{i}"] = load_audio(clip)
-        except AudioError as err:
-            raise ValueError(f"enrollment clip: {err}") from None
-    tensors = dict(base.frames(waveforms).items)
-    meta = {"kind": "speaker", "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(pairs),
-            "labels": [word for _, word in pairs], "classes": base.words, "distmeta": __version__,
+    if not 1 <= len(waveforms) <= most:
+        raise ValueError(f"{len(waveforms)} enrollment pairs; the speech LM reads 1 to {most} (max_shots)")
+    tensors = dict(base.frames({f"pair/{i}": w for i, w in enumerate(waveforms)}).items)
+    meta = {"kind": "speaker", "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(waveforms),
+            "labels": list(words), "classes": base.words, "distmeta": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return tensors, meta
 
 
-def predict(base: SpeakerBase, files, tensors: dict | None = None, meta: dict | None = None, batch_size: int = 16,
-            progress=None) -> list[dict]:
-    """One row per file: path, a probability per label word, the top `label` and its `score`, or the error
-    that kept the file from being read. Without a profile the speech LM reads no pairs (0-shot)."""
+def probabilities(base: SpeakerBase, waveforms: list[torch.Tensor], tensors: dict | None = None, meta: dict | None = None,
+                  batch_size: int = 16) -> np.ndarray:
+    """[N, W] probabilities over the label words of the waveforms (16 kHz); without a profile the speech LM
+    reads no pairs (0-shot)."""
     shots = (meta or {}).get("labels", [])
     pair_ids = [f"pair/{i}" for i in range(len(shots))]
-    rows, good = {}, {}
-    for file in map(str, files):
-        try:
-            good[file] = load_audio(file)
-        except AudioError as err:
-            rows[file] = {"path": file, "error": str(err)}
-    ids = list(good)
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        bank = base.frames({u: good[u] for u in chunk})
+    out = []
+    for start in range(0, len(waveforms), batch_size):
+        chunk = [f"clip/{i}" for i in range(start, min(start + batch_size, len(waveforms)))]
+        bank = base.frames(dict(zip(chunk, waveforms[start:start + batch_size])))
         bank.items.update({p: (tensors or {})[p] for p in pair_ids})
-        batch = base.model.collate([base.model.prompt(shots)] * len(chunk))
+        batch = {k: v.to(base.device) if torch.is_tensor(v) else v
+                 for k, v in base.model.collate([base.model.prompt(shots)] * len(chunk)).items()}
         speech = bank.batch([u for target in chunk for u in [*pair_ids, target]])  # reading order: pairs, target
         with torch.no_grad():
-            probs = torch.softmax(base.model.eval().score(batch, speech["frames"], speech["frame_mask"]), -1)
-        for file, p in zip(chunk, probs.tolist()):
-            top = max(range(len(p)), key=p.__getitem__)
-            rows[file] = {"path": file, **dict(zip(base.words, p)), "label": base.words[top], "score": p[top], "error": ""}
-        if progress:
-            progress(min(start + batch_size, len(ids)), len(ids))
-    return [rows[file] for file in map(str, files)]
+            scores = base.model.eval().score(batch, speech["frames"].to(base.device), speech["frame_mask"].to(base.device))
+        out.append(torch.softmax(scores, -1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(base.words)), dtype=np.float32)

@@ -112,7 +112,19 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     on_disk = ListenerBase.load(tmp_path / "models" / "unseen" / "E1" / "meta-ini1-csmt1-da1-lslr1.safetensors")
     assert ListenerBase.load("models:/distmeta-listener/2").digest == on_disk.digest
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(first)}
-    assert {"results.csv", "table1.md", "shots_sweep.png"} <= artifacts
+    assert {"results.csv", "table1.md", "shots_sweep.png", "tables", "plots"} <= artifacts
+    # what the UI shows: the tables and plots logged for it, a described and tagged run in a model-training
+    # experiment, and a pyfunc model version with its alias and metrics
+    table1 = mlflow.load_table("tables/table1.json", run_ids=[first])
+    assert "Meta-PerSER" in set(table1.iloc[:, 0]) or "Meta-PerSER" in " ".join(map(str, table1.to_numpy().ravel()))
+    assert "plots/shots_sweep.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(first, "plots")}
+    assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = mlflow.get_run(first).data.tags
+    assert tags["path"] == "listener" and tags["upstream"] == "tiny_pretrained" and tags["mlflow.note.content"].startswith("Meta-PerSER")
+    assert mlflow.MlflowClient().get_model_version_by_alias("distmeta-listener", "unseen-E1").version == "2"
+    info = mlflow.models.get_model_info("models:/distmeta-listener/2")
+    assert info.flavors["python_function"]["loader_module"] == "distmeta.profiles.mlflow_model"
+    assert {m.key for m in mlflow.get_logged_model(info.model_id).metrics} == {"unseen.maF1", "unseen.miF1", "unseen.UA"}
 
 
 def test_a_test_pool_too_small_for_k_and_q_stops_the_job_before_anything_trains(load_job, small_corpus, tmp_path):

@@ -150,8 +150,9 @@ def check_icl_outputs(out: Path, models: Path, tracking_uri: str) -> None:
     registered = mlflow.MlflowClient().search_model_versions("name='distmeta-speaker'")
     assert len(registered) == 1 and registered[0].status == "READY"  # the TU+LU speech LM, for use
     files = {p.name for p in Path(mlflow.artifacts.download_artifacts("models:/distmeta-speaker/1",
-                                                                     dst_path=str(out / "registered"))).iterdir()}
+                                                                     dst_path=str(out / "registered"))).rglob("*")}
     assert sum(f.startswith("speech_encoder-") for f in files) == 2  # ... with the encoder it reads (+ sidecar)
+    assert "MLmodel" in files and run["tags.path"] == "speaker"  # a pyfunc model; a tagged run
     profile = pd.read_csv(out / "timing.csv", index_col=0, keep_default_na=False)  # the time profile
     timing, beside = profile["seconds"], profile["beside the speech LMs"] == "yes"
     assert {"speech encoder", "MAML", "speech LM evaluation"} <= set(timing.index)

@@ -37,3 +37,21 @@ def labels_csv():
             for u, t in zip(ids, targets):
                 writer.writerow([corpus.utterances.loc[u, "path"], ";".join(c for c, v in zip(CLASSES, t) if v > 0.5)])
     return write
+
+
+@pytest.fixture(scope="session")
+def registered(trained, tmp_path_factory):
+    """(version, tracking URI): the trained model registered as `distmeta-listener` (pyfunc, alias champion) in
+    a store of its own, as jobs/meta_train.py registers its Meta-PerSER model. Tests point
+    MLFLOW_TRACKING_URI at it themselves."""
+    from distmeta import tracking
+    from distmeta.profiles.mlflow_model import log_model
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        path = trained[1]
+        with tracking.run("pyfunc-test", "run", {}):
+            version = log_model([path, path.with_suffix(".json")], "distmeta-listener", metrics={"unseen.maF1": 0.5},
+                                aliases=("champion",), tags={"scenario": "unseen"})
+    return version, uri

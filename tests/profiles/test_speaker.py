@@ -17,8 +17,9 @@ from distmeta.data.synthetic import SpeakerCorpusConfig, make_speaker_corpus
 from distmeta.features import FrameBank
 from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig
 from distmeta.models.upstream import UpstreamConfig
-from distmeta.profiles.kinds import load_base
-from distmeta.profiles.speaker import enroll, predict, read_pairs
+from distmeta.profiles.mlflow_model import log_model
+from distmeta.profiles.personalizer import Personalizer, load_base
+from distmeta.profiles.speaker import read_pairs
 from distmeta.speaker import metaicl
 from distmeta.speaker.episodes import Episode, episode_batch
 
@@ -50,26 +51,29 @@ def pairs_csv(path, corpus, task, indices, words):
 
 def test_a_profile_is_read_like_the_tables_enrollment_pairs(speech_lm, tmp_path):
     corpus, data, frames, path = speech_lm
-    base = load_base(path)
+    p = Personalizer.from_pretrained(path)
     task = data.splits["train"][0]
     shots, targets = [3, 0, 9], [1, 5, 12]
-    tensors, meta = enroll(base, read_pairs(pairs_csv(tmp_path / "pairs.csv", corpus, task, shots, data.words), base.words))
+    pairs = read_pairs(pairs_csv(tmp_path / "pairs.csv", corpus, task, shots, data.words), p.labels)
+    profile = p.enroll([clip for clip, _ in pairs], [word for _, word in pairs])
+    meta = profile.meta
     assert meta["kind"] == "speaker" and meta["shots"] == 3 and meta["labels"] == [data.words[task.labels[i]] for i in shots]
     for i, shot in enumerate(shots):  # encoded once, as the job's frames
-        assert torch.allclose(tensors[f"pair/{i}"], frames.items[task.utterances[shot]], atol=1e-6)
-    rows = predict(base, [corpus.utterances.loc[task.utterances[t], "path"] for t in targets], tensors, meta)
+        assert torch.allclose(profile.tensors[f"pair/{i}"], frames.items[task.utterances[shot]], atol=1e-6)
+    rows = p.classify([corpus.utterances.loc[task.utterances[t], "path"] for t in targets], profile)
 
     model = metaicl.load_speech_lm(path).eval()  # the evaluation's way: episode_batch + closed-set scores
     episodes = [Episode(task, t, shots) for t in targets]
     with torch.no_grad():
         expected = torch.softmax(model.score(*episode_batch(model, frames, episodes, data.words)), -1).numpy()
-    assert np.allclose([[row[w] for w in data.words] for row in rows], expected, atol=1e-5)
-    assert [row["label"] for row in rows] == [data.words[i] for i in expected.argmax(1)]
+    assert np.allclose([[{s["label"]: s["score"] for s in row["scores"]}[w] for w in data.words] for row in rows], expected, atol=1e-5)
+    assert [row["scores"][0]["label"] for row in rows] == [data.words[i] for i in expected.argmax(1)]
+    assert "labels" not in rows[0]  # one label a clip: no multi-label decision
     # without a profile the speech LM reads no pairs
-    alone = predict(base, [corpus.utterances.loc[task.utterances[1], "path"]])[0]
+    alone = p.predict(corpus.utterances.loc[task.utterances[1], "path"])
     with torch.no_grad():
         zero = torch.softmax(model.score(*episode_batch(model, frames, [Episode(task, 1, [])], data.words)), -1).numpy()[0]
-    assert np.allclose([alone[w] for w in data.words], zero, atol=1e-5)
+    assert np.allclose([{s["label"]: s["score"] for s in alone}[w] for w in data.words], zero, atol=1e-5)
 
 
 def test_speaker_command_round_trip_and_bad_input(speech_lm, tmp_path, capsys):
@@ -87,7 +91,9 @@ def test_speaker_command_round_trip_and_bad_input(speech_lm, tmp_path, capsys):
     rows = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert list(rows["path"].map(lambda p: p.split("/")[-1])) == ["1.wav", "3.wav", "broken.wav"]
     assert set(rows["label"][:2]) <= set(data.words) and rows["error"][2] and (rows["profile"] == "sam").all()
-    assert np.allclose(rows.loc[:1, data.words].astype(float).sum(axis=1), 1, atol=1e-5)
+    scores = [c for c in rows.columns if c.startswith("score")]
+    assert len(scores) == len(data.words) and "labels" not in rows  # every word, sorted; no multi-label decision
+    assert np.allclose(rows.loc[:1, scores].astype(float).sum(axis=1), 1, atol=1e-5)
     capsys.readouterr()
     # more pairs than the speech LM reads, a label it does not know, the wrong kind: refused by name
     eight = pairs_csv(tmp_path / "eight.csv", corpus, task, range(8), data.words)
@@ -121,8 +127,10 @@ def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_i
         "settings": {"upstream": asdict(upstream), "encoder_layer": -1, "model": asdict(config)},
         "encoder_dim": 32, "words": list(data.words), "best_step": 1}))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    files = [registered / "speech_lm-x-TU_LU.safetensors", registered / "speech_lm-x-TU_LU.json",
+             *sorted(registered.glob("speech_encoder-*"))]
     with tracking.run("speaker-registry-test", "run", {}):  # as jobs/metaicl_train.py registers its model
-        version = tracking.register_model(sorted(registered.iterdir()), "distmeta-speaker")
+        version = log_model(files, "distmeta-speaker")
     wav = load_audio(corpus.utterances["path"].iloc[0])
     for where in (registered / "speech_lm-x-TU_LU.safetensors", f"models:/distmeta-speaker/{version}"):
         base = load_base(where)
