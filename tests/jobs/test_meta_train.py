@@ -37,7 +37,8 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
         assert job.main(args + ["--out", str(tmp_path / "a")]) == 0
         printed = "".join(capfd.readouterr())
         shutil.copy(tmp_path / "a" / "results.csv", tmp_path / "a" / "first_results.csv")  # the rerun must equal it
-        assert job.main(["--resume", str(tmp_path / "a")]) == 0  # same config and folder; every model is reused
+        # same config and folder, every model reused; registering every split's model this time
+        assert job.main(["--resume", str(tmp_path / "a"), "register=all"]) == 0
     finally:
         ray.shutdown()
     # A log a person reads: Ray Train's workers print each progress line once; no State API failures (the
@@ -108,7 +109,10 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     from distmeta.profiles.listener import ListenerBase
 
     versions = mlflow.MlflowClient().search_model_versions("name='distmeta-listener'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5]  # first unseen; then all four splits'
+    aliases = {alias: int(mlflow.MlflowClient().get_model_version_by_alias("distmeta-listener", alias).version)
+               for alias in ("unseen-E1", "seen-E1", "seen-E2", "unseen-E2")}
+    assert aliases == {"unseen-E1": 2, "seen-E1": 3, "seen-E2": 4, "unseen-E2": 5}
     on_disk = ListenerBase.load(tmp_path / "models" / "unseen" / "E1" / "meta-ini1-csmt1-da1-lslr1.safetensors")
     assert ListenerBase.load("models:/distmeta-listener/2").digest == on_disk.digest
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(first)}
@@ -121,7 +125,6 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
     tags = mlflow.get_run(first).data.tags
     assert tags["path"] == "listener" and tags["upstream"] == "tiny_pretrained" and tags["mlflow.note.content"].startswith("Meta-PerSER")
-    assert int(mlflow.MlflowClient().get_model_version_by_alias("distmeta-listener", "unseen-E1").version) == 2
     info = mlflow.models.get_model_info("models:/distmeta-listener/2")
     assert info.flavors["python_function"]["loader_module"] == "distmeta.profiles.mlflow_model"
     linked = {m.key for m in mlflow.get_logged_model(info.model_id).metrics}  # its own, then the run's that follow

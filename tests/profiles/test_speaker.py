@@ -138,3 +138,23 @@ def test_a_speech_lm_on_the_speech_encoder_reads_the_encoder_registered_beside_i
     shutil.move(str(registered / "speech_encoder-abc.safetensors"), str(tmp_path / "gone.safetensors"))
     with pytest.raises(FileNotFoundError, match="/elsewhere/models/speech_encoder-abc"):
         load_base(registered / "speech_lm-x-TU_LU.safetensors")
+
+
+def test_a_speaker_enrollment_archive_is_what_a_replica_enrolls(speech_lm, tmp_path):
+    """POST /profiles/ID/enroll to a speech LM's server: the archive's labels.csv has a `label` column, one word
+    a clip, read in order; the replica enrolls what `archive_enrollment` reads, as the API enrolls the files."""
+    from distmeta.profiles.uploads import archive_enrollment, enrollment_archive
+
+    corpus, data, _, path = speech_lm
+    task = data.splits["train"][2]
+    pairs = [(corpus.utterances.loc[task.utterances[i], "path"], data.words[task.labels[i]]) for i in (0, 3, 5)]
+    clips, labels, names = archive_enrollment(enrollment_archive(pairs, column="label"))
+    assert labels == [w for _, w in pairs] and names[0].startswith("labels.csv, line 2 (clips/0")
+    p = Personalizer.from_pretrained(path)
+    served = p.enroll(clips, labels, names=names)
+    direct = p.enroll([c for c, _ in pairs], [w for _, w in pairs])
+    assert served.meta["labels"] == direct.meta["labels"]
+    assert all(torch.equal(served.tensors[k], direct.tensors[k]) for k in direct.tensors)
+    with pytest.raises(ValueError, match=r"labels.csv, line 2 \(clips/0.wav\): label 'Boredom' is not one of"):
+        p.enroll(*archive_enrollment(enrollment_archive([(pairs[0][0], "Boredom")], column="label"))[:2],
+                 names=archive_enrollment(enrollment_archive([(pairs[0][0], "Boredom")], column="label"))[2])
