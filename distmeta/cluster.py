@@ -51,3 +51,22 @@ def beside_workers():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def placeable(what: str, num_cpus: float, num_gpus: float) -> int:
+    """How many actors of this shape the cluster's alive nodes can hold at once (their total resources, not
+    what is free now); a shape no node can hold at all is refused (ValueError naming the resource), since
+    Ray would leave such an actor pending forever."""
+    import math
+
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for resource, amount in (("CPU", num_cpus), ("GPU", num_gpus)):
+        most = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        if amount > most:
+            raise ValueError(f"{what} ask for {amount:g} {resource} each, but no node of the Ray cluster has more than "
+                             f"{most:g} {resource}")
+    fits = [min([math.floor(node.get(r, 0.0) / a + 1e-9) for r, a in (("CPU", num_cpus), ("GPU", num_gpus)) if a > 0],
+                default=math.inf) for node in nodes]
+    return sum(fits) if fits else 0

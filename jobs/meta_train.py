@@ -35,7 +35,8 @@ from distmeta.io import atomic_path
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.listener.metatrain import meta_model_path, meta_train_cached, meta_variants
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
-from distmeta.listener.protocol import (EpisodeWorkers, paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
+from distmeta.listener.workers import EpisodeWorkers
+from distmeta.listener.protocol import (paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
                                        table2)
 from distmeta.meta.actors import ActorPool
 from distmeta.profiles.mlflow_model import log_model
@@ -156,7 +157,8 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
     from concurrent.futures import ThreadPoolExecutor
 
     pools = [ActorPool(config.actors) if config.distributed else None for _ in range(max(1, config.parallel))]
-    workers = EpisodeWorkers(config.protocol.workers) if config.protocol.workers else None
+    workers = (EpisodeWorkers(config.protocol.workers, num_gpus=config.protocol.worker_gpus)
+               if config.protocol.workers else None)
     testing, tests = ThreadPoolExecutor(1), []  # one meta-test at a time, in split order
 
     def meta_test(scenario, split, adapters, methods) -> list[dict]:

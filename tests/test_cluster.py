@@ -49,3 +49,27 @@ def test_installs_with_the_readme_setup_command_and_starts_ray_from_the_venv_sec
     mounts = cluster["file_mounts"]
     assert {"/home/ubuntu/distmeta", "/home/ubuntu/corpus", "/home/ubuntu/runs/models"} <= set(mounts)
     assert mounts["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def submitted(text: str) -> list[str]:
+    """The words of the `python jobs/meta_train.py ...` command in a text (comment marks and line breaks out)."""
+    flat = " ".join(line.lstrip("# ").rstrip("\\ ") for line in text.splitlines())
+    start = flat.index("python jobs/meta_train.py --preset paper")
+    return flat[start:flat.index("storage=", start)].split() + ["storage"]
+
+
+def test_the_docs_recipe_cluster_yaml_and_the_paper_preset_agree(cluster):
+    """One recipe: docs/cluster.md and cluster.yaml submit the same command, with --preset paper and nothing that
+    overrides what the preset places; the preset's actors fit the GPUs cluster.yaml's workers have."""
+    from distmeta.config import load
+    from distmeta.settings import MetaTrainConfig
+
+    docs = submitted((ROOT / "docs" / "cluster.md").read_text())
+    assert docs == submitted((ROOT / "cluster.yaml").read_text())
+    paper = load(MetaTrainConfig, preset=ROOT / "configs" / "meta_train" / "paper.yaml")
+    overridden = {word.split("=")[0] for word in docs if "=" in word}
+    assert not overridden & {"meta.scope", "actors.num_gpus", "protocol.worker_gpus", "pretrain.use_gpu"}
+    gpus = cluster["available_node_types"]["gpu_worker"]["resources"]["GPU"]
+    assert "80GB" in (ROOT / "cluster.yaml").read_text() and paper.actors.num_gpus * 80 >= 53.1  # GiB, docs/gpu.md
+    assert paper.meta.scope == "entire" and paper.pretrain.use_gpu and paper.protocol.queries == 128
+    assert gpus / paper.actors.num_gpus >= 8 and 1 / paper.protocol.worker_gpus == 2  # actors per worker, per GPU

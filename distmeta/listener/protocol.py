@@ -26,7 +26,7 @@ METRICS = ("maF1", "miF1", "UA")
 METHODS = ("Random", "Linear-Few", "Entire-Few", "Entire-Zero", "Multi-Few", "Entire-Sim", "Meta-PerSER")
 CEILINGS = ("Entire-All", "Oracle-Aggregate", "Oracle-Listener")  # the oracles: synthetic corpora only
 # Whole-model fine-tuning per episode (Entire-All's many epochs most of all; the other methods take well
-# under a second): EpisodeWorkers
+# under a second): workers.EpisodeWorkers
 # hands these out first, so that a split ends on cheap episodes and no actor idles while another finishes one.
 SLOWEST_FIRST = ("Entire-All", "Entire-Few", "Meta-PerSER")
 
@@ -56,7 +56,8 @@ class ProtocolConfig:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     ceiling: CeilingConfig = field(default_factory=CeilingConfig)
     paired: tuple[str, str] = ("Meta-PerSER", "Entire-Few")  # paired.md: the first minus the second, per episode
-    workers: int = 2  # Ray actors scoring episodes in parallel, one CPU each (EpisodeWorkers); 0: in the driver
+    workers: int = 2  # Ray actors scoring episodes in parallel, one CPU each (workers.EpisodeWorkers); 0: in the driver
+    worker_gpus: float = 0.0  # GPU share per episode actor (0.25: four on a GPU); its models run there
 
     @property
     def sweep_seed_count(self) -> int:
@@ -79,7 +80,7 @@ def score_episode(adapters: dict, task: Task, config: ProtocolConfig, labels: di
 
 
 def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, log=print,
-                 workers: "EpisodeWorkers | None" = None) -> list[dict]:
+                 workers=None) -> list[dict]:
     """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row.
     In this process, or on `workers` (Ray actors scoring episodes in parallel; the same rows, in plan order).
     Names mapped to the same adapter object are scored once and their rows copied."""
@@ -114,78 +115,6 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
     by_episode = dict(zip(scored, rows))
     return [{**by_episode[seed, shots, scorer[name]], "method": name}
             | ({"seconds": 0.0} if scorer[name] != name else {}) for seed, shots, name in plan]
-
-
-class EpisodeActor:
-    """A Ray actor holding one split's adapters and test task; scores the episodes it is handed."""
-
-    def setup(self, adapters: dict, task: Task, config: ProtocolConfig, labels: dict) -> None:
-        self.args = adapters, task, config, labels
-
-    def score(self, seed: int, shots: int, name: str) -> dict:
-        return score_episode(*self.args, seed, shots, name)
-
-
-class EpisodeWorkers:
-    """Ray actors (`count`, `num_cpus` each) that score a split's episodes in parallel.
-
-    Episodes are independent and each adapter seeds itself by the episode, so the rows equal the serial
-    `run_episodes`' (up to float rounding: an actor runs torch with its own thread count). On a small
-    model most kernels barely use a second thread (attention's CPU kernel: one), so two one-CPU actors
-    score a 2-core machine's episodes ~1.4x faster than one process with two threads. The adapters (their
-    models, banks and corpus) reach the actors through the object store once per split: nodes need no
-    shared disk (a model's `clone` copies it in memory). Episodes are handed out one at a time as actors
-    free up, the slowest methods' first (`SLOWEST_FIRST`); an actor that dies is replaced and set up
-    again, and its episode repeated, up to `max_restarts` times in a run.
-    """
-
-    def __init__(self, count: int, num_cpus: float = 1.0, max_restarts: int = 3):
-        self.count, self.num_cpus, self.max_restarts = count, num_cpus, max_restarts
-        self.actors = []
-
-    def _start(self):
-        import ray
-
-        return ray.remote(EpisodeActor).options(num_cpus=self.num_cpus, max_restarts=0).remote()
-
-    def run(self, adapters: dict, task: Task, config: ProtocolConfig, labels: dict, plan: list, progress) -> list[dict]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        while len(self.actors) < self.count:
-            self.actors.append(self._start())
-        setup = (ray.put(adapters), task, config, labels)
-        ray.get([actor.setup.remote(*setup) for actor in self.actors])
-        order = sorted(range(len(plan)), key=lambda i: slowness_rank(plan[i][2]))  # stable: plan order within a rank
-        rows, queue, running, restarts = [None] * len(plan), order[::-1], {}, 0
-        while queue or running:
-            busy = {a for a, _ in running.values()}
-            for a in range(len(self.actors)):
-                if queue and a not in busy:
-                    i = queue.pop()
-                    running[self.actors[a].score.remote(*plan[i])] = (a, i)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            a, i = running.pop(ready[0])
-            try:
-                rows[i] = ray.get(ready[0])
-            except RayActorError:
-                restarts += 1
-                if restarts > self.max_restarts:
-                    raise
-                ray.kill(self.actors[a], no_restart=True)
-                self.actors[a] = self._start()
-                ray.get(self.actors[a].setup.remote(*setup))
-                queue.append(i)
-                continue
-            progress(sum(row is not None for row in rows))
-        return rows
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
 
 
 def _mean_ci(values: pd.Series) -> str:

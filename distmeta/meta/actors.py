@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distmeta.cluster import placeable
 from distmeta.meta.learner import SerialGradients, task_meta_gradients
 from distmeta.models.ser import trainable_parameters
 
@@ -205,6 +206,12 @@ class ActorPool:
         import ray
 
         n = min(len(tasks), self.config.max_actors or len(tasks))
+        fits = placeable("task actors (actors.num_cpus, actors.num_gpus)", self.config.num_cpus, self.config.num_gpus)
+        if fits < n:  # Ray would leave the actors beyond what the cluster holds pending forever
+            if self.log and not self.actors:
+                self.log(f"task actors: the cluster holds {fits} of {self.config.num_cpus:g} CPU and {self.config.num_gpus:g} GPU "
+                         f"each; {len(tasks)} tasks on {fits} actors")
+            n = fits
         while len(self.actors) < n:
             self.actors.append(self._start())
         self.holder = [i % n for i in range(len(tasks))]  # task index -> actor index

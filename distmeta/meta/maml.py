@@ -95,6 +95,13 @@ def _check_untied(model) -> None:
         raise ValueError("the model shares a parameter between two names (tied weights): not supported here")
 
 
+def _on(targets, device):
+    """Targets (a tensor or a tuple of them) on the parameters' device; inputs follow the model by themselves."""
+    if isinstance(targets, tuple):
+        return tuple(_on(t, device) for t in targets)
+    return targets.to(device) if isinstance(targets, torch.Tensor) else targets
+
+
 def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None, keep_trajectory=True):
     """Run `steps` inner SGD steps from `params` (default: the model's trainable parameters) with
     `lrs[name]` the per-step rates of each. Returns the parameter dicts after each step (0: the start);
@@ -102,7 +109,7 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None,
     otherwise hold 50 copies of it (WavLM Base: 18 of the 21.6 GiB one listener's meta-test took)."""
     _check_untied(model)
     params = params if params is not None else trainable_parameters(model)
-    inputs, targets = batch[0], _prepared(loss_fn, batch[1])
+    inputs, targets = batch[0], _prepared(loss_fn, _on(batch[1], next(iter(params.values())).device))
     trajectory = [params]
     for step in range(steps):
         current = trajectory[-1]

@@ -68,6 +68,7 @@ def fine_tune(model, inputs, targets: torch.Tensor, *, steps: int, lr: float, we
     way (benchmarks/bench_test_time.py); it may switch the model to eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    targets = targets.to(params[0].device) if params else targets  # inputs follow the model too (SERModel.pooled)
     weights = class_balanced_weights(targets)
     for step in range(1, steps + 1):
         model.train()

@@ -61,7 +61,8 @@ def test_episode_workers_score_the_same_rows_as_the_driver_and_survive_a_lost_wo
     from distmeta.data import rotation
     from distmeta.features import AudioBank, input_bank
     from distmeta.listener.adapters import AdaptConfig, CeilingConfig, FineTune, FitAll, Oracle, RandomGuess
-    from distmeta.listener.protocol import EpisodeWorkers, ProtocolConfig, run_episodes
+    from distmeta.listener.protocol import ProtocolConfig, run_episodes
+    from distmeta.listener.workers import EpisodeWorkers
     from distmeta.models import SERModel, Upstream, UpstreamConfig
 
     class DiesOnce:  # defined here, so it travels to the actors by value

@@ -131,3 +131,20 @@ def test_chaos_kills_at_every_moment_and_both_trainings_equal_the_serial_one(ray
         assert any(f"{kill['annotator']!r} {when}" in m for m in deaths for when in later), (kill, deaths)
     assert_same_training(first, serial)
     assert_same_training(second, serial)
+
+
+@pytest.mark.slow
+def test_a_pool_sized_beyond_the_cluster_uses_the_actors_it_holds_and_an_impossible_one_is_refused(ray_local, small_corpus,
+                                                                                                   split, serial):
+    """Nine tasks, one actor each asked, at 1.5 CPU an actor: the 2-CPU cluster holds one, so that one takes
+    every task (before, eight actors stayed pending and the setup waited for them forever). An actor no node
+    can hold is refused by name before anything starts."""
+    messages = []
+    pool = ActorPool(ActorConfig(num_cpus=1.5), log=messages.append)
+    try:
+        assert_same_training(meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=pool), serial)
+        assert len(pool.actors) == 1 and "9 tasks on 1 actors" in messages[0]
+    finally:
+        pool.shutdown()
+    with pytest.raises(ValueError, match="ask for 1 GPU each, but no node of the Ray cluster has more than 0 GPU"):
+        meta_train_split(small_corpus, split, UpstreamConfig(), None, CONFIG, log=None, actors=ActorPool(ActorConfig(num_gpus=1)))
