@@ -185,6 +185,9 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
                 tests.append(testing.submit(meta_test, scenario, split, adapters, methods))
                 if workers is None:
                     tests[-1].result()
+        for pool in pools:  # meta-training is over: the task actors give their resources to the episode actors
+            if pool is not None:
+                pool.shutdown()
         rows = [row for test in tests for row in test.result()]
     finally:
         testing.shutdown(cancel_futures=True)

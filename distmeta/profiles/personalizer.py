@@ -66,10 +66,11 @@ class Personalizer:
     @classmethod
     def for_profile(cls, person: str, store=None, model=None, device="cpu", **options) -> "Personalizer":
         """The base model a stored profile was enrolled on: `model` when given (checked by digest), else where
-        the store last found that digest, else the path saved at enrollment."""
+        the store last found that digest, else what it was enrolled from (a models:/ URI or a path), else
+        the file's path at enrollment."""
         meta = ProfileStore(store).meta(person)
         record = ProfileStore(store).base_record(meta["base"]) or {}
-        for where in ([model] if model else [record.get("where"), meta.get("base_path")]):
+        for where in ([model] if model else [record.get("where"), meta.get("base_source"), meta.get("base_path")]):
             if where and (str(where).startswith("models:/") or Path(where).is_file()):
                 found = cls.from_pretrained(where, device, store, **options)
                 found.profile(person)  # refused by name when it is another base model's

@@ -143,3 +143,20 @@ def test_a_test_pool_too_small_for_k_and_q_stops_the_job_before_anything_trains(
     config = replace(config, protocol=replace(config.protocol, queries=1000))
     with pytest.raises(SystemExit, match=r"annotator 'E\d+' has \d+ labelled utterances in .*K=32 support \+ Q=1000"):
         load_job("meta_train").setup(config)  # setup checks the pools first, then starts Ray
+
+
+@pytest.mark.slow
+def test_the_smoke_job_on_a_cluster_smaller_than_its_actor_counts_finishes(load_job, tmp_path, monkeypatch):
+    """One CPU, three episode actors of one CPU each asked: before, the two Ray could not place kept the
+    meta-test waiting forever; now the pool scores with the one it gets (and the driver while it has none)."""
+    import ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # the job joins it
+    try:
+        assert load_job("meta_train").main(["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", f"models_dir={tmp_path / 'models'}",
+                                            "--out", str(tmp_path / "out"), "experiment=small", "protocol.workers=3"]) == 0
+    finally:
+        ray.shutdown()
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) > 0

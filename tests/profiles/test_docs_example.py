@@ -30,3 +30,8 @@ def test_the_python_example_in_the_docs_runs_as_written(registered, trained, sma
     batch, record = scope["batch"], scope["record"]
     assert len(batch) == 2 and [s["label"] for s in batch[1]] == [s["label"] for s in record["scores"]]
     assert set(record["labels"]) <= {s["label"] for s in record["scores"]}
+    # the profile finds its base model again from the registry URI it was enrolled from
+    from distmeta import Personalizer
+
+    found = Personalizer.for_profile("alice")
+    assert found.source == "models:/distmeta-listener/1" and found.digest == scope["p"].digest

@@ -95,7 +95,8 @@ def test_profiles_travel_and_are_written_whole(small_corpus, trained, tmp_path):
     shutil.copy(path.with_suffix(".json"), tmp_path / "model.json")
     (tmp_path / "moved" / "bases" / f"{p.digest}.json").write_text(json.dumps({"digest": p.digest, "where": "/gone/model.safetensors"}))
     tensors, meta = ProfileStore(tmp_path / "moved").load("alice")
-    ProfileStore(tmp_path / "moved").save("alice", tensors, {**meta, "base_path": "/gone/model.safetensors"})
+    ProfileStore(tmp_path / "moved").save("alice", tensors, {**meta, "base_path": "/gone/model.safetensors",
+                                                             "base_source": "/gone/model.safetensors"})
     with pytest.raises(FileNotFoundError, match=f"base model {p.digest}, which is not where it was"):
         Personalizer.for_profile("alice", tmp_path / "moved")  # neither the store's record nor the saved path holds it
     moved = Personalizer.for_profile("alice", tmp_path / "moved", model=tmp_path / "model.safetensors")
