@@ -28,7 +28,7 @@ import pandas as pd
 
 from distmeta import config as cfg
 from distmeta import tracking
-from distmeta.cluster import beside_workers, connect
+from distmeta.cluster import beside_workers, connect, placeable
 from distmeta.data.scenarios import TooFewItems, rotation
 from distmeta.data.sources import load_corpus
 from distmeta.io import atomic_path
@@ -156,7 +156,16 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
     meta-test waits for its turn: adapters there seed torch's global random state, which trainings share."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pools = [ActorPool(config.actors) if config.distributed else None for _ in range(max(1, config.parallel))]
+    parallel = max(1, config.parallel)
+    if config.distributed and parallel > 1:  # the trainings' pools together must fit, or one waits forever
+        tasks = max(len(split.train_annotators) for scenario_splits in splits.values() for split in scenario_splits)
+        per_pool = min(tasks, config.actors.max_actors or tasks)
+        fits = placeable("task actors (actors.num_cpus, actors.num_gpus)", config.actors.num_cpus, config.actors.num_gpus)
+        if fits < parallel * per_pool:
+            parallel = max(1, min(parallel, fits // per_pool))
+            print(f"parallel: the cluster holds {fits} task actors of this shape, {per_pool} a training: "
+                  f"{parallel} training(s) side by side", flush=True)
+    pools = [ActorPool(config.actors) if config.distributed else None for _ in range(parallel)]
     workers = (EpisodeWorkers(config.protocol.workers, num_gpus=config.protocol.worker_gpus)
                if config.protocol.workers else None)
     testing, tests = ThreadPoolExecutor(1), []  # one meta-test at a time, in split order

@@ -146,9 +146,11 @@ def test_a_test_pool_too_small_for_k_and_q_stops_the_job_before_anything_trains(
 
 
 @pytest.mark.slow
-def test_the_smoke_job_on_a_cluster_smaller_than_its_actor_counts_finishes(load_job, tmp_path, monkeypatch):
-    """One CPU, three episode actors of one CPU each asked: before, the two Ray could not place kept the
-    meta-test waiting forever; now the pool scores with the one it gets (and the driver while it has none)."""
+def test_the_smoke_job_on_a_cluster_smaller_than_its_actor_counts_finishes(load_job, tmp_path, monkeypatch, capfd):
+    """One CPU; two trainings side by side, each with a one-CPU task actor; three one-CPU episode actors.
+    Before, the second training's actor and two episode actors could never be placed and the job waited
+    forever; now one training runs at a time and the episodes are scored by the actors Ray places (and by the
+    driver while the task actor holds the CPU)."""
     import ray
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -156,7 +158,9 @@ def test_the_smoke_job_on_a_cluster_smaller_than_its_actor_counts_finishes(load_
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # the job joins it
     try:
         assert load_job("meta_train").main(["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", f"models_dir={tmp_path / 'models'}",
-                                            "--out", str(tmp_path / "out"), "experiment=small", "protocol.workers=3"]) == 0
+                                            "--out", str(tmp_path / "out"), "experiment=small", "protocol.workers=3",
+                                            "actors.num_cpus=1", "parallel=2"]) == 0
     finally:
         ray.shutdown()
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) > 0
+    assert "parallel: the cluster holds 1 task actors of this shape, 1 a training: 1 training(s) side by side" in capfd.readouterr().out
