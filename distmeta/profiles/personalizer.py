@@ -37,6 +37,11 @@ def load_base(model, device="cpu"):
     return listener.ListenerBase.load(found, device)
 
 
+def clip_names(clips: list) -> list:
+    """What errors call each clip: its path, or its place in the list (bytes, samples)."""
+    return [clip if isinstance(clip, (str, Path)) else f"clip {i}" for i, clip in enumerate(clips)]
+
+
 @dataclass
 class Profile:
     """What personalization made for one person: tensors (adapted parameters, or the pairs' frames) and the
@@ -68,8 +73,9 @@ class Personalizer:
         """The base model a stored profile was enrolled on: `model` when given (checked by digest), else where
         the store last found that digest, else what it was enrolled from (a models:/ URI or a path), else
         the file's path at enrollment."""
-        meta = ProfileStore(store).meta(person)
-        record = ProfileStore(store).base_record(meta["base"]) or {}
+        profiles = ProfileStore(store)
+        meta = profiles.meta(person)
+        record = profiles.base_record(meta["base"]) or {}
         for where in ([model] if model else [record.get("where"), meta.get("base_source"), meta.get("base_path")]):
             if where and (str(where).startswith("models:/") or Path(where).is_file()):
                 found = cls.from_pretrained(where, device, store, **options)
@@ -92,10 +98,10 @@ class Personalizer:
         return self.base.digest
 
     def read(self, clips: list, sample_rate: int | None = None, names: list | None = None) -> list[torch.Tensor]:
-        """Decode clips to 16 kHz waveforms within the limits; an error names the clip."""
+        """Decode clips to 16 kHz waveforms within the limits; an error names the clip (`names`, else its path
+        or its place in the list)."""
         cut = getattr(self.base, "max_seconds", None)
-        return [read_clip(clip, sample_rate, self.limits, cut, name=(names[i] if names else None)
-                          or (None if isinstance(clip, (str, Path)) else f"clip {i}")) for i, clip in enumerate(clips)]
+        return [read_clip(clip, sample_rate, self.limits, cut, name=name) for clip, name in zip(clips, names or clip_names(clips))]
 
     def enroll(self, clips: list, labels: list, person: str | None = None, sample_rate: int | None = None,
                overwrite: bool = False, names: list | None = None) -> Profile:
@@ -110,7 +116,7 @@ class Personalizer:
             raise ValueError("no enrollment clips")
         if self.max_clips is not None and len(clips) > self.max_clips:
             raise ValueError(f"{len(clips)} enrollment clips; at most {self.max_clips}")
-        names = names or [c if isinstance(c, (str, Path)) else f"clip {i}" for i, c in enumerate(clips)]
+        names = names or clip_names(clips)
         if self.kind == "speaker":
             words = []
             for name, label in zip(names, labels):
@@ -118,9 +124,7 @@ class Personalizer:
                 if word is None:
                     raise ValueError(f"{name}: label {label!r} is not one of {', '.join(self.labels)}")
                 words.append(word)
-            most = self.base.model.config.max_shots
-            if len(clips) > most:  # before decoding any
-                raise ValueError(f"{len(clips)} enrollment pairs; the speech LM reads 1 to {most} (max_shots)")
+            speaker.check_pairs(self.base, len(clips))  # before decoding any
             waveforms = self.read(clips, sample_rate, names)
             with self._computing:
                 tensors, meta = speaker.enroll(self.base, waveforms, words)
@@ -130,12 +134,12 @@ class Personalizer:
             waveforms = self.read(clips, sample_rate, names)
             with self._computing:
                 tensors, meta = listener.enroll(self.base, waveforms, targets)
-        profile = Profile(person, tensors, {**meta, "base_source": self.source})
+        meta = {**meta, "base_source": self.source}
         if person is not None:
-            self.store.save(person, tensors, {**meta, "base_source": self.source}, overwrite=overwrite)
+            self.store.save(person, tensors, meta, overwrite=overwrite)
             self.store.remember_base(self.digest, self.kind, self.source)
-            profile.meta["person"] = person
-        return profile
+            meta["person"] = person
+        return Profile(person, tensors, meta)
 
     def profile(self, person: str) -> Profile:
         """A stored profile, refused by name when it was enrolled on another model or kind."""

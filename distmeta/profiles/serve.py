@@ -104,7 +104,7 @@ class ProfileModel:
     async def predict(self, audio: bytes, top_k: int | None = None) -> dict:
         person = serve.get_multiplexed_model_id()
         try:
-            profile = (await self._current(check_id(person))) if person else None
+            profile = (await self._current(person)) if person else None  # the store checks the id
             wav = self.p.read([audio], names=["request body"])
         except (ProfileError, ValueError) as err:  # AudioError is a ValueError
             return failure(err)
@@ -112,8 +112,7 @@ class ProfileModel:
         return {"status": 200, **self.p.records(probs, top_k)[0], "profile": person, "kind": self.p.kind, "base": self.p.digest}
 
     async def enroll(self, person: str, clips: list[bytes], labels: list[str], names: list[str], overwrite: bool) -> dict:
-        try:
-            check_id(person)
+        try:  # enroll checks the id first
             profile = await asyncio.to_thread(self.p.enroll, clips, labels, person, None, overwrite, names)
         except (ProfileError, ValueError) as err:
             return failure(err)
@@ -139,6 +138,14 @@ class _Loaded:
     def __del__(self):
         if self.loaded.get(self.person) == id(self):  # not a newer load of the same person
             del self.loaded[self.person]
+
+
+def _person(person: str) -> str:
+    """A profile id from a request, or 400 naming it (before any body is read)."""
+    try:
+        return check_id(person)
+    except ProfileError as err:
+        raise HTTPException(400, str(err)) from None
 
 
 app = FastAPI(title="distmeta", description="Personalized speech emotion recognition: enroll people, predict their audio.")
@@ -196,29 +203,17 @@ class Ingress:
                               credentials=Depends(bearer)) -> dict:
         """Emotions of one clip, with a person's profile."""
         self._authorize(credentials)
-        try:
-            check_id(person)
-        except ProfileError as err:
-            raise HTTPException(400, str(err)) from None
-        return await self._predict(request, person, top_k)
+        return await self._predict(request, _person(person), top_k)
 
     @app.post("/predict", openapi_extra=AUDIO_BODY)
     async def predict(self, request: Request, top_k: int | None = None, credentials=Depends(bearer)) -> dict:
         """Emotions of one clip; the profile in the header serve_multiplexed_model_id (none: unpersonalized)."""
         self._authorize(credentials)
         person = request.headers.get(HEADER, "")
-        if person:
-            try:
-                check_id(person)
-            except ProfileError as err:
-                raise HTTPException(400, str(err)) from None
-        return await self._predict(request, person, top_k)
+        return await self._predict(request, _person(person) if person else "", top_k)
 
     async def _enroll(self, request: Request, person: str, overwrite: bool) -> dict:
-        try:
-            check_id(person)
-        except ProfileError as err:
-            raise HTTPException(400, str(err)) from None
+        _person(person)
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 form = await MultiPartParser(request.headers, self._stream(request), max_files=self.args.max_clips,

@@ -88,12 +88,17 @@ def read_pairs(path, words: list[str], name=None) -> list[tuple[str, str]]:
     return pairs
 
 
+def check_pairs(base: SpeakerBase, count: int) -> None:
+    """The speech LM reads 1 to max_shots pairs; checked before any clip is decoded."""
+    most = base.model.config.max_shots
+    if not 1 <= count <= most:
+        raise ValueError(f"{count} enrollment pairs; the speech LM reads 1 to {most} (max_shots)")
+
+
 def enroll(base: SpeakerBase, waveforms: list[torch.Tensor], words: list[str]) -> tuple[dict, dict]:
     """(the pairs' frames, profile metadata) from 1..max_shots waveforms (16 kHz) and their label words,
     kept in their order."""
-    most = base.model.config.max_shots
-    if not 1 <= len(waveforms) <= most:
-        raise ValueError(f"{len(waveforms)} enrollment pairs; the speech LM reads 1 to {most} (max_shots)")
+    check_pairs(base, len(waveforms))
     tensors = dict(base.frames({f"pair/{i}": w for i, w in enumerate(waveforms)}).items)
     meta = {"kind": "speaker", "base": base.digest, "base_path": str(base.path.resolve()), "shots": len(waveforms),
             "labels": list(words), "classes": base.words, "distmeta": __version__,
