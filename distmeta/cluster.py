@@ -53,20 +53,21 @@ def beside_workers():
         torch.set_num_threads(before)
 
 
-def placeable(what: str, num_cpus: float, num_gpus: float) -> int:
-    """How many actors of this shape the cluster's alive nodes can hold at once (their total resources, not
-    what is free now); a shape no node can hold at all is refused (ValueError naming the resource), since
-    Ray would leave such an actor pending forever."""
+def placeable(what: str, num_cpus: float, num_gpus: float, memory: float = 0.0) -> int:
+    """How many actors of this shape (`memory`: bytes of Ray's memory resource) the cluster's alive nodes can
+    hold at once (their total resources, not what is free now); a shape no node can hold at all is refused
+    (ValueError naming the resource), since Ray would leave such an actor pending forever."""
     import math
 
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    for resource, amount in (("CPU", num_cpus), ("GPU", num_gpus)):
+    shape = (("CPU", num_cpus), ("GPU", num_gpus), ("memory", memory))
+    for resource, amount in shape:
         most = max((node.get(resource, 0.0) for node in nodes), default=0.0)
         if amount > most:
-            raise ValueError(f"{what} ask for {amount:g} {resource} each, but no node of the Ray cluster has more than "
-                             f"{most:g} {resource}")
-    fits = [min([math.floor(node.get(r, 0.0) / a + 1e-9) for r, a in (("CPU", num_cpus), ("GPU", num_gpus)) if a > 0],
-                default=math.inf) for node in nodes]
+            shown = (f"{amount / 2 ** 30:.2f} GiB of", f"{most / 2 ** 30:.2f} GiB of") if resource == "memory" else (f"{amount:g}", f"{most:g}")
+            raise ValueError(f"{what} ask for {shown[0]} {resource} each, but no node of the Ray cluster has more than "
+                             f"{shown[1]} {resource}")
+    fits = [min([math.floor(node.get(r, 0.0) / a + 1e-9) for r, a in shape if a > 0], default=math.inf) for node in nodes]
     return sum(fits) if fits else 0

@@ -150,6 +150,28 @@ def trial_resources(trial_cpus: float, actors, n_actors: int):
     return tune.PlacementGroupFactory([{"CPU": trial_cpus}] + ([actor] * n_actors if actor else []), strategy="PACK")
 
 
+def concurrent_trials(bundles: list[dict], wanted: int) -> int:
+    """How many trials of these placement-group `bundles` run at once: at most `wanted`, and what the cluster
+    holds. A bundle no node can hold, or a trial larger than the whole cluster, is refused (ValueError naming
+    the resource): Tune would leave it pending forever."""
+    import math
+
+    import ray
+
+    from distmeta.cluster import placeable
+
+    for bundle in bundles:
+        placeable("a Tune trial's bundles (sweep.trial_cpus, actors.num_cpus, actors.num_gpus)", bundle.get("CPU", 0.0),
+                  bundle.get("GPU", 0.0))
+    total = ray.cluster_resources()
+    need = {r: sum(b.get(r, 0.0) for b in bundles) for r in ("CPU", "GPU")}
+    holds = min([math.floor(total.get(r, 0.0) / n + 1e-9) for r, n in need.items() if n > 0], default=wanted)
+    if holds < 1:
+        raise ValueError(f"a Tune trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU in all (the trial and its task "
+                         f"actors), but the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
+    return min(wanted, holds)
+
+
 def meta_trial(params: dict, *, base: dict, corpus, split, ssl_e: dict, upstream_checkpoint: bytes | None, inputs) -> None:
     """A Ray Tune trainable: meta-train `split` with the base config + `params`, reporting after
     every validation. Task actors started here live in the trial's placement group.

@@ -3,6 +3,7 @@
     python jobs/meta_train.py                     # synthetic corpus, tiny upstream, local Ray, local MLflow
     python jobs/meta_train.py --preset smoke      # the same in a few minutes
     python jobs/meta_train.py --resume runs/meta_train      # continue an interrupted run
+    python jobs/meta_train.py --preset paper --estimate     # projected wall time, GPU-hours, peak memory; trains nothing
     ray job submit --working-dir . -- python jobs/meta_train.py data.source=iemocap data.path=/data/IEMOCAP_full_release
 
 1. setup:      the corpus, the rotation of test / validation / training annotators.
@@ -33,6 +34,7 @@ from distmeta.data.scenarios import TooFewItems, rotation
 from distmeta.data.sources import load_corpus
 from distmeta.io import atomic_path
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
+from distmeta.listener.estimate import check_fits, measure, project
 from distmeta.listener.metatrain import meta_model_path, meta_train_cached, meta_variants
 from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
 from distmeta.listener.workers import EpisodeWorkers
@@ -160,7 +162,8 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
     if config.distributed and parallel > 1:  # the trainings' pools together must fit, or one waits forever
         tasks = max(len(split.train_annotators) for scenario_splits in splits.values() for split in scenario_splits)
         per_pool = min(tasks, config.actors.max_actors or tasks)
-        fits = placeable("task actors (actors.num_cpus, actors.num_gpus)", config.actors.num_cpus, config.actors.num_gpus)
+        fits = placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", config.actors.num_cpus,
+                         config.actors.num_gpus, config.actors.memory_gb * 2 ** 30)
         if fits < parallel * per_pool:
             parallel = max(1, min(parallel, fits // per_pool))
             print(f"parallel: the cluster holds {fits} task actors of this shape, {per_pool} a training: "
@@ -249,11 +252,35 @@ def save(config: MetaTrainConfig, corpus, splits, results: pd.DataFrame) -> dict
 SHAPING_SECTIONS = ("data", "upstream", "pretrain", "meta")
 
 
+def estimate(config: MetaTrainConfig) -> int:
+    """--estimate: measure one of each unit of the run where the run would do it, project the whole run."""
+    started = time.time()
+    corpus, splits = setup(config)
+    inputs = job_inputs(config, corpus)
+    measured = measure(config, corpus, splits, inputs)
+    plan = project(config, corpus, splits, measured, setup_seconds=time.time() - started)
+    path = save_table(plan, Path(config.out), "estimate",
+                      f"Estimate of the whole run: units measured on {measured['device']} ({measured['threads']} torch "
+                      f"thread(s)), counted from the config; wall = compute / at once; Ray, actor and MLflow start-up "
+                      f"not included", ".3g")
+    total = plan.loc["whole run"]
+    print("\n" + Path(path).read_text())
+    print(f"projected: {total['wall_s'] / 3600:.2f} h wall, {total['gpu_hours']:.2f} GPU-hours, peak "
+          f"{total['peak_gib']:.2f} GiB per worker ({measured['device']}); written to {Path(path).resolve()}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = cfg.resume_args(list(sys.argv[1:] if argv is None else argv), "meta_train")
-    config = cfg.parse_args(MetaTrainConfig, argv, job="meta_train", description=__doc__.split("\n")[0],
+    estimate_only = "--estimate" in argv
+    config = cfg.parse_args(MetaTrainConfig, [a for a in argv if a != "--estimate"], job="meta_train",
+                            description=__doc__.split("\n")[0],
                             epilog="--resume DIR  continue the interrupted run in DIR with its own config.yaml (overrides "
-                                   "may follow; data, upstream, pretrain and meta settings must stay as they were)")
+                                   "may follow; data, upstream, pretrain and meta settings must stay as they were); "
+                                   "--estimate  measure one unit of each phase and print the whole run's projected "
+                                   "wall time, GPU-hours and peak memory, training nothing")
+    if estimate_only:
+        return estimate(config)
     if config.resume:
         cfg.check_resumable(MetaTrainConfig, config, SHAPING_SECTIONS)
     if config.register not in ("first", "all", "none"):
@@ -267,6 +294,7 @@ def main(argv=None) -> int:
         seconds = {}
         corpus, splits = setup(config)
         inputs = job_inputs(config, corpus)
+        check_fits(config, corpus, splits, inputs)  # before anything trains: a task actor's measured peak must fit
         seconds["setup"] = time.time() - started
         # From here on Ray workers compute and the driver's small ops run beside them, unless the meta-training
         # and the meta-test both run in this process (the serial reference), which then keeps its threads.

@@ -37,7 +37,7 @@ from distmeta.training.tiny_wavlm import ready as build_upstream
 from distmeta.meta.learner import selection
 from distmeta.listener.pretrain import pretrain_rotation
 from distmeta.report import save_table
-from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
+from distmeta.sweep import (SPEECH_LM_OBJECTIVE, check_shots, concurrent_trials, icl_trial, load_space, meta_trial, plot_trials, space_job, sweep_table,
                             trial_resources, with_params)
 from distmeta.training.launcher import storage_path
 
@@ -102,23 +102,27 @@ def sweep(config: TuneJobConfig, space: dict, parent_run_id: str, icl=None, corp
 
     base, options = config.base, config.sweep
     metric, mode = objective_of(config, icl is not None)
+    resources = (tune.PlacementGroupFactory([{"CPU": options.trial_cpus}]) if icl is not None
+                 else trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
+    at_once = concurrent_trials(resources.bundles, options.max_concurrent)
+    if at_once < options.max_concurrent:
+        print(f"sweep: the cluster holds {at_once} trial(s) at once of sweep.max_concurrent={options.max_concurrent}", flush=True)
     if options.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=options.seed), options.max_concurrent)
+        searcher = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=options.seed), at_once)
     else:
-        searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
+        searcher = BasicVariantGenerator(random_state=options.seed, max_concurrent=at_once)
     scheduler = (ASHAScheduler(time_attr="step", max_t=steps_of(config, icl is not None), grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor) if options.asha else FIFOScheduler())
     if icl is not None:
         data, frames = icl
         trainable = tune.with_resources(tune.with_parameters(icl_trial, base=cfg.to_dict(config.icl_base), data=data, frames=frames),
-                                        {"CPU": options.trial_cpus})
+                                        resources)
     else:
         trainable = tune.with_resources(
             tune.with_parameters(meta_trial, base=cfg.to_dict(base), corpus=corpus, split=split,
-                                 **trial_inputs(config, corpus, split, ssl_e)),
-            trial_resources(options.trial_cpus, base.actors, len(split.train_annotators)))
+                                 **trial_inputs(config, corpus, split, ssl_e)), resources)
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,

@@ -111,3 +111,15 @@ def test_the_objective_follows_the_meta_trainers_model_selection():
     assert by_f1.loc[0, "best step"] == 1 and by_f1.loc[0, "val_loss"] == 0.7  # the other scores at that step
     by_loss = sweep_table(results, {"meta.inner_lr": None}, 2, *selection("loss"))
     assert list(by_loss["trial"]) == ["a", "b"] and list(by_loss["best val_loss"]) == [0.6, 0.7]
+
+
+def test_concurrent_trials_are_what_the_cluster_holds_and_a_trial_it_cannot_hold_is_refused(ray_local):
+    from distmeta.sweep import concurrent_trials
+
+    # the tests' cluster: 2 CPUs, no GPU
+    assert concurrent_trials([{"CPU": 0.5}, {"CPU": 0.5}], 4) == 2  # 1 CPU a trial
+    assert concurrent_trials([{"CPU": 1.0}], 1) == 1
+    with pytest.raises(ValueError, match="needs 3 CPU and 0 GPU in all"):
+        concurrent_trials([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], 2)
+    with pytest.raises(ValueError, match="ask for 0.25 GPU each"):
+        concurrent_trials([{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.25}], 2)

@@ -30,14 +30,8 @@ class EpisodeActor:
 
     def setup(self, adapters: dict, task: Task, config: ProtocolConfig, labels: dict) -> None:
         self.args = adapters, task, config, labels
-        device = accelerator()
-        if device != "cpu":
-            import torch
-
-            for adapter in adapters.values():
-                for value in vars(adapter).values():
-                    if isinstance(value, torch.nn.Module):
-                        value.to(device)
+        if accelerator() != "cpu":
+            on_device(adapters, accelerator())
 
     def score(self, seed: int, shots: int, name: str) -> dict:
         return score_episode(*self.args, seed, shots, name)
@@ -46,6 +40,16 @@ class EpisodeActor:
         import ray
 
         return [str(g) for g in ray.get_gpu_ids()]
+
+
+def on_device(adapters: dict, device) -> None:
+    """Move the adapters' models to `device` (their inputs follow the model)."""
+    import torch
+
+    for adapter in adapters.values():
+        for value in vars(adapter).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
 
 
 def accelerator() -> str:

@@ -55,6 +55,9 @@ class ActorConfig:
     num_gpus: float = 0.0  # per actor; fractions pack several actors on one GPU
     max_restarts: int = 3  # replacements of one actor within one call before the run fails
     max_actors: int = 0  # 0: one actor per task; fewer: each actor holds several tasks (many speakers, few cores)
+    # Host memory per actor (GiB), reserved through Ray's `memory` resource; 0: none reserved. With it (or a GPU
+    # share) the job measures a second-order meta-gradient's peak before training and refuses what cannot fit.
+    memory_gb: float = 0.0
 
 
 class FlatLayout:
@@ -196,8 +199,9 @@ class ActorPool:
     def _start(self):
         import ray
 
+        memory = {"memory": int(self.config.memory_gb * 2 ** 30)} if self.config.memory_gb else {}
         remote = ray.remote(TaskActor).options(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
-                                                max_restarts=0)
+                                                max_restarts=0, **memory)
         return remote.remote()
 
     def setup(self, replica, meta, config, tasks: list, bank) -> "ActorPool":
@@ -206,7 +210,8 @@ class ActorPool:
         import ray
 
         n = min(len(tasks), self.config.max_actors or len(tasks))
-        fits = placeable("task actors (actors.num_cpus, actors.num_gpus)", self.config.num_cpus, self.config.num_gpus)
+        fits = placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", self.config.num_cpus,
+                         self.config.num_gpus, self.config.memory_gb * 2 ** 30)
         if fits < n:  # Ray would leave the actors beyond what the cluster holds pending forever
             if self.log and not self.actors:
                 self.log(f"task actors: the cluster holds {fits} of {self.config.num_cpus:g} CPU and {self.config.num_gpus:g} GPU "

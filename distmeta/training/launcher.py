@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distmeta.cluster import placeable
 from distmeta.io import settings_digest, write_json
 from distmeta.training.artifacts import is_done, save_model
 
@@ -80,6 +81,16 @@ def train_many(loop, requests: list[dict], shared: dict, scaling, storage: str, 
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = _USER_REPORT_WAIT or str(report_wait_s)
     shares = share_out(todo, getattr(scaling, "parallel", 1))
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // (scaling.num_workers * len(shares)))
+    if not scaling.cpus_per_worker:  # the shared-out CPUs of a worker must fit on one node
+        cpus = max(1, min(cpus, int(max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")))))
+    # No run waits forever: a worker no node can hold is refused (naming the resource), a run needing more
+    # workers than the cluster holds too, and runs side by side are as many as fit at once.
+    fits = placeable(f"{name}: Ray Train workers (num_workers, use_gpu, cpus_per_worker)", cpus, float(scaling.use_gpu))
+    if fits < scaling.num_workers:
+        raise ValueError(f"{name}: {scaling.num_workers} Ray Train workers of {cpus} CPU{' and 1 GPU' if scaling.use_gpu else ''} "
+                         f"each, but the cluster holds {fits}; lower num_workers")
+    if len(shares) > fits // scaling.num_workers:
+        shares = share_out(todo, fits // scaling.num_workers)
     running, lock = [len(shares)], threading.Lock()
 
     def run(share):

@@ -34,6 +34,9 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     job = load_job("meta_train")
     args = ["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", f"models_dir={tmp_path / 'models'}", "experiment=test"]
     try:
+        # the plan first, on the same corpus and cluster: it trains nothing
+        assert job.main(args + ["--out", str(tmp_path / "estimate"), "--estimate"]) == 0
+        assert "projected:" in capfd.readouterr().out and not (tmp_path / "models" / "seen").exists()
         assert job.main(args + ["--out", str(tmp_path / "a")]) == 0
         printed = "".join(capfd.readouterr())
         shutil.copy(tmp_path / "a" / "results.csv", tmp_path / "a" / "first_results.csv")  # the rerun must equal it
@@ -61,6 +64,16 @@ def test_smoke_run_tables_mlflow_and_determinism(load_job, tmp_path, monkeypatch
     pd.testing.assert_frame_equal(last.sort_index(), own.sort_index())
     timing = pd.read_csv(tmp_path / "a" / "timing.csv", index_col="method")["total"]
     assert timing["Meta[INI+CSMT+DA+LSLR]"] == 0 < timing["Meta-PerSER"]  # its copies cost nothing
+    # The estimate against the run it planned: the episodes it counted are the run's (its copies aside), and
+    # its meta-test compute (one episode of each method, measured, times their counts) is within a factor of
+    # two of the seconds the run's episodes took. The phases' fixed start-up costs (Ray Train, actors,
+    # MLflow) are not projected, so the smoke run's wall is not compared.
+    plan = pd.read_csv(tmp_path / "estimate" / "estimate.csv", index_col=0)
+    scored = a[a["method"] != "Meta[INI+CSMT+DA+LSLR]"]
+    assert plan.loc["meta-test episodes", "units"] == len(scored)
+    assert 0.5 <= plan.loc["meta-test episodes", "compute_s"] / timing.sum() <= 2.0
+    assert plan.loc["meta-training: meta-gradients", "units"] == (2 * 2 + 2) * 4 * 9  # trainings x outer steps x tasks
+    assert plan.loc["whole run", "peak_gib"] > 0.1
     assert a[["maF1", "miF1", "UA"]].stack().between(0, 1).all()
     assert set(a["shots"]) == {2, 8} and set(a["annotator"]) == {"E1", "E2"}
     for name in ("table1.md", "table2.md", "paired.md", "timing.md", "shots_sweep.md", "shots_sweep.png", "table_a1.md",
@@ -164,3 +177,19 @@ def test_the_smoke_job_on_a_cluster_smaller_than_its_actor_counts_finishes(load_
         ray.shutdown()
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) > 0
     assert "parallel: the cluster holds 1 task actors of this shape, 1 a training: 1 training(s) side by side" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_task_actors_whose_measured_peak_exceeds_their_memory_are_refused_before_training(load_job, small_corpus, ray_local,
+                                                                                          tmp_path, monkeypatch):
+    """actors.memory_gb is what Ray reserves for each task actor; a second-order meta-gradient measured on a
+    worker of that shape needs far more than 10 MB, so the job stops before it pretrains anything."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    small_corpus.save(tmp_path / "corpus")  # loads as a cache hit: the same seed and size
+    job = load_job("meta_train")
+    args = ["--preset", "smoke", f"data.path={tmp_path / 'corpus'}", "data.seed=3", f"models_dir={tmp_path / 'models'}",
+            "--out", str(tmp_path / "out"), "experiment=fits"]
+    with pytest.raises(SystemExit, match=r"task actors do not fit: a second-order meta-gradient of tiny_pretrained "
+                                         r"peaks at \d+\.\d+ GiB .* actors\.memory_gb=0\.01 gives each actor 0\.01 GiB"):
+        job.main(args + ["actors.memory_gb=0.01"])
+    assert not (tmp_path / "models" / "seen").exists()  # nothing pretrained
