@@ -36,25 +36,19 @@ from distmeta.models.ser import SERHead, SERModel, set_scope
 from distmeta.models.upstream import Upstream, UpstreamConfig, build_name, landed, portable
 from distmeta.report import say
 from distmeta.training.artifacts import is_done, shaping
-from distmeta.training.fit import fit
-from distmeta.training.launcher import storage_path, train_many
+from distmeta.training.fit import TrainConfig, fit
+from distmeta.training.launcher import RayTrainScaling, storage_path, train_many
 
 Kind = Literal["ssl_e", "linear", "multi"]
 
 
 @dataclass
-class PretrainConfig:
-    epochs: int = 4
-    batch_size: int = 32
+class PretrainConfig(TrainConfig, RayTrainScaling):
+    epochs: int = 4  # SSL-E, Linear and Multi on the tiny upstream; `--preset paper` sizes them for WavLM Base
     lr: float = 2e-3
-    weight_decay: float = 0.01
     val_fraction: float = 0.1
-    length_buckets: bool = False  # batches of utterances of similar length: less padding, ~1.45x faster SSL-E (training.fit)
-    seed: int = 0
+    length_buckets: bool = False  # batches of utterances of similar length: less padding, so a faster SSL-E (training.fit)
     max_seconds: float = 12.0  # audio length cap
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers (Ray sets torch's threads to it)
     # Ray Train runs side by side, each training its share of the models (training.launcher.train_many): two
     # one-CPU runs train the tiny upstream's models ~1.6x faster than one two-CPU run on 2 cores.
     parallel: int = 2
@@ -154,8 +148,7 @@ def _train_loop(worker) -> None:
             worker.report({**metrics, "model": name, "model_index": number})
 
         result = fit(model, batches_of("train"), parts["train"][1], parts["val"][1], batches_of("val"),
-                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                     seed=config.seed, rank=worker.rank, world_size=worker.world, on_epoch=report,
+                     **config.fit_settings(), rank=worker.rank, world_size=worker.world, on_epoch=report,
                      log=functools.partial(say, name) if worker.rank == 0 else None,
                      lengths=lengths("train"), val_lengths=lengths("val"))
         state = {k.removeprefix("module."): v for k, v in result["best_state"].items()}

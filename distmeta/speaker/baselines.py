@@ -14,7 +14,7 @@ from distmeta.data.speakers import SpeakerTask, sample_enrollment
 from distmeta.models.speaker_classifier import SpeakerClassifier
 from distmeta.speaker.encoder import load_encoder_ser, mel_batch, split_inputs
 from distmeta.speaker.episodes import Episode, result_rows
-from distmeta.training.fit import fit
+from distmeta.training.fit import TrainConfig, fit
 
 
 # name -> reference utterances: none / one neutral / one of each emotion
@@ -23,12 +23,8 @@ CLASSIFIERS = ("Scratch", *BASELINES)  # Table II's classifier rows, in the pape
 
 
 @dataclass
-class ClassifierConfig:
-    epochs: int = 15
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    seed: int = 0
+class ClassifierConfig(TrainConfig):
+    """The classifier baselines train in the driver (`fit`), with TrainConfig's settings."""
 
 
 def draw_references(task: SpeakerTask, target: int, references: str, emotions, rng: np.random.Generator) -> list[int]:
@@ -72,8 +68,7 @@ def train_classifier(name: str, bank, data, config: ClassifierConfig, log=print)
         return classifier_inputs(bank, redrawn)
 
     result = fit(model, train_inputs, one_hot(train), one_hot(val), lambda idx: classifier_inputs(bank, [val[i] for i in idx]),
-                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                 seed=config.seed, log=log)
+                 **config.fit_settings(), log=log)
     model.load_state_dict(result["best_state"])
     return model.eval(), result
 

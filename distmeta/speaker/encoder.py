@@ -33,22 +33,14 @@ from distmeta.models.speaker_classifier import AttentivePooling
 from distmeta.models.speech_encoder import HEAD, SpeechEncoder, SpeechEncoderConfig, log_mel
 from distmeta.models.upstream import UpstreamConfig
 from distmeta.training.artifacts import is_done, shaping
-from distmeta.training.fit import fit
-from distmeta.training.launcher import storage_path, train_many
+from distmeta.training.fit import TrainConfig, fit
+from distmeta.training.launcher import RayTrainScaling, storage_path, train_many
 
 
 @dataclass
-class EncoderPretrainConfig:
+class EncoderPretrainConfig(TrainConfig, RayTrainScaling):
     model: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
-    epochs: int = 15
     patience: int = 3  # stop after this many epochs without a better validation loss
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers
 
 
 class EncoderSER(nn.Module):
@@ -99,8 +91,7 @@ def _train_loop(worker) -> None:
             return lambda idx: mel_batch([parts[part][0][i] for i in idx], worker.device)
 
         result = fit(model, inputs_for("train"), parts["train"][1], parts["valid"][1], inputs_for("valid"),
-                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                     seed=config.seed, rank=worker.rank, world_size=worker.world, patience=config.patience,
+                     **config.fit_settings(), rank=worker.rank, world_size=worker.world, patience=config.patience,
                      on_epoch=lambda epoch, metrics, is_best, state: worker.report({**metrics, "model": "speech_encoder"}),
                      log=functools.partial(print, flush=True) if worker.rank == 0 else None)
         best = {k.removeprefix("module."): v for k, v in result["best_state"].items()}

@@ -27,12 +27,12 @@ from distmeta.models.speech_lm import SpeechLM, SpeechLMConfig, icl_llm_key
 from distmeta.models.upstream import Upstream, build_name
 from distmeta.report import Progress
 from distmeta.training.artifacts import is_done, shaping
-from distmeta.training.launcher import storage_path, train_many
+from distmeta.training.launcher import RayTrainScaling, storage_path, train_many
 from distmeta.speaker.episodes import Episode, episode_batch, random_episodes, stage_enrollment
 
 
 @dataclass
-class MetaICLConfig:
+class MetaICLConfig(RayTrainScaling):
     stage1_steps: int = 800  # episodes without enrollment pairs
     # MetaICL episodes; shorter stage 2 runs learn to copy the pairs' labels first (docs/speaker.md)
     stage2_steps: int = 2400
@@ -43,9 +43,6 @@ class MetaICLConfig:
     val_every: int = 200  # steps between validations (loss on the validation speakers; the best is kept)
     val_episodes: int = 256
     seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers
     # Stage-2 trainings side by side, that many Ray Train runs once stage 1 is saved (not in the cache key:
     # a model is the same whichever run trains it, up to the float rounding of its worker's thread count)
     parallel: int = 2

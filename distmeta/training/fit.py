@@ -8,12 +8,28 @@ size (each worker takes every world_size-th batch) and a report callback.
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from distmeta.metrics import class_balanced_cross_entropy, class_balanced_weights
 from distmeta.report import Progress
+
+
+@dataclass(kw_only=True)  # keyword-only: a config adding its own fields keeps those first for positional use
+class TrainConfig:
+    """What every supervised trainer (`fit`) is told; a model's own config adds to it (and a job may set other
+    defaults, as `settings.py` does)."""
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def fit_settings(self) -> dict:
+        """These settings as `fit`'s keyword arguments (a subclass's own settings stay out)."""
+        return {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__}
 
 
 # Batches of similar length: rows are drawn in random pools of this many batches, each pool is sorted by

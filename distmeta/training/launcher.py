@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,15 @@ from safetensors.torch import load_file, save_file
 from distmeta.cluster import placeable
 from distmeta.io import settings_digest, write_json
 from distmeta.training.artifacts import is_done, save_model
+
+@dataclass(kw_only=True)  # keyword-only, as training.fit.TrainConfig
+class RayTrainScaling:
+    """Where a Ray Train run trains; every config trained through `train_many` has these (a model's cache key
+    leaves out all but num_workers: `artifacts.shaping`)."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out among the workers (Ray sets torch's threads to it)
+
 
 _USER_REPORT_WAIT = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # set before this module was imported
 MANIFEST = "launcher.json"  # in every checkpoint: finished models, carried start states, what it holds
