@@ -38,6 +38,9 @@ class MetaICLConfig(RayTrainScaling):
     stage2_steps: int = 2400
     batch_size: int = 16  # episodes per step (per worker)
     lr: float = 3e-3
+    # Each stage's rate falls along a cosine from `lr` to `lr` x lr_floor (1: constant): at a constant rate the
+    # validation loss of successive checkpoints scatters more than it falls, and the kept one is a lucky draw.
+    lr_floor: float = 0.05
     weight_decay: float = 0.0
     label_smoothing: float = 0.1  # the paper's
     val_every: int = 200  # steps between validations (loss on the validation speakers; the best is kept)
@@ -71,6 +74,11 @@ def validation_loss(model, bank, episodes: list[Episode], words, batch_size: int
     return total / len(episodes)
 
 
+def stage_lr(config: MetaICLConfig, step: int, steps: int) -> float:
+    """The rate of 1-based `step` of a stage of `steps`: cosine from config.lr down to lr x lr_floor."""
+    return config.lr * (config.lr_floor + (1 - config.lr_floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def make_optimizer(model, config: MetaICLConfig) -> torch.optim.Optimizer:
     """RAdam (the paper's) over the trainable parameters."""
     return torch.optim.RAdam([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
@@ -92,6 +100,8 @@ def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[
     progress, running = Progress("step", steps, log, start=start_step), []
     model.train()
     for step in range(start_step + 1, steps + 1):
+        for group in optimizer.param_groups:  # a function of the step alone: a resumed stage continues the same curve
+            group["lr"] = stage_lr(config, step, steps)
         episodes = random_episodes(train_tasks, config.batch_size, setting, shots, rng, emotion)
         loss = model(*episode_batch(inner, bank, episodes, words, device), label_smoothing=config.label_smoothing)
         optimizer.zero_grad()

@@ -32,6 +32,23 @@ def test_metaicl_training_lowers_validation_loss_and_the_state_round_trips(tmp_p
         metaicl.load_trainable(SpeechLM(model_config, bank.dim, data.words), {})
 
 
+def test_each_stage_decays_its_rate_along_a_cosine_and_a_resumed_stage_continues_the_curve(toy_speakers):
+    data, bank = toy_speakers
+    config = metaicl.MetaICLConfig(batch_size=2, val_every=100, lr=2e-3, lr_floor=0.1)
+    assert metaicl.stage_lr(config, 0, 10) == pytest.approx(2e-3) and metaicl.stage_lr(config, 10, 10) == pytest.approx(2e-4)
+    assert metaicl.stage_lr(config, 5, 10) == pytest.approx(1.1e-3)  # halfway: the mean of the two ends
+    assert metaicl.stage_lr(metaicl.MetaICLConfig(lr=2e-3, lr_floor=1.0), 7, 10) == pytest.approx(2e-3)  # constant
+    model = SpeechLM(SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=3), bank.dim, data.words)
+    optimizer = metaicl.make_optimizer(model, config)
+    seen = []
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: (seen.append(optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    val = episodes.random_episodes(data.splits["valid"], 2, "TU+LU", (0, 3), np.random.default_rng(1))
+    metaicl.train_stage(model, bank, data.splits["train"], val, data.words, steps=10, setting="TU+LU", shots=(0, 3),
+                        emotion=None, config=config, start_step=7, optimizer=optimizer, log=None)  # resumed after step 7
+    assert seen == pytest.approx([metaicl.stage_lr(config, s, 10) for s in (8, 9, 10)])
+
+
 def test_a_speech_lm_saved_before_the_word_tokenizer_loads_with_bytes(tmp_path):
     """Sidecars written before `model.tokenizer` existed have no such key: those models read bytes, and
     their token embeddings (ByT5's vocabulary) must load into a byte-level model, not the word default."""
