@@ -19,3 +19,13 @@ def load_job():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def listener_smoke(tmp_path_factory) -> dict:
+    """The listener smoke preset's corpus folder and models folder, shared by the job tests that run it (the
+    main job's smoke test, the sweep test): models are cached by their settings, corpus fingerprint included,
+    so a later test reuses what an earlier one trained, as a user's second run would. Tests that must train
+    (on a small cluster, on two nodes) keep their own folders."""
+    root = tmp_path_factory.mktemp("listener-smoke")
+    return {"corpus": root / "corpus", "models": root / "models"}

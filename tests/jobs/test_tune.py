@@ -17,14 +17,16 @@ def child_runs(experiment):
 
 
 @pytest.mark.slow
-def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, tmp_path, monkeypatch):
+def test_sweep_with_actors_in_placement_groups_mlflow_and_best_config(load_job, listener_smoke, tmp_path, monkeypatch):
     import ray
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     tune_job, meta_job = load_job("tune"), load_job("meta_train")
-    common = [f"base.data.path={tmp_path / 'corpus'}", "base.models_dir=models"]  # trials read neither: both reach them through Ray
+    # the smoke preset's shared corpus and models (the main job's smoke test pretrained them, when it ran first);
+    # trials read neither: both reach them through Ray
+    common = [f"base.data.path={listener_smoke['corpus']}", f"base.models_dir={listener_smoke['models']}"]
     # Each trial reserves 0.2 + 9 x 0.1 CPUs: two do not fit on 2 CPUs at once, and the 9 task actors
     # only find CPUs if they are scheduled inside their trial's placement group.
     args = ["--preset", "smoke", "--out", str(tmp_path / "tune"), "experiment=sweep-test",
