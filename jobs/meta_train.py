@@ -36,7 +36,7 @@ from distmeta.io import atomic_path
 from distmeta.listener.adapters import baseline_adapters, meta_adapter
 from distmeta.listener.estimate import check_fits, measure, project
 from distmeta.listener.metatrain import meta_model_path, meta_train_cached, meta_variants
-from distmeta.listener.pretrain import KIND_OF_METHOD, pretrain_rotation
+from distmeta.listener.pretrain import kinds_for, pretrain_rotation
 from distmeta.listener.workers import EpisodeWorkers
 from distmeta.listener.protocol import (paired, plot_sweep, run_episodes, sweep_note, sweep_table, table1,
                                        table2)
@@ -63,11 +63,7 @@ def setup(config: MetaTrainConfig):
 
 
 def pretrain_models(config: MetaTrainConfig, splits, inputs=None) -> dict:
-    kinds = sorted({KIND_OF_METHOD[m] for m in config.protocol.methods if m in KIND_OF_METHOD}
-                   | ({"ssl_e"} if "Meta-PerSER" in config.protocol.methods or config.protocol.table2 else set()))
-    if "multi" in kinds and "linear" not in kinds:
-        kinds.append("linear")  # Multi-Few adapts on the Linear model's frozen-upstream features
-    return pretrain_rotation(kinds, config.data, config.upstream, config.pretrain, splits, config.models_dir,
+    return pretrain_rotation(kinds_for(config.protocol.methods, config.protocol.table2), config.data, config.upstream, config.pretrain, splits, config.models_dir,
                              config.storage, inputs)
 
 
@@ -163,7 +159,7 @@ def evaluate(config: MetaTrainConfig, corpus, splits, checkpoints, seconds: dict
         tasks = max(len(split.train_annotators) for scenario_splits in splits.values() for split in scenario_splits)
         per_pool = min(tasks, config.actors.max_actors or tasks)
         fits = placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", config.actors.num_cpus,
-                         config.actors.num_gpus, config.actors.memory_gb * 2 ** 30)
+                         config.actors.num_gpus, config.actors.memory)
         if fits < parallel * per_pool:
             parallel = max(1, min(parallel, fits // per_pool))
             print(f"parallel: the cluster holds {fits} task actors of this shape, {per_pool} a training: "

@@ -1,9 +1,8 @@
 """A plan before spending (`jobs/meta_train.py --estimate`): the whole run's wall time, GPU-hours and peak
 memory, projected from one of each unit of work, measured where the run would do that work.
 
-    units = measure(config, corpus, splits, inputs)   # on a Ray worker shaped like the run's task actors
-    plan = project(config, corpus, splits, units)     # counts x unit costs / what runs at once
-    print(plan_table(plan))
+    measured = measure(config, corpus, splits, inputs)   # on a Ray worker shaped like the run's task actors
+    plan = project(config, corpus, splits, measured)     # a table: counts x unit costs / what runs at once
 
 The units run the run's own code on untrained models of the run's shapes (time and memory depend on the
 shapes, not on the weights):
@@ -90,8 +89,9 @@ def _device_bytes(device) -> int:
     return psutil.virtual_memory().total
 
 
-def _meta_units(config, corpus, split, inputs, device, orders=(False, True)) -> dict:
-    """One training task's meta-gradient at each order in `orders` (after one untimed warm-up), on `device`."""
+def _meta_units(config, corpus, split, inputs, device, orders=(False, True)) -> tuple:
+    """One training task's meta-gradient at each order in `orders` (after one untimed warm-up), on `device`:
+    (the meta-model, its bank, the validation task, {unit: timing}), what the other units reuse."""
     from distmeta.listener.metatrain import build_meta_model, make_bank, training_pool
     from distmeta.meta.learner import task_meta_gradient
 
@@ -108,10 +108,10 @@ def _meta_units(config, corpus, split, inputs, device, orders=(False, True)) -> 
 
 def _pretrain_units(config, corpus, split, inputs, device) -> dict:
     from distmeta.features import PooledBank, inputs_for
-    from distmeta.listener.pretrain import build_model, training_rows
+    from distmeta.listener.pretrain import build_model, kinds_for, training_rows
 
     units = {}
-    for kind in ("ssl_e", "linear", "multi"):
+    for kind in kinds_for(config.protocol.methods, config.protocol.table2):
         model = build_model(kind, config.upstream, len(split.train_annotators)).to(device)
         ids, targets, heads = training_rows(corpus, split, kind, config.pretrain.val_fraction, config.pretrain.seed)["train"]
         chosen = list(range(min(config.pretrain.batch_size, len(ids))))
@@ -142,14 +142,14 @@ def _episode_units(config, corpus, split, inputs, meta, device) -> dict:
     from safetensors.torch import save_file
 
     from distmeta.listener.adapters import baseline_adapters, meta_adapter
-    from distmeta.listener.pretrain import build_model
+    from distmeta.listener.pretrain import build_model, kinds_for
     from distmeta.listener.protocol import score_episode
     from distmeta.listener.workers import on_device
 
     methods = [m for m in config.protocol.methods if m != "Meta-PerSER"]
     with tempfile.TemporaryDirectory() as folder:
         checkpoints = {}
-        for kind in ("ssl_e", "linear", "multi"):
+        for kind in kinds_for(config.protocol.methods, config.protocol.table2):
             checkpoints[kind] = Path(folder) / f"{kind}.safetensors"
             model = build_model(kind, config.upstream, len(split.train_annotators))
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoints[kind]))
@@ -189,12 +189,11 @@ def measure(config, corpus, splits: dict, inputs, full: bool = True) -> dict:
     from distmeta.cluster import placeable
 
     split = next(iter(splits.values()))[0]
-    options = {"num_cpus": config.actors.num_cpus, "num_gpus": config.actors.num_gpus}
-    if config.actors.memory_gb:
-        options["memory"] = int(config.actors.memory_gb * GIB)
+    actors = config.actors
+    options = {"num_cpus": actors.num_cpus, "num_gpus": actors.num_gpus, **({"memory": actors.memory} if actors.memory else {})}
     # a shape no node holds is refused here, naming the resource, rather than left pending forever
-    placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", config.actors.num_cpus,
-              config.actors.num_gpus, options.get("memory", 0))
+    placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", actors.num_cpus, actors.num_gpus,
+              actors.memory)
     remote = ray.remote(_measure_here).options(**options, max_retries=0)
     return ray.get(remote.remote(config, corpus, split, inputs, full))
 
@@ -212,7 +211,7 @@ def check_fits(config, corpus, splits: dict, inputs, log=print) -> None:
         where = f"actors.num_gpus={actors.num_gpus:g} of a {measured['device_bytes'] / GIB:.1f} GiB GPU"
         fix = "raise actors.num_gpus (fewer actors a GPU), or lower meta.shots"
     elif actors.memory_gb:
-        budget, where = actors.memory_gb * GIB, f"actors.memory_gb={actors.memory_gb:g}"
+        budget, where = actors.memory, f"actors.memory_gb={actors.memory_gb:g}"
         fix = "raise actors.memory_gb, or lower meta.shots"
     else:
         return
@@ -227,6 +226,7 @@ def episode_counts(config, corpus, splits: dict) -> dict:
     """{method: episodes scored} over the run, as `protocol.run_episodes` plans them (names sharing one model,
     Meta-PerSER and its Table 2 twin, score once: the twin counts none)."""
     from distmeta.listener.metatrain import meta_model_path, meta_variants
+    from distmeta.listener.protocol import episode_plan
 
     protocol, counts = config.protocol, {}
     for scenario, scenario_splits in splits.items():
@@ -234,10 +234,7 @@ def episode_counts(config, corpus, splits: dict) -> dict:
         for split in scenario_splits:
             test = split.test_task(corpus)
             methods = list(protocol.methods) + [m for m in variants if m.startswith("Meta[")]
-            sweep = [k for k in protocol.sweep_shots if k != protocol.shots and k + protocol.queries <= len(test)]
-            plan = [(seed, protocol.shots, m) for seed in range(protocol.seeds) for m in methods]
-            plan += [(seed, k, m) for seed in range(protocol.sweep_seed_count) for k in sweep
-                     for m in protocol.sweep_methods if m in methods]
+            plan = episode_plan(protocol, methods, len(test))
             owner = {}  # model file -> the first variant using it
             for name, meta in variants.items():
                 owner.setdefault(meta_model_path(config.models_dir, scenario, split.test_annotator, meta), name)
@@ -259,7 +256,7 @@ def project(config, corpus, splits: dict, measured: dict, setup_seconds: float =
     """The run's phases: units, unit seconds, compute seconds, how many at once, wall seconds, GPU-hours and
     the peak memory of one unit (GiB), from `measure`'s units; the last row sums them."""
     from distmeta.listener.metatrain import meta_model_path, meta_variants
-    from distmeta.listener.pretrain import training_rows
+    from distmeta.listener.pretrain import kinds_for, training_rows
     from distmeta.meta.learner import chosen_tasks
 
     units, cluster = measured["units"], _cluster()
@@ -268,7 +265,7 @@ def project(config, corpus, splits: dict, measured: dict, setup_seconds: float =
              "at_once": 1, "gpus": 0.0, "peak_gib": 0.0}]
 
     # Pretraining: every kind the job trains, every split; Train runs side by side share the cluster.
-    pre, kinds = config.pretrain, ("ssl_e", "linear", "multi")
+    pre, kinds = config.pretrain, kinds_for(config.protocol.methods, config.protocol.table2)
     compute, peak, count = 0.0, 0, 0
     for split in (s for scenario_splits in splits.values() for s in scenario_splits):
         for kind in kinds:

@@ -196,6 +196,15 @@ def load_pretrained(kind: Kind, upstream: UpstreamConfig, path, num_heads: int =
 KIND_OF_METHOD = {"Entire-Zero": "ssl_e", "Entire-Few": "ssl_e", "Entire-Sim": "ssl_e", "Entire-All": "ssl_e", "Linear-Few": "linear", "Multi-Few": "multi"}
 
 
+def kinds_for(methods, table2) -> list[str]:
+    """The pretrained kinds a meta-test of `methods` (and Table 2's variants `table2`) needs."""
+    kinds = sorted({KIND_OF_METHOD[m] for m in methods if m in KIND_OF_METHOD}
+                   | ({"ssl_e"} if "Meta-PerSER" in methods or table2 else set()))
+    if "multi" in kinds and "linear" not in kinds:
+        kinds.append("linear")  # Multi-Few adapts on the Linear model's frozen-upstream features
+    return kinds
+
+
 def pretrain_rotation(kinds, data: DataConfig, upstream: UpstreamConfig, config: PretrainConfig, splits: dict,
                       models_dir, storage: str = "", inputs=None) -> dict:
     """Pretrain `kinds` for every split of every scenario in one Ray Train run.

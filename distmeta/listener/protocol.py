@@ -79,6 +79,15 @@ def score_episode(adapters: dict, task: Task, config: ProtocolConfig, labels: di
             **multilabel_scores(probs, task.targets[query]), "seconds": round(time.time() - began, 3)}
 
 
+def episode_plan(config: ProtocolConfig, methods: list, pool_size: int) -> list[tuple[int, int, str]]:
+    """(seed, shots, method) of every episode of one test task whose pool holds `pool_size` items: Table 1's K
+    for every seed and method, then the sweep's other Ks that fit beside the queries, on the sweep's seeds."""
+    sweep = [k for k in config.sweep_shots if k != config.shots and k + config.queries <= pool_size]
+    plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
+    return plan + [(seed, k, name) for seed in range(config.sweep_seed_count) for k in sweep
+                   for name in config.sweep_methods if name in methods]
+
+
 def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dict, log=print,
                  workers=None) -> list[dict]:
     """Score every adapter on every seed (and the sweep) for one test task; `labels` tags each row.
@@ -86,14 +95,11 @@ def run_episodes(adapters: dict, task: Task, config: ProtocolConfig, labels: dic
     Names mapped to the same adapter object are scored once and their rows copied."""
     methods = [name for name in config.methods if name in adapters]  # the oracles exist only for synthetic corpora
     task.sample(config.shots, config.queries)  # Table 1's K must fit the pool: TooFewItems names the annotator
-    sweep = [k for k in config.sweep_shots if k != config.shots and k + config.queries <= len(task)]
     left_out = [k for k in config.sweep_shots if k + config.queries > len(task)]
     if left_out and log:  # a small pool cannot hold every sweep K beside the queries; sweep_note says so too
         log(f"  {task.annotator}: shots sweep K={left_out} left out: {len(task)} items in {task.pool}, "
             f"Q={config.queries} of them queries")
-    plan = [(seed, config.shots, name) for seed in range(config.seeds) for name in methods]
-    plan += [(seed, k, name) for seed in range(config.sweep_seed_count) for k in sweep
-             for name in config.sweep_methods if name in methods]
+    plan = episode_plan(config, methods, len(task))
     # Names that share one adapter object (Meta-PerSER is Table 2's last row when the settings match) score an
     # episode once: the first name's row, copied under the others (their `seconds` 0: they cost nothing).
     first = {}

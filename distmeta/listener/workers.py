@@ -30,8 +30,9 @@ class EpisodeActor:
 
     def setup(self, adapters: dict, task: Task, config: ProtocolConfig, labels: dict) -> None:
         self.args = adapters, task, config, labels
-        if accelerator() != "cpu":
-            on_device(adapters, accelerator())
+        device = accelerator()
+        if device != "cpu":
+            on_device(adapters, device)
 
     def score(self, seed: int, shots: int, name: str) -> dict:
         return score_episode(*self.args, seed, shots, name)

@@ -59,6 +59,11 @@ class ActorConfig:
     # share) the job measures a second-order meta-gradient's peak before training and refuses what cannot fit.
     memory_gb: float = 0.0
 
+    @property
+    def memory(self) -> int:
+        """memory_gb in bytes, as Ray's `memory` resource counts it."""
+        return int(self.memory_gb * 2 ** 30)
+
 
 class FlatLayout:
     """Named tensors <-> one contiguous float32 vector (what crosses the object store)."""
@@ -199,7 +204,7 @@ class ActorPool:
     def _start(self):
         import ray
 
-        memory = {"memory": int(self.config.memory_gb * 2 ** 30)} if self.config.memory_gb else {}
+        memory = {"memory": self.config.memory} if self.config.memory else {}
         remote = ray.remote(TaskActor).options(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
                                                 max_restarts=0, **memory)
         return remote.remote()
@@ -211,7 +216,7 @@ class ActorPool:
 
         n = min(len(tasks), self.config.max_actors or len(tasks))
         fits = placeable("task actors (actors.num_cpus, actors.num_gpus, actors.memory_gb)", self.config.num_cpus,
-                         self.config.num_gpus, self.config.memory_gb * 2 ** 30)
+                         self.config.num_gpus, self.config.memory)
         if fits < n:  # Ray would leave the actors beyond what the cluster holds pending forever
             if self.log and not self.actors:
                 self.log(f"task actors: the cluster holds {fits} of {self.config.num_cpus:g} CPU and {self.config.num_gpus:g} GPU "
