@@ -54,14 +54,18 @@ def start_two_node_cluster(env: dict, temp_dir: str, hidden: Path) -> str:
     empty tmpfs over that folder. Every Ray Train worker and task actor lands on it, as on a cluster whose
     nodes share no disk but Ray's storage. Returns the dashboard address jobs are submitted to."""
     bin_dir = Path(sys.executable).parent
-    dashboard, port = free_port(), free_port()
+    dashboard, port, head_agent, node_agent = (free_port() for _ in range(4))
+    # each node's agent on a free port: at Ray's default one, any other Ray on this machine (the tests' own
+    # local instance included) holds it, the head's agent cannot serve, and every submission answers
+    # "No available agent"
     subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0", f"--temp-dir={temp_dir}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+                    f"--dashboard-agent-listen-port={head_agent}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
     # its own temp dir (under the head's, so stop_cluster finds it): its runtime-env agent must not share
     # (and clean up) the head's unpacked working directories, as two machines would not
     join = (f"mount -t tmpfs tmpfs {hidden} && exec {bin_dir / 'ray'} start --address=127.0.0.1:{port} --num-cpus=2 "
-            f"--temp-dir={temp_dir}/node2 --disable-usage-stats")
+            f"--temp-dir={temp_dir}/node2 --dashboard-agent-listen-port={node_agent} --disable-usage-stats")
     subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", join], env=env, check=True,
                    capture_output=True, timeout=180)
     return f"http://127.0.0.1:{dashboard}"
