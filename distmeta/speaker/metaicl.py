@@ -46,6 +46,11 @@ class MetaICLConfig(RayTrainScaling):
     val_every: int = 200  # steps between validations (loss on the validation speakers; the best is kept)
     val_episodes: int = 256
     seed: int = 0
+    # Trainings of each stage-2 setting from the one stage-1 model, differing only in the episodes they draw;
+    # the one with the lowest validation loss is kept. Between two such draws, what the speech LM reads from
+    # its pairs differs about as much as the effects under study (docs/results/speaker.md), and the
+    # validation speakers' loss ranks them as their test speakers do.
+    draws: int = 2
     # Stage-2 trainings side by side, that many Ray Train runs once stage 1 is saved (not in the cache key:
     # a model is the same whichever run trains it, up to the float rounding of its worker's thread count)
     parallel: int = 2
@@ -86,16 +91,16 @@ def make_optimizer(model, config: MetaICLConfig) -> torch.optim.Optimizer:
 
 def train_stage(model, bank, train_tasks: list[SpeakerTask], val_episodes: list[Episode], words: list[str], *,
                 steps: int, setting: str, shots: tuple[int, int], emotion: int | None, config: MetaICLConfig,
-                rank: int = 0, start_step: int = 0, optimizer=None, best: dict | None = None, device="cpu",
+                rank: int = 0, draw: int = 0, start_step: int = 0, optimizer=None, best: dict | None = None, device="cpu",
                 on_validation=None, log=print) -> dict:
     """Train `model`'s trainable parameters for `steps` episodes batches; validate every `config.val_every` steps.
 
     on_validation(step, metrics, optimizer, best) is called after each validation (the job reports and
-    checkpoints there). Returns the best {"val_loss", "step", "state"} (a resumed run passes its `best` so far).
+    checkpoints there). `draw` > 0 draws other training episodes (the validation episodes are the caller's). Returns the best {"val_loss", "step", "state"} (a resumed run passes its `best` so far).
     """
     inner = _unwrap(model)
     optimizer = optimizer or make_optimizer(model, config)
-    rng = np.random.default_rng([config.seed, rank, start_step, steps])
+    rng = np.random.default_rng([config.seed, rank, start_step, steps] + ([draw] if draw else []))
     best = best or {"val_loss": math.inf, "step": 0, "state": None}
     progress, running = Progress("step", steps, log, start=start_step), []
     model.train()
@@ -173,7 +178,7 @@ def _train_loop(worker) -> None:
     for number, request in worker.pending():
         settings = request["settings"]
         config = from_dict(MetaICLConfig, settings["meta"])
-        training = settings["training"]
+        training, draw = settings["training"], settings.get("draw", 0)
         model_config = from_dict(SpeechLMConfig, settings["model"])
         # Seeded before the model is built: a Ray worker process may have drawn from torch's generator before
         # (another run's work), and the Q-Former's and LoRA's initial weights must not depend on that.
@@ -201,7 +206,8 @@ def _train_loop(worker) -> None:
         val_rng = np.random.default_rng([config.seed, 1])
         val_episodes = random_episodes(data.splits["valid"], config.val_episodes, setting, shots, val_rng, emotion)
         if rank == 0:
-            print(f"[{number}/{len(worker.requests)}] training speech LM {training}: {steps} steps of "
+            print(f"[{number}/{len(worker.requests)}] training speech LM {training}"
+                  f"{f' (draw {draw + 1} of {config.draws})' if training != 'stage1' and config.draws > 1 else ''}: {steps} steps of "
                   f"{config.batch_size} x {world} episodes, {setting} with {shots[0]}..{shots[1]} pairs", flush=True)
 
         def on_validation(step, metrics, optimizer, best, training=training, model=model, request=request):
@@ -215,9 +221,10 @@ def _train_loop(worker) -> None:
 
         torch.manual_seed(config.seed + rank)
         best = train_stage(model, bank, data.splits["train"], val_episodes, data.words, steps=steps, setting=setting,
-                           shots=shots, emotion=emotion, config=config, rank=rank, start_step=start_step,
+                           shots=shots, emotion=emotion, config=config, rank=rank, draw=draw, start_step=start_step,
                            optimizer=optimizer, best=best, device=device, on_validation=on_validation,
-                           log=(lambda line: print(f"{training} {line}", flush=True)) if rank == 0 else None)
+                           log=(lambda line: print(f"{training}{f' draw {draw + 1}' if draw else ''} {line}", flush=True))
+                           if rank == 0 else None)
         worker.finish(request, best["state"], {"settings": settings, "best_val_loss": best["val_loss"],
                                                "best_step": best["step"], "resumed_from_step": start_step,
                                                "encoder_dim": bank.dim, "words": list(data.words)})
@@ -226,12 +233,13 @@ def _train_loop(worker) -> None:
 def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_config, meta: MetaICLConfig,
                        trainings, frames, models_dir, storage: str = "", max_failures: int = 2,
                        on_run_done=None) -> dict:
-    """Stage 1, then each stage-2 `trainings` setting from it, in Ray Train runs (`training.launcher`): one
-    run, or with `meta.parallel` > 1 stage 1's run and then the stage-2 trainings shared among that many
-    runs side by side, each starting from the saved stage-1 model.
+    """Stage 1, then each stage-2 `trainings` setting from it, `meta.draws` times, in Ray Train runs
+    (`training.launcher`): one run, or with `meta.parallel` > 1 stage 1's run and then the stage-2 trainings
+    shared among that many runs side by side, each starting from the saved stage-1 model.
 
     Returns {"stage1": path, training: path, ...}: safetensors of the trainable parameters (best validation
-    step) with a JSON sidecar; models already saved with the same settings are reused. The workers get the
+    step) with a JSON sidecar, of each setting the draw with the lowest validation loss (every draw stays
+    saved: `draw_paths`); models already saved with the same settings are reused. The workers get the
     speaker data and the frames through Ray; `storage`: Ray's storage (a folder every node sees, or a URI;
     "": models_dir/ray, one node). `on_run_done(runs_left)`: as `train_many`'s, for every run of both stages.
     """
@@ -239,16 +247,36 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
                                     "upstream_build": build_name(upstream_config),
                                     "encoder_layer": encoder_layer, "model": asdict(model_config),
                                     "llm_build": icl_llm_key(model_config) if model_config.llm == "tiny_icl" else "",
-                                    "meta": shaping(meta)}))
+                                    # one draw's model is the same however many there are
+                                    "meta": {k: v for k, v in shaping(meta).items() if k != "draws"}}))
     models_dir, key = Path(models_dir).resolve(), settings_digest(common)
-    paths = {t: models_dir / f"speech_lm-{key}-{t.replace('+', '_')}.safetensors" for t in ["stage1", *trainings]}
-    requests = [{"settings": {**common, "training": t}, "out_path": str(p), "init": "" if t == "stage1" else str(paths["stage1"])}
-                for t, p in paths.items()]
-    if all(is_done(r["out_path"], r["settings"]) for r in requests):
-        return paths
-    shared = {"data": speaker_view(load_corpus(data_config, progress=False)), "frames": FrameBank.load(frames)}
-    waves = [requests] if meta.parallel <= 1 else [requests[:1], requests[1:]]
-    for wave in waves:
-        train_many(_train_loop, wave, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
-                   max_failures, on_run_done, report_wait_s=REPORT_WAIT_S)
-    return paths
+    stage1 = models_dir / f"speech_lm-{key}-stage1.safetensors"
+    draws = {t: draw_paths(models_dir, key, t, meta.draws) for t in trainings}
+    requests = [{"settings": {**common, "training": "stage1"}, "out_path": str(stage1), "init": ""}]
+    requests += [{"settings": {**common, "training": t, **({"draw": d} if d else {})}, "out_path": str(p), "init": str(stage1)}
+                 for t, paths in draws.items() for d, p in enumerate(paths)]
+    if not all(is_done(r["out_path"], r["settings"]) for r in requests):
+        shared = {"data": speaker_view(load_corpus(data_config, progress=False)), "frames": FrameBank.load(frames)}
+        waves = [requests] if meta.parallel <= 1 else [requests[:1], requests[1:]]
+        for wave in waves:
+            train_many(_train_loop, wave, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
+                       max_failures, on_run_done, report_wait_s=REPORT_WAIT_S)
+    kept = {t: best_draw(paths) for t, paths in draws.items()}
+    for training, paths in draws.items():
+        if len(paths) > 1:
+            losses = ", ".join(f"{json.loads(p.with_suffix('.json').read_text())['best_val_loss']:.4f}" for p in paths)
+            print(f"speech LM {training}: kept draw {paths.index(kept[training]) + 1} of {len(paths)} "
+                  f"(validation losses {losses})", flush=True)
+    return {"stage1": stage1, **kept}
+
+
+def draw_paths(models_dir: Path, key: str, training: str, draws: int) -> list[Path]:
+    """Where each draw of a stage-2 training is saved (the first under the setting's plain name)."""
+    name = f"speech_lm-{key}-{training.replace('+', '_')}"
+    return [models_dir / f"{name}{f'-draw{d + 1}' if d else ''}.safetensors" for d in range(draws)]
+
+
+def best_draw(paths: list[Path]) -> Path:
+    """The draw with the lowest validation loss (the first of equals)."""
+    losses = [json.loads(p.with_suffix(".json").read_text())["best_val_loss"] for p in paths]
+    return paths[int(np.argmin(losses))]

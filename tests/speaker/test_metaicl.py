@@ -174,10 +174,12 @@ def test_ray_train_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_pa
 
 
 @pytest.mark.slow
-def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker_corpus, ray_local):
+def test_stage_2_trainings_side_by_side_equal_those_of_one_run_and_the_best_draw_is_kept(tmp_path, speaker_corpus, ray_local):
     """meta.parallel=2: once stage 1 is saved, the stage-2 trainings run in two Ray Train runs side by side,
     each starting from the saved stage-1 model; every model equals the one-run (parallel=1) model's. As each
-    run ends, `on_run_done` hears how many still train (what the job waits for to use a freed core)."""
+    run ends, `on_run_done` hears how many still train (what the job waits for to use a freed core).
+    meta.draws=2 (in the side-by-side runs): each setting trains twice on other episodes, the first draw
+    is the one-draw model, and the draw with the lower validation loss is the one returned."""
     import shutil
 
     from safetensors.torch import load_file
@@ -188,7 +190,7 @@ def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker
     upstream = UpstreamConfig(name="fbank")
     # one CPU per worker in both layouts, so each model computes with the same thread count
     meta = metaicl.MetaICLConfig(stage1_steps=10, stage2_steps=10, val_every=5, val_episodes=4, batch_size=4,
-                                 cpus_per_worker=1, parallel=1)
+                                 cpus_per_worker=1, parallel=1, draws=1)
     model = SpeechLMConfig(llm="tiny", num_queries=2, qformer_dim=16, max_shots=2)
     frames = metaicl.frame_bank(corpus, upstream, -1, tmp_path / "models")
     heard = {"one": [], "two": []}
@@ -197,14 +199,18 @@ def test_stage_2_trainings_side_by_side_equal_those_of_one_run(tmp_path, speaker
     (tmp_path / "two").mkdir()
     for path in (one["stage1"], one["stage1"].with_suffix(".json")):  # stage 1 saved: its run is skipped
         shutil.copy(path, tmp_path / "two" / path.name)
-    two = metaicl.metaicl_train_many(data, upstream, -1, model, meta.__class__(**{**meta.__dict__, "parallel": 2}),
+    two = metaicl.metaicl_train_many(data, upstream, -1, model, meta.__class__(**{**meta.__dict__, "parallel": 2, "draws": 2}),
                                      ["TU+LU", "Neutral1"], frames, tmp_path / "two", on_run_done=heard["two"].append)
     assert heard == {"one": [0], "two": [1, 0]}  # one run of everything; two runs of stage 2, one ending first
     assert list(one) == list(two) == ["stage1", "TU+LU", "Neutral1"]
-    assert one["TU+LU"].name == two["TU+LU"].name  # parallel is not part of a model's cache key
     for training in ("TU+LU", "Neutral1"):
-        a, b = load_file(str(one[training])), load_file(str(two[training]))
+        first, second = metaicl.draw_paths((tmp_path / "two").resolve(), one[training].name.split("-")[1], training, 2)
+        assert first.name == one[training].name  # neither parallel nor draws is part of a model's cache key
+        a, b, c = (load_file(str(p)) for p in (one[training], first, second))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), training
+        assert not all(torch.equal(a[k], c[k]) for k in a), training  # the second draw read other episodes
+        losses = [json.loads(p.with_suffix(".json").read_text())["best_val_loss"] for p in (first, second)]
+        assert two[training] == (first, second)[int(losses[1] < losses[0])], (training, losses)
     runs = [p.name for p in (tmp_path / "two" / "ray").iterdir() if p.is_dir()]
     assert len(runs) == 2, runs  # one run per stage-2 training
 
