@@ -6,7 +6,8 @@
 - one listener's meta-test, the paper's (`--preset paper`: Meta-PerSER adapts the whole model with its
   learned rates, 50 SGD steps, then 128 queries) and Entire-Few's (50 AdamW steps), in seconds, from the
   library's own adapters (MetaPerSER, FineTune) on a conv-feature bank, as the protocol runs them;
-- meta-gradients per second, first and second order (`MetaModel.meta_gradients`, 5 inner steps);
+- meta-gradients per second, first and second order (`MetaModel.meta_gradients`, 5 inner steps), and
+  second order with `recompute_inner` (each inner step's graph rebuilt while differentiating back);
 - the peak GPU memory of each;
 - the share of the GPU's peak FLOP/s a meta-gradient reaches: FLOPs counted by torch's FlopCounterMode
   (matrix products, convolutions, attention; elementwise work is not counted) over the measured time,
@@ -107,12 +108,13 @@ def main():
     inputs = bank.batch(support)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     targets = torch.as_tensor(labels, device=device)
-    for second_order in (False, True):
-        order = "second" if second_order else "first"
+    for second_order, recompute in ((False, False), (True, False), (True, True)):
+        order = ("second" if second_order else "first") + (" (recompute_inner)" if recompute else "")
 
         def step():
             with autocast:
-                loss, grads = meta.meta_gradients((inputs, targets), steps=args.inner_steps, second_order=second_order)
+                loss, grads = meta.meta_gradients((inputs, targets), steps=args.inner_steps, second_order=second_order,
+                                                  recompute=recompute)
             return grads
 
         mean, peak = measured(step, args.repeats)

@@ -53,6 +53,10 @@ class MetaConfig:
     shots: int = 32  # K, the paper's meta-training batch
     tasks_per_step: int = 0  # 0: every training annotator in every outer step
     multi_step_loss: bool = False  # MAML++ multi-step loss, uniform weights
+    # Second-order steps keep only each inner step's parameters and rebuild that step's graph while
+    # differentiating back (`maml.meta_gradients`): the same meta-gradients in the memory of one inner step's
+    # graph instead of all of them, for one more forward and backward per step. For whole models on a GPU.
+    recompute_inner: bool = False
     # Adaptation steps at meta-test and enrollment. 10 at 3e-4 (finetune) is what the validation annotators
     # pick within a budget of 10 steps (docs/results/listener.md); `--preset paper` takes 50.
     test_steps: int = 10
@@ -128,7 +132,7 @@ def task_meta_gradient(meta: MetaModel, bank, task, config: MetaConfig, step: in
     with SEEDED, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(task_seed(config, step, task_index))
         loss, grads = meta.meta_gradients(inner, outer, steps=config.inner_steps, second_order=second_order,
-                                          step_weights=step_weights(config))
+                                          step_weights=step_weights(config), recompute=config.recompute_inner)
     return loss.item(), {n: g.cpu() for n, g in grads.items()}
 
 

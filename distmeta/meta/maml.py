@@ -16,6 +16,9 @@
   training without LSLR.
 - `step_weights` (MAML++'s multi-step loss) makes the outer loss the weighted sum of the outer
   losses after each inner step.
+- `recompute=True` (second order) keeps only the parameters after each inner step, not the steps' graphs,
+  and differentiates back one step at a time, rebuilding that step's graph: the same meta-gradients, with
+  the memory of one inner step's graph instead of all of them, for one more forward and backward a step.
 - `batched_meta_gradients` is the same for several tasks at once (torch.func.vmap over the tasks):
   what a small model on cached features needs, where a loop over tasks costs more than the arithmetic.
 
@@ -122,21 +125,29 @@ def adapt(model, loss_fn, batch, *, lrs, steps, second_order=False, params=None,
     return trajectory
 
 
-def meta_gradients(model, loss_fn, inner_batch, outer_batch=None, *, lrs, steps, second_order, step_weights=None):
+def meta_gradients(model, loss_fn, inner_batch, outer_batch=None, *, lrs, steps, second_order, step_weights=None,
+                   recompute=False):
     """(outer loss, {name: meta-gradient of each trainable parameter}, {name: gradient of its rates})."""
     if second_order:
         with _double_backward_attention(inner_batch[0]):
+            if recompute:
+                return _recomputed_meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, step_weights)
             return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, True, step_weights)
     return _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, False, step_weights)
 
 
-def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second_order, step_weights):
+def _leaves(model, lrs) -> tuple[dict, dict]:
+    """The trainable parameters, and their rates as local leaves (so the LSLR gradient exists whether or not
+    the caller trains the rates)."""
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(lrs))
     if missing:
         raise KeyError(f"no learning rates for trainable parameter(s) {missing}")
-    # Local leaves, so the LSLR gradient exists whether or not the caller trains the rates.
-    rates = {name: lrs[name].detach().clone().requires_grad_(True) for name in params}
+    return params, {name: lrs[name].detach().clone().requires_grad_(True) for name in params}
+
+
+def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second_order, step_weights):
+    params, rates = _leaves(model, lrs)
     trajectory = adapt(model, loss_fn, inner_batch, lrs=rates, steps=steps, second_order=second_order)
     outer_inputs, outer_targets = outer_batch if outer_batch is not None else inner_batch
     outer_targets = _prepared(loss_fn, outer_targets)
@@ -151,6 +162,67 @@ def _meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, second
     grads = [torch.zeros_like(leaf) if g is None else g
              for leaf, g in zip(leaves, torch.autograd.grad(outer_loss, leaves, allow_unused=True))]
     return outer_loss.detach(), dict(zip(params, grads[:len(params)])), dict(zip(rates, grads[len(params):]))
+
+
+def _recomputed_meta_gradients(model, loss_fn, inner_batch, outer_batch, lrs, steps, step_weights):
+    """Second-order meta-gradients by reverse accumulation over the inner steps: v = d(outer loss)/d(theta_i)
+    is carried from the last step back to the first, each step's graph rebuilt from its saved parameters
+    (and the random state its forward drew dropout from) and dropped once v has passed through it (a
+    vector-Jacobian product). Only the parameters after each step stay in memory."""
+    params, rates = _leaves(model, lrs)
+    names, inputs = list(params), inner_batch[0]
+    device = next(iter(params.values())).device
+    inner_targets = _prepared(loss_fn, _on(inner_batch[1], device))
+    outer_inputs, outer_targets = outer_batch if outer_batch is not None else inner_batch
+    outer_targets = _prepared(loss_fn, outer_targets)
+    weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
+    if len(weights) != steps:
+        raise ValueError(f"step_weights has {len(step_weights)} entries for {steps} steps")
+
+    def grads_at(point: dict, inputs, targets, create_graph=False):
+        loss = loss_fn(_call(model, point, inputs), targets)
+        return loss, torch.autograd.grad(loss, list(point.values()), create_graph=create_graph, allow_unused=True)
+
+    # forward, in the order the one-graph computation draws its random numbers: the inner steps, then the
+    # outer loss at each weighted step; kept: each step's parameters and random state, the outer gradients
+    trajectory, states = [{name: p.detach() for name, p in params.items()}], []
+    for step in range(steps):
+        states.append(_rng_state(device))
+        point = {name: p.clone().requires_grad_(True) for name, p in trajectory[-1].items()}
+        _, grads = grads_at(point, inputs, inner_targets)
+        trajectory.append({name: (w if g is None else w - _rate(rates[name], step).detach() * g).detach()
+                           for (name, w), g in zip(point.items(), grads)})
+    outer_loss, outer_grads = torch.zeros((), device=device), {}
+    for step, weight in enumerate(weights, 1):
+        if weight:
+            loss, grads = grads_at({name: p.clone().requires_grad_(True) for name, p in trajectory[step].items()},
+                                   outer_inputs, outer_targets)
+            outer_loss, outer_grads[step] = outer_loss + weight * loss.detach(), [None if g is None else weight * g for g in grads]
+    after_forward = _rng_state(device)
+    v = [torch.zeros_like(p) for p in trajectory[0].values()]
+    rate_grads = [torch.zeros_like(r) for r in rates.values()]
+    for step in range(steps, 0, -1):
+        v = [a if g is None else a + g for a, g in zip(v, outer_grads.get(step, [None] * len(v)))]
+        # step-1 -> step rebuilt, theta' = theta - rate * grad L(theta); then v <- v^T d(theta') / d(theta, rates)
+        _set_rng_state(states[step - 1], device)
+        point = {name: p.clone().requires_grad_(True) for name, p in trajectory[step - 1].items()}
+        _, grads = grads_at(point, inputs, inner_targets, create_graph=True)
+        after = [w if g is None else w - _rate(rates[name], step - 1) * g for (name, w), g in zip(point.items(), grads)]
+        back = torch.autograd.grad(after, list(point.values()) + list(rates.values()), grad_outputs=v, allow_unused=True)
+        v = [torch.zeros_like(a) if g is None else g for a, g in zip(v, back[:len(names)])]
+        rate_grads = [a if g is None else a + g for a, g in zip(rate_grads, back[len(names):])]
+    _set_rng_state(after_forward, device)
+    return outer_loss, dict(zip(names, v)), dict(zip(names, rate_grads))
+
+
+def _rng_state(device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def batched_meta_gradients(model, loss_fn, inner_batches: list, outer_batches: list | None = None, *, lrs, steps,
@@ -286,10 +358,12 @@ class MetaModel(nn.Module):
         rates = {name: r.detach() for name, r in self.learning_rates().items()}
         return batched_adapt(self.model, self.loss_fn, batches, lrs=rates, steps=steps)
 
-    def meta_gradients(self, inner_batch, outer_batch=None, *, steps: int, second_order: bool, step_weights=None):
+    def meta_gradients(self, inner_batch, outer_batch=None, *, steps: int, second_order: bool, step_weights=None,
+                       recompute=False):
         """(outer loss, {name in self.named_parameters(): meta-gradient}) for the parameters that require grad."""
         loss, params, rates = meta_gradients(self.model, self.loss_fn, inner_batch, outer_batch, lrs=self.learning_rates(),
-                                             steps=steps, second_order=second_order, step_weights=step_weights)
+                                             steps=steps, second_order=second_order, step_weights=step_weights,
+                                             recompute=recompute)
         return loss, self._named(params, rates)
 
     def batched_meta_gradients(self, inner_batches: list, outer_batches: list | None = None, *, steps: int,

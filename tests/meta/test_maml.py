@@ -138,6 +138,55 @@ def test_multi_step_loss_is_the_weighted_sum(setting):
         assert torch.allclose(grads[name], sum(w * p[1][name] for w, p in zip(weights, parts)))
 
 
+class DropoutMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("csmt,weights", [(True, None), (False, None), (False, [0.2, 0.3, 0.5])])
+def test_recomputed_second_order_equals_the_one_graph_dropout_and_random_state_included(setting, csmt, weights):
+    """recompute=True rebuilds each inner step's graph in the backward pass: the same outer loss, meta-gradients
+    and rate gradients as keeping every step's graph, with dropout drawing the same masks, and the random
+    state left where the one-graph computation leaves it."""
+    _, inner, outer, lrs = setting
+    torch.manual_seed(3)
+    model = DropoutMLP().double()
+    results, after = [], []
+    for recompute in (False, True):
+        torch.manual_seed(7)
+        results.append(meta_gradients(model, ce, inner, None if csmt else outer, lrs=lrs, steps=3, second_order=True,
+                                      step_weights=weights, recompute=recompute))
+        after.append(torch.rand(3))
+    (loss, grads, rates), (loss2, grads2, rates2) = results
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-12)
+    for name in grads:
+        assert torch.allclose(grads2[name], grads[name], rtol=1e-10, atol=1e-12), name
+        assert torch.allclose(rates2[name], rates[name], rtol=1e-10, atol=1e-12), name
+    assert torch.equal(after[0], after[1])
+    assert not torch.allclose(meta_gradients(model, ce, inner, outer, lrs=lrs, steps=3, second_order=False)[1]["a.weight"],
+                              grads["a.weight"])  # second order differs from first: the check can fail
+
+
+def test_recomputed_meta_gradients_through_the_real_upstream_equal_the_one_graph(assert_near):
+    """The same through the SER model with scope entire (the upstream's attention and dropout)."""
+    from distmeta.models import SERModel, Upstream, UpstreamConfig, set_scope
+
+    torch.manual_seed(0)
+    model = set_scope(SERModel(Upstream(UpstreamConfig())), "entire").train()
+    inputs = {"wavs": torch.randn(2, 8000) * 0.1, "lengths": torch.tensor([8000, 6000])}
+    targets = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0] + [0.0] * 7])
+    lrs = {n: torch.tensor([1e-3, 2e-3]) for n, p in model.named_parameters() if p.requires_grad}
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        results.append(meta_gradients(model, ce, (inputs, targets), lrs=lrs, steps=2, second_order=True, recompute=recompute))
+    assert_near(results[1], results[0], what="recomputed ")
+
+
 def test_meta_gradients_through_the_real_upstream_on_the_device_equal_the_cpus(device, assert_near):
     """First and second order through the SER model (the upstream's attention included: its fused kernels,
     on the CPU and on CUDA, have no double backward, so the core picks the math one), on `--device` and on
