@@ -261,12 +261,14 @@ def metaicl_train_many(data_config, upstream_config, encoder_layer: int, model_c
         for wave in waves:
             train_many(_train_loop, wave, shared, meta, storage_path(storage, models_dir / "ray"), f"metaicl-{key}",
                        max_failures, on_run_done, report_wait_s=REPORT_WAIT_S)
-    kept = {t: best_draw(paths) for t, paths in draws.items()}
-    for training, paths in draws.items():
+    kept = {}
+    for training, paths in draws.items():  # each setting's draw with the lowest validation loss (the first of equals)
+        losses = [json.loads(p.with_suffix(".json").read_text())["best_val_loss"] for p in paths]
+        best = int(np.argmin(losses))
+        kept[training] = paths[best]
         if len(paths) > 1:
-            losses = ", ".join(f"{json.loads(p.with_suffix('.json').read_text())['best_val_loss']:.4f}" for p in paths)
-            print(f"speech LM {training}: kept draw {paths.index(kept[training]) + 1} of {len(paths)} "
-                  f"(validation losses {losses})", flush=True)
+            print(f"speech LM {training}: kept draw {best + 1} of {len(paths)} "
+                  f"(validation losses {', '.join(f'{loss:.4f}' for loss in losses)})", flush=True)
     return {"stage1": stage1, **kept}
 
 
@@ -274,9 +276,3 @@ def draw_paths(models_dir: Path, key: str, training: str, draws: int) -> list[Pa
     """Where each draw of a stage-2 training is saved (the first under the setting's plain name)."""
     name = f"speech_lm-{key}-{training.replace('+', '_')}"
     return [models_dir / f"{name}{f'-draw{d + 1}' if d else ''}.safetensors" for d in range(draws)]
-
-
-def best_draw(paths: list[Path]) -> Path:
-    """The draw with the lowest validation loss (the first of equals)."""
-    losses = [json.loads(p.with_suffix(".json").read_text())["best_val_loss"] for p in paths]
-    return paths[int(np.argmin(losses))]
